@@ -1,0 +1,53 @@
+"""The CPU runtime: always available; memory is the process's resident set size."""
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+
+from .runtime import DeviceRuntime, MemoryStats
+
+
+def _read_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class CpuRuntime(DeviceRuntime):
+    type = "cpu"
+    graph_modes = ("eager", "compile")
+
+    def is_available(self) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return 1
+
+    def memory_stats(self, device: torch.device) -> MemoryStats:
+        current = _read_status_kib("VmRSS")
+        peak = _read_status_kib("VmHWM")
+        source = "/proc/self/status VmRSS/VmHWM"
+        if peak is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = peak if os.uname().sysname == "Darwin" else peak * 1024
+            current = current * 1024 if current is not None else peak
+            source = "getrusage ru_maxrss"
+        else:
+            current, peak = current * 1024, peak * 1024
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+        return MemoryStats(str(device), current, peak, total, source)
+
+    def reset_peak_memory_stats(self, device: torch.device) -> None:
+        # Linux resets the VmHWM high-water mark when "5" is written to clear_refs.
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+                handle.write("5")
+        except OSError:
+            pass  # peak then covers the whole process lifetime; MemoryStats.source says which

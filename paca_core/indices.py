@@ -1,0 +1,20 @@
+"""Deterministic per-layer column choice."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def layer_seed(seed: int, module_name: str) -> int:
+    """A 63-bit seed from the config seed and the module name, stable across processes and Python versions."""
+    digest = hashlib.sha256(f"{seed}:{module_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def select_columns(in_features: int, r: int, seed: int, module_name: str) -> torch.Tensor:
+    """``r`` distinct input-column indices in ``[0, in_features)``, sorted, as int64 on CPU."""
+    if r > in_features:
+        raise ValueError(f"r={r} exceeds in_features={in_features} of {module_name}")
+    generator = torch.Generator().manual_seed(layer_seed(seed, module_name))
+    return torch.randperm(in_features, generator=generator)[:r].sort().values
