@@ -18,7 +18,7 @@ class Tolerance:
 
 @dataclass
 class PartialConnectionGrads:
-    """Gradients of the partial-connection GEMM. ``delta`` is float32 whatever the input dtype."""
+    """Gradients of the partial-connection GEMM. ``delta`` is at least float32 whatever the input dtype."""
 
     input: torch.Tensor | None
     delta: torch.Tensor | None
@@ -63,7 +63,7 @@ class Backend(ABC):
         need_bias_grad: bool,
     ) -> PartialConnectionGrads:
         """Grad input with one full GEMM (``grad_output @ weight``) and the (out, r) delta gradient
-        ``grad_outputᵀ · x_selected`` accumulated in float32."""
+        ``grad_outputᵀ · x_selected`` accumulated in (at least) float32."""
 
     @abstractmethod
     def write_adapted_columns(

@@ -17,11 +17,12 @@ _FP32_CHUNK_BYTES = 64 * 2**20
 
 
 def matmul_t_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``aᵀ @ b`` for 2-D ``a`` (N, m) and ``b`` (N, k), accumulated and returned in float32.
+    """``aᵀ @ b`` for 2-D ``a`` (N, m) and ``b`` (N, k), accumulated and returned in at least float32.
 
-    Half-precision operands are upcast in row chunks so the float32 copy stays small.
+    Half-precision operands are upcast in row chunks so the float32 copy stays small; float32 and
+    float64 operands are multiplied as they are.
     """
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
+    if a.dtype not in (torch.float16, torch.bfloat16) and a.dtype == b.dtype:
         return a.t().mm(b)
     rows = a.shape[0]
     width = a.shape[1] + b.shape[1]
@@ -66,5 +67,6 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def write_adapted_columns(self, weights, indices, originals, deltas, scalings):
         for weight, idx, original, delta, scaling in zip(weights, indices, originals, deltas, scalings):
-            adapted = original.to(torch.float32).add(delta.to(torch.float32), alpha=float(scaling))
+            compute = torch.promote_types(torch.promote_types(original.dtype, delta.dtype), torch.float32)
+            adapted = original.to(compute).add(delta.to(compute), alpha=float(scaling))
             weight.index_copy_(1, idx, adapted.to(weight.dtype))

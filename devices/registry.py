@@ -55,7 +55,7 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     device_type, index = match.group("type"), match.group("index")
     if device_type == "auto":
         if index is not None:
-            raise InvalidDeviceError(f"'auto' takes no index (got {spec!r}); use e.g. 'cuda:1' to pick a device.")
+            raise InvalidDeviceError(f"'auto' takes no index (got {spec!r}); valid devices: {', '.join(DEVICE_CHOICES)}.")
         for candidate in AUTO_ORDER:
             if _RUNTIMES[candidate].is_available():
                 device = _finish(candidate, None)

@@ -58,6 +58,7 @@ class _PartialConnectionLinear(torch.autograd.Function):
         ctx.backend = backend
         ctx.compute_dtype = output.dtype
         ctx.has_bias = bias is not None
+        ctx.delta_dtype = delta.dtype
         return output
 
     @staticmethod
@@ -73,7 +74,7 @@ class _PartialConnectionLinear(torch.autograd.Function):
             need_delta_grad=need_delta,
             need_bias_grad=need_bias and ctx.has_bias,
         )
-        grad_delta = grads.delta.mul_(ctx.scaling) if grads.delta is not None else None
+        grad_delta = grads.delta.mul_(ctx.scaling).to(ctx.delta_dtype) if grads.delta is not None else None
         return grads.input, None, grads.bias, grad_delta, None, None, None, None
 
 

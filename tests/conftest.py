@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random LLaMA models and the backends available on this machine."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends import CpuBackend, CudaBackend, HpuBackend
+from devices import available_device_types
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
+
+
+@pytest.fixture
+def make_tiny_llama():
+    return tiny_llama
+
+
+_AVAILABLE = set(available_device_types())
+
+# (test id, backend class, device the tensors live on). The *-kernels@cpu entries run a device
+# backend's own code on CPU tensors, so its overrides are checked even where the device is absent.
+BACKEND_CASES = [
+    pytest.param((CpuBackend, "cpu"), id="cpu"),
+    pytest.param((CudaBackend, "cpu"), id="cuda-kernels@cpu"),
+    pytest.param((HpuBackend, "cpu"), id="hpu-kernels@cpu"),
+    pytest.param(
+        (CudaBackend, "cuda"), id="cuda", marks=pytest.mark.skipif("cuda" not in _AVAILABLE, reason="no CUDA device")
+    ),
+    pytest.param((HpuBackend, "hpu"), id="hpu", marks=pytest.mark.skipif("hpu" not in _AVAILABLE, reason="no Gaudi (HPU) device")),
+]
+
+
+@pytest.fixture(params=BACKEND_CASES)
+def backend_and_device(request):
+    backend_cls, device = request.param
+    return backend_cls(), torch.device(device)
