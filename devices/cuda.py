@@ -8,6 +8,7 @@ from .runtime import DeviceRuntime, MemoryStats
 
 class CudaRuntime(DeviceRuntime):
     type = "cuda"
+    default_dtype = torch.bfloat16
     graph_modes = ("eager", "compile", "cuda-graphs")
 
     def is_available(self) -> bool:

@@ -66,3 +66,23 @@ def add_graph_mode_argument(parser: argparse.ArgumentParser) -> argparse.Argumen
         "cuda-graphs, hpu-graphs; auto = the device's default (lazy on HPU when PT_HPU_LAZY_MODE=1, else eager)",
     )
     return parser
+
+
+def apply_graph_mode(module: torch.nn.Module, device: torch.device, mode: str) -> torch.nn.Module:
+    """Apply a resolved graph mode to ``module`` in place (parameter names stay unchanged).
+
+    eager and lazy need nothing here: lazy graphs are cut by :func:`devices.step_boundary`, which the
+    training loop calls after backward and after the optimizer step.
+    """
+    if mode in ("eager", "lazy"):
+        return module
+    if mode == "compile":
+        module.compile(backend=compile_backend(device))
+        return module
+    if mode == "cuda-graphs":
+        module.compile(backend="inductor", mode="reduce-overhead")
+        return module
+    raise DeviceUnavailableError(
+        f"Graph mode {mode!r} captures inference graphs only (HPU graphs are not used for training by the "
+        "Gaudi stack); use lazy or compile for training."
+    )

@@ -36,6 +36,7 @@ def lazy_mode_enabled() -> bool:
 
 class HpuRuntime(DeviceRuntime):
     type = "hpu"
+    default_dtype = torch.bfloat16
     graph_modes = ("lazy", "eager", "compile", "hpu-graphs")
 
     def __init__(self) -> None:

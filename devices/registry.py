@@ -119,3 +119,13 @@ def synchronize(device: torch.device | str) -> None:
 def available_device_types() -> list[str]:
     """Device types usable in this process, in ``auto`` preference order."""
     return [name for name in AUTO_ORDER if _RUNTIMES[name].is_available()]
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype to train in on ``device`` when the user does not choose (bf16 on accelerators, fp32 on CPU)."""
+    return runtime_for(torch.device(device)).default_dtype
+
+
+def step_boundary(device: torch.device | str) -> None:
+    """End of a graph segment: flushes the HPU lazy graph (``mark_step``); a no-op on other devices."""
+    runtime_for(torch.device(device)).step_boundary()

@@ -45,6 +45,8 @@ class DeviceRuntime(ABC):
     type: str = ""
     #: Graph modes this device can run, first one is the default.
     graph_modes: tuple[str, ...] = ("eager",)
+    #: The dtype models train in by default here (``--dtype auto``).
+    default_dtype: torch.dtype = torch.float32
 
     @abstractmethod
     def is_available(self) -> bool:

@@ -37,9 +37,8 @@ def adapter_state(paca_model) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(paca_model, directory: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:
-    """Write the adapter atomically; the previous checkpoint at ``directory`` survives any failure."""
-    directory = Path(directory)
+def write_adapter_files(paca_model, directory: Path, extra_metadata: dict[str, Any] | None = None) -> None:
+    """Write the adapter's two files into an existing directory (callers make it atomic)."""
     layers = paca_model.adapter_layers()
     document = {
         "format_version": FORMAT_VERSION,
@@ -51,10 +50,16 @@ def save_adapter(paca_model, directory: str | Path, extra_metadata: dict[str, An
         "modules": {n: {"in_features": m.in_features, "out_features": m.out_features} for n, m in layers.items()},
         **(extra_metadata or {}),
     }
+    save_file(adapter_state(paca_model), str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "paca-hal"})
+    (directory / CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True))
+
+
+def save_adapter(paca_model, directory: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:
+    """Write the adapter atomically; the previous checkpoint at ``directory`` survives any failure."""
+    directory = Path(directory)
     with atomic_directory(directory) as staging:
-        save_file(adapter_state(paca_model), str(staging / WEIGHTS_NAME), metadata={"format": "pt", "library": "paca-hal"})
-        (staging / CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True))
-    logger.info("Saved adapter (%d layers) to %s", len(layers), directory)
+        write_adapter_files(paca_model, staging, extra_metadata)
+    logger.info("Saved adapter (%d layers) to %s", len(paca_model.adapter_layers()), directory)
     return directory
 
 

@@ -56,3 +56,42 @@ BACKEND_CASES = [
 def backend_and_device(request):
     backend_cls, device = request.param
     return backend_cls(), torch.device(device)
+
+
+SAMPLE_TEXT = (
+    "When shall we three meet again in thunder, lightning, or in rain? "
+    "When the hurlyburly's done, when the battle's lost and won. "
+    "That will be ere the set of sun. Where the place? Upon the heath. "
+    "There to meet with Macbeth. Fair is foul, and foul is fair: hover through the fog and filthy air. "
+) * 12
+
+
+def build_tiny_tokenizer(directory):
+    """A small word-level tokenizer saved as a normal HF tokenizer folder (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tokenizer.train_from_iterator([SAMPLE_TEXT, "question answer prompt response the a is what"], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny random LLaMA + tokenizer folder, loadable like any local HF model."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tiny_tokenizer(directory)
+    model = tiny_llama(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def sample_text_file(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(SAMPLE_TEXT)
+    return path

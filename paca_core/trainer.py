@@ -1,0 +1,279 @@
+"""The training loop: fixed-shape steps, gradient accumulation, atomic resumable checkpoints,
+Ctrl-C safety, held-out evaluation, a tqdm bar and a JSON metrics file."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+import devices
+
+from .atomic import atomic_directory, write_bytes_atomic
+from .checkpoint import load_adapter_tensors, read_adapter_config, read_adapter_tensors, write_adapter_files
+from .dataset import TokenizedData
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+
+
+@dataclass
+class TrainingArguments:
+    """What the loop needs. ``max_steps`` counts optimizer steps; 0 means ``epochs`` full passes."""
+
+    output_dir: str
+    max_steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 5
+    save_every: int = 0
+    eval_batch_size: int = 8
+    progress: bool = True
+
+    def validate(self) -> None:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.grad_accum < 1:
+            problems.append(f"--grad-accum must be >= 1 (got {self.grad_accum})")
+        if self.max_steps < 0:
+            problems.append(f"--steps must be >= 0 (got {self.max_steps})")
+        if self.max_steps == 0 and self.epochs <= 0:
+            problems.append("set --steps or a positive --epochs")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"--lr must be a positive number (got {self.lr})")
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            problems.append(f"scheduler must be cosine, linear or constant (got {self.scheduler!r})")
+        if problems:
+            raise ValueError("; ".join(problems) + ".")
+
+
+@dataclass
+class TrainerState:
+    """Where training is; saved with every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _lr_lambda(args: TrainingArguments, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if args.warmup_steps and step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        if args.scheduler == "constant":
+            return 1.0
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if args.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    """Trains the trainable parameters of ``model`` (a :class:`~paca_core.model.PacaModel`) on fixed-length data."""
+
+    def __init__(self, model, args: TrainingArguments, train_data: TokenizedData, device: torch.device):
+        args.validate()
+        self.model, self.args, self.train_data, self.device = model, args, train_data, device
+        self.batches_per_epoch = len(train_data) // args.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"The training split has {len(train_data)} examples, fewer than --batch-size {args.batch_size}; "
+                "use more data, a smaller --batch-size or a shorter --seq-len."
+            )
+        steps_per_epoch = max(1, self.batches_per_epoch // args.grad_accum)
+        self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+        params = model.trainable_parameters()
+        if not params:
+            raise ValueError("The model has no trainable parameters; prepare it with prepare_model first.")
+        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(args, self.total_steps))
+        self.state = TrainerState()
+        self.output_dir = Path(args.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoint"
+
+    # --- data order: a pure function of (seed, epoch), so resuming needs only the position ---------
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.args.seed * 1000003 + epoch))
+
+    def _micro_batches(self):
+        while True:
+            order = self._epoch_order(self.state.epoch)
+            for batch in self.train_data.batches(self.args.batch_size, order, start=self.state.batch_in_epoch):
+                self.state.batch_in_epoch += 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path | None = None) -> Path:
+        """Adapter + optimizer + scheduler + RNG + position, written atomically (the old one survives a crash)."""
+        directory = Path(directory or self.checkpoint_dir)
+        training_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": asdict(self.state),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "total_steps": self.total_steps,
+        }
+        with atomic_directory(directory) as staging:
+            write_adapter_files(self.model, staging)
+            torch.save(training_state, staging / STATE_NAME)
+            (staging / STATE_JSON).write_text(json.dumps({"step": self.state.step, "total_steps": self.total_steps}, indent=2))
+        logger.info("Checkpoint at step %d saved to %s", self.state.step, directory)
+        return directory
+
+    def resume_from(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        if (directory / "checkpoint" / STATE_NAME).is_file():
+            directory = directory / "checkpoint"
+        state_path = directory / STATE_NAME
+        if not state_path.is_file():
+            raise CheckpointError(f"{directory} has no {STATE_NAME}: it is not a resumable checkpoint (expected <out>/checkpoint).")
+        document = read_adapter_config(directory)
+        saved, current = document["config"], self.model.paca_config.to_dict()
+        differences = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in current if saved.get(k) != current.get(k)]
+        if differences:
+            raise CheckpointError(f"Cannot resume from {directory}: the adapter config differs ({'; '.join(differences)}).")
+        load_adapter_tensors(self.model, read_adapter_tensors(directory), directory)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        except Exception as error:  # truncated or foreign file
+            raise CheckpointError(f"{state_path} cannot be read ({error}); the checkpoint is corrupt.") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.state = TrainerState(**state["trainer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state.get("total_steps") != self.total_steps:
+            logger.warning("Total steps changed from %s to %s; the learning-rate schedule follows the new total.", state.get("total_steps"), self.total_steps)
+        logger.info("Resumed from %s at step %d", directory, self.state.step)
+
+    # --- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, data: TokenizedData) -> float:
+        """Mean next-token loss over every target token of ``data``."""
+        was_training = self.model.training
+        self.model.eval()
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        total_tokens = 0
+        order = torch.arange(len(data))
+        size = self.args.eval_batch_size
+        for first in range(0, len(data), size):
+            rows = order[first : first + size]
+            batch = {k: v.to(self.device) for k, v in data.subset(rows).__dict__.items() if k != "source"}
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total_loss += loss.double()
+            total_tokens += int((labels != -100).sum())
+        self.model.train(was_training)
+        return float(total_loss) / max(1, total_tokens)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _install_stop_handlers(self) -> dict:
+        """Ctrl-C / SIGTERM ask the loop to stop at the next step boundary (a second Ctrl-C aborts at once)."""
+
+        def request_stop(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            logger.warning("Stopping after the current step and saving a checkpoint (Ctrl-C again to abort without saving).")
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    def train(self) -> TrainerState:
+        """Run until ``total_steps``; on Ctrl-C or SIGTERM save a checkpoint and raise KeyboardInterrupt."""
+        args = self.args
+        self.model.train()
+        micro_batches = self._micro_batches()
+        self._stop_requested = False
+        previous_handlers = self._install_stop_handlers()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
+        window_loss = torch.zeros((), device=self.device)
+        window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+        devices.reset_peak_memory_stats(self.device)
+        try:
+            while self.state.step < self.total_steps and not self._stop_requested:
+                for _ in range(args.grad_accum):
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in next(micro_batches).items()}
+                    loss = self.model(**batch).loss
+                    (loss / args.grad_accum).backward()
+                    window_loss += loss.detach() / args.grad_accum
+                    window_tokens += int(batch["attention_mask"].numel())
+                devices.step_boundary(self.device)
+                if args.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), args.max_grad_norm)
+                self.optimizer.step()  # PaCA layers rewrite their columns in the optimizer's post-step hook
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                devices.step_boundary(self.device)
+                self.state.step += 1
+                window_steps += 1
+                bar.update(1)
+                if self.state.step % args.log_every == 0 or self.state.step == self.total_steps:
+                    self._log_window(bar, window_loss, window_steps, window_tokens, time.perf_counter() - window_start)
+                    window_loss.zero_()
+                    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+                if args.save_every and self.state.step % args.save_every == 0 and self.state.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+        path = self.save_checkpoint()
+        if self._stop_requested and self.state.step < self.total_steps:
+            logger.warning("Interrupted at step %d: checkpoint saved to %s; continue with --resume %s", self.state.step, path, path)
+            raise KeyboardInterrupt
+        return self.state
+
+    def _log_window(self, bar, window_loss: torch.Tensor, steps: int, tokens: int, elapsed: float) -> None:
+        mean_loss = float(window_loss) / steps  # the only host read, once per log window
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"Training loss became {mean_loss} at step {self.state.step}; lower --lr or check the data.")
+        record = {
+            "step": self.state.step,
+            "loss": mean_loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "peak_memory_mb": devices.memory_stats(self.device).peak_bytes / 2**20,
+        }
+        self.state.history.append(record)
+        self.state.tokens_seen += tokens
+        bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_memory_mb']:.0f}MB")
+        logger.debug("step %d: %s", self.state.step, record)
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    write_bytes_atomic(path, json.dumps(metrics, indent=2, default=str).encode())

