@@ -286,13 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .assets import AssetError
     from .checkpoint import CheckpointError
     from .dataset import DataError
     from .errors import PacaConfigError, TargetModuleError
 
     try:
         return args.handler(args)
-    except (devices.DeviceUnavailableError, devices.InvalidDeviceError, PacaConfigError, TargetModuleError, CheckpointError, DataError, ValueError) as error:
+    except (AssetError, devices.DeviceUnavailableError, devices.InvalidDeviceError, PacaConfigError, TargetModuleError, CheckpointError, DataError, ValueError) as error:
         if args.verbose:
             logger.exception("%s", error)
         else:
