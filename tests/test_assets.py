@@ -113,6 +113,19 @@ def test_conversion_is_atomic_and_reused(fake_conversion, tmp_path):
     assert len(fake_conversion) == 1
 
 
+def test_stale_temporary_folders_are_removed(fake_conversion, tmp_path):
+    import os
+
+    cache = tmp_path / "cache"
+    stale, fresh = cache / ".smollm2-135m-instruct-9.9.9.tmp-old", cache / ".smollm2-135m-instruct-9.9.9.tmp-live"
+    for folder in (stale, fresh):
+        folder.mkdir(parents=True)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    final = default_model_path()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([final.name, fresh.name])
+    assert final.stat().st_mode & 0o755 == 0o755
+
+
 def test_incomplete_cache_folder_is_rebuilt(fake_conversion, tmp_path):
     final = tmp_path / "cache" / "smollm2-135m-instruct-9.9.9"
     final.mkdir(parents=True)

@@ -233,3 +233,18 @@ def test_cli_rejects_bad_values_before_loading(tmp_path, caplog):
     assert main(["train", "--model", "meta-llama/Llama-3-8B", "--device", "cpu", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         main(["train", "--method", "dora"])
+
+
+def test_cli_export_peft_loads_in_peft_with_same_outputs(tiny_model_dir, sample_text_file, tmp_path):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "run"
+    assert main(_train_flags(tiny_model_dir, sample_text_file, out, 3)) == 0
+    lora_dir = tmp_path / "lora"
+    assert main(["export-peft", "--adapter", str(out / "adapter"), "--model", str(tiny_model_dir), "--out", str(lora_dir)]) == 0
+    base, _ = _load(tiny_model_dir)
+    peft_model = peft.PeftModel.from_pretrained(base, lora_dir)
+    model, _ = _load(tiny_model_dir)
+    adapted = PacaModel.from_pretrained(model, out / "adapter", device="cpu")
+    ids = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
