@@ -2,13 +2,18 @@
 training loop and CLI. Talks to hardware only through ``backends`` and ``devices``.
 """
 from ._version import __version__
-from .config import LLAMA_PROJECTIONS, PaCAConfig
+from .config import LLAMA_PROJECTIONS, METHOD_CONFIGS, MethodConfig, PaCAConfig, config_from_dict
 from .errors import CheckpointError, PacaConfigError, TargetModuleError
-from .layers import PaCALinear
-from .model import PacaModel, prepare_model
+from .layers import AdapterLayer, PaCALinear
+from .model import AdaptedModel, PacaModel, prepare_model
 
 __all__ = [
     "LLAMA_PROJECTIONS",
+    "METHOD_CONFIGS",
+    "AdaptedModel",
+    "AdapterLayer",
+    "MethodConfig",
+    "config_from_dict",
     "CheckpointError",
     "PaCAConfig",
     "PaCALinear",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .atomic import atomic_directory
-from .config import PaCAConfig
+from .config import MethodConfig, config_from_dict
 from .errors import CheckpointError, PacaConfigError
 
 logger = logging.getLogger(__name__)
@@ -28,38 +29,48 @@ def _base_model_name(model: nn.Module) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
-def adapter_state(paca_model) -> dict[str, torch.Tensor]:
-    """The tensors that define the adapter, keyed ``<module>.paca_delta`` / ``<module>.paca_indices``."""
+def adapter_state(adapted_model) -> dict[str, torch.Tensor]:
+    """The tensors that define the adapter, keyed ``<module>.<tensor>`` (e.g. ``…q_proj.paca_delta``)."""
     state = {}
-    for name, layer in paca_model.adapter_layers().items():
-        state[f"{name}.paca_delta"] = layer.paca_delta.detach().to("cpu", torch.float32).contiguous()
-        state[f"{name}.paca_indices"] = layer.paca_indices.detach().to("cpu", torch.int64).contiguous()
+    for name, layer in adapted_model.adapter_layers().items():
+        for key, tensor in layer.adapter_state().items():
+            state[f"{name}.{key}"] = tensor.detach().to("cpu").contiguous()
     return state
 
 
-def write_adapter_files(paca_model, directory: Path, extra_metadata: dict[str, Any] | None = None) -> None:
+def _config_index(adapted_model, layer) -> int:
+    for index, config in enumerate(adapted_model.configs):
+        if config.method == layer.method:
+            return index
+    raise ValueError(f"No config of method {layer.method!r} for layer {layer.module_name}.")
+
+
+def write_adapter_files(adapted_model, directory: Path, extra_metadata: dict[str, Any] | None = None) -> None:
     """Write the adapter's two files into an existing directory (callers make it atomic)."""
-    layers = paca_model.adapter_layers()
+    layers = adapted_model.adapter_layers()
     document = {
         "format_version": FORMAT_VERSION,
         "library": "paca-hal",
         "library_version": __version__,
-        "method": paca_model.paca_config.method,
-        "config": paca_model.paca_config.to_dict(),
-        "base_model": _base_model_name(paca_model.base_model),
-        "modules": {n: {"in_features": m.in_features, "out_features": m.out_features} for n, m in layers.items()},
+        "method": adapted_model.method,
+        "configs": [config.to_dict() for config in adapted_model.configs],
+        "base_model": _base_model_name(adapted_model.base_model),
+        "modules": {
+            n: {"config": _config_index(adapted_model, m), "in_features": m.in_features, "out_features": m.out_features}
+            for n, m in layers.items()
+        },
         **(extra_metadata or {}),
     }
-    save_file(adapter_state(paca_model), str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "paca-hal"})
+    save_file(adapter_state(adapted_model), str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "paca-hal"})
     (directory / CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True))
 
 
-def save_adapter(paca_model, directory: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:
+def save_adapter(adapted_model, directory: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:
     """Write the adapter atomically; the previous checkpoint at ``directory`` survives any failure."""
     directory = Path(directory)
     with atomic_directory(directory) as staging:
-        write_adapter_files(paca_model, staging, extra_metadata)
-    logger.info("Saved adapter (%d layers) to %s", len(paca_model.adapter_layers()), directory)
+        write_adapter_files(adapted_model, staging, extra_metadata)
+    logger.info("Saved adapter (%d layers) to %s", len(adapted_model.adapter_layers()), directory)
     return directory
 
 
@@ -74,10 +85,17 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         document = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt.") from None
-    for key in ("method", "config", "modules"):
+    for key in ("method", "configs", "modules"):
         if key not in document:
             raise CheckpointError(f"{path} has no '{key}' entry; the checkpoint is corrupt or not from paca-hal.")
     return document
+
+
+def read_configs(document: dict[str, Any], directory) -> list[MethodConfig]:
+    try:
+        return [config_from_dict(entry) for entry in document["configs"]]
+    except (PacaConfigError, TypeError) as error:
+        raise CheckpointError(f"Checkpoint {directory} has an invalid config: {error}") from None
 
 
 def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -90,37 +108,40 @@ def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} cannot be read ({error}); the checkpoint is corrupt or truncated.") from None
 
 
-def load_adapter(model: nn.Module, directory: str | Path, device=None, is_trainable: bool = False, method: str = "paca"):
-    """Prepare ``model`` as the checkpoint describes and load its deltas and indices (checked first)."""
+def load_adapter(model: nn.Module, directory: str | Path, device=None, is_trainable: bool = False, method: str | None = None):
+    """Prepare ``model`` as the checkpoint describes and load its adapter tensors (all checked first)."""
     from .model import prepare_model  # local: model.py imports this module lazily too
 
     document = read_adapter_config(directory)
-    if document["method"] != method:
+    if method is not None and document["method"] != method:
         raise CheckpointError(
             f"Checkpoint {directory} was trained with method {document['method']!r}, but {method!r} was requested."
         )
-    try:
-        config = PaCAConfig.from_dict(document["config"])
-    except (PacaConfigError, TypeError) as error:
-        raise CheckpointError(f"Checkpoint {directory} has an invalid config: {error}") from None
+    configs = read_configs(document, directory)
     tensors = read_adapter_tensors(directory)
     expected = document["modules"]
     check_model_fits(model, expected, directory)
-    # Prepare exactly the saved modules, whatever target_modules would match in this model.
-    config.target_modules = "|".join(_regex_escape(n) for n in expected)
-    config.exclude_modules = []
-    paca_model = prepare_model(model, config, device=device)
-    paca_model.paca_config.target_modules = document["config"]["target_modules"]
-    load_adapter_tensors(paca_model, tensors, directory)
-    for layer in paca_model.adapter_layers().values():
-        layer.paca_delta.requires_grad_(is_trainable)
-    return paca_model
+    # Prepare exactly the saved modules with the config that made each, whatever the patterns match here.
+    saved_targets = [config.target_modules for config in configs]
+    for index, config in enumerate(configs):
+        names = [n for n, entry in expected.items() if entry.get("config", 0) == index]
+        if not names:
+            raise CheckpointError(f"Checkpoint {directory}: config {index} ({config.method}) adapts no module; the file is corrupt.")
+        config.target_modules = "|".join(re.escape(n) for n in names)
+        config.exclude_modules = []
+    adapted = prepare_model(model, configs, device=device)
+    for config, targets in zip(adapted.configs, saved_targets):
+        config.target_modules = targets
+    load_adapter_tensors(adapted, tensors, directory)
+    for layer in adapted.adapter_layers().values():
+        for param in layer.parameters(recurse=False):
+            param.requires_grad_(is_trainable and _trainable_by_default(layer, param))
+    return adapted
 
 
-def _regex_escape(name: str) -> str:
-    import re
-
-    return re.escape(name)
+def _trainable_by_default(layer, param) -> bool:
+    frozen = getattr(layer, "frozen_adapter_parameters", ())
+    return not any(param is getattr(layer, name, None) for name in frozen)
 
 
 def check_model_fits(model: nn.Module, expected: dict[str, dict[str, int]], directory) -> None:
@@ -142,28 +163,21 @@ def check_model_fits(model: nn.Module, expected: dict[str, dict[str, int]], dire
 
 
 @torch.no_grad()
-def load_adapter_tensors(paca_model, tensors: dict[str, torch.Tensor], directory) -> None:
-    layers = paca_model.adapter_layers()
-    expected_keys = {f"{n}.{s}" for n in layers for s in ("paca_delta", "paca_indices")}
-    missing = sorted(expected_keys - set(tensors))
-    unexpected = sorted(set(tensors) - expected_keys)
+def load_adapter_tensors(adapted_model, tensors: dict[str, torch.Tensor], directory) -> None:
+    layers = adapted_model.adapter_layers()
+    shapes = {f"{n}.{key}": shape for n, layer in layers.items() for key, shape in layer.adapter_state_shapes().items()}
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
     if missing or unexpected:
         raise CheckpointError(
             f"Checkpoint {directory} does not match its config: missing tensors {missing[:4]}, unexpected {unexpected[:4]}."
         )
+    wrong = [f"{k} is {tuple(tensors[k].shape)}, expected {shape}" for k, shape in shapes.items() if tuple(tensors[k].shape) != shape]
+    if wrong:
+        raise CheckpointError(f"Checkpoint {directory}: {'; '.join(wrong[:3])}.")
     for name, layer in layers.items():
-        delta, indices = tensors[f"{name}.paca_delta"], tensors[f"{name}.paca_indices"]
-        if tuple(delta.shape) != (layer.out_features, layer.r) or tuple(indices.shape) != (layer.r,):
-            raise CheckpointError(
-                f"Checkpoint {directory}: {name} has delta {tuple(delta.shape)} / indices {tuple(indices.shape)}, "
-                f"expected ({layer.out_features}, {layer.r}) / ({layer.r},)."
-            )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= layer.in_features):
-            raise CheckpointError(f"Checkpoint {directory}: {name} has column indices outside [0, {layer.in_features}).")
-        if torch.unique(indices).numel() != indices.numel():
-            raise CheckpointError(f"Checkpoint {directory}: {name} has repeated column indices; the file is corrupt.")
-        layer.restore_original()
-        layer.paca_indices.copy_(indices)
-        layer.paca_original_columns = layer.base_layer.weight.detach().index_select(1, layer.paca_indices).clone()
-        layer.paca_delta.copy_(delta)
-        layer.apply_delta()
+        prefix = name + "."
+        try:
+            layer.load_adapter_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]})
+        except ValueError as error:
+            raise CheckpointError(f"Checkpoint {directory}: {error}") from None

@@ -1,60 +1,84 @@
-"""``prepare_model`` and the :class:`PacaModel` wrapper users hold (PEFT-style verbs)."""
+"""``prepare_model`` and the :class:`AdaptedModel` wrapper users hold (PEFT-style verbs)."""
 from __future__ import annotations
 
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
 from devices import resolve_device
 
-from .config import PaCAConfig
-from .indices import select_columns
-from .layers import PaCALinear, sync_layers
+from .config import MethodConfig, method_name
+from .errors import PacaConfigError
+from .layers import AdapterLayer, sync_layers
+from .layers.partial_connection import PaCALinear
 from .surgery import find_targets, freeze, replace_module
 
 logger = logging.getLogger(__name__)
 
 
-def prepare_model(model: nn.Module, config: PaCAConfig, device: str | torch.device | None = None) -> "PacaModel":
+def _as_list(configs: MethodConfig | Sequence[MethodConfig]) -> list[MethodConfig]:
+    items = [configs] if isinstance(configs, MethodConfig) else list(configs)
+    if not items or not all(isinstance(c, MethodConfig) for c in items):
+        raise PacaConfigError("Pass a method config (e.g. PaCAConfig(r=8)) or a list of them.")
+    for config in items:
+        config.validate()
+    return items
+
+
+def prepare_model(
+    model: nn.Module, configs: MethodConfig | Sequence[MethodConfig], device: str | torch.device | None = None
+) -> "AdaptedModel":
     """Freeze ``model``, move it to ``device`` (``auto``/``cpu``/``cuda[:N]``/``hpu[:N]``; ``$PACA_DEVICE``
-    when None) and replace its targeted ``nn.Linear`` modules with PaCA layers."""
-    if isinstance(model, PacaModel):
+    when None) and replace its targeted ``nn.Linear`` modules with the methods' adapter layers."""
+    if isinstance(model, AdaptedModel):
         raise ValueError("This model is already prepared; call prepare_model on the base model once.")
-    config.validate()
+    configs = _as_list(configs)
     target_device = resolve_device(device)
-    targets = find_targets(model, config.target_modules, config.exclude_modules)
-    too_narrow = [f"{n} (in_features={m.in_features})" for n, m in targets if config.r > m.in_features]
-    if too_narrow:
+    plan: dict[str, tuple[MethodConfig, nn.Linear]] = {}
+    for config in configs:
+        for name, linear in find_targets(model, config.target_modules, config.exclude_modules):
+            if name in plan:
+                raise PacaConfigError(
+                    f"{name} is targeted by both {plan[name][0].method} and {config.method}; give the methods "
+                    "disjoint target_modules (or exclude_modules)."
+                )
+            plan[name] = (config, linear)
+    narrow = [(n, c, m) for n, (c, m) in plan.items() if getattr(c, "r", 0) > m.in_features]
+    if narrow:
+        listed = ", ".join(f"{n} (in_features={m.in_features})" for n, _, m in narrow[:5])
         raise ValueError(
-            f"r={config.r} exceeds the input width of {', '.join(too_narrow[:5])}; choose r <= "
-            f"{min(m.in_features for _, m in targets)} or exclude those modules."
+            f"r={narrow[0][1].r} exceeds the input width of {listed}; choose r <= "
+            f"{min(m.in_features for _, _, m in narrow)} or exclude those modules."
         )
     model.to(target_device)
     freeze(model)
-    for name, linear in targets:
-        indices = select_columns(linear.in_features, config.r, config.seed, name)
-        replace_module(model, name, PaCALinear(linear, config.r, config.alpha, indices, module_name=name))
-    logger.info("PaCA: adapted %d linear layers (r=%d) on %s", len(targets), config.r, target_device)
-    return PacaModel(model, config)
+    for name, (config, linear) in plan.items():
+        replace_module(model, name, config.create_layer(linear, name))
+    logger.info("%s: adapted %d linear layers on %s", method_name(configs), len(plan), target_device)
+    return AdaptedModel(model, configs)
 
 
-class PacaModel(nn.Module):
-    """A causal LM with PaCA layers. Attribute access falls through to the wrapped model."""
+class AdaptedModel(nn.Module):
+    """A causal LM with adapter layers. Attribute access falls through to the wrapped model."""
 
-    def __init__(self, model: nn.Module, config: PaCAConfig):
+    def __init__(self, model: nn.Module, configs: list[MethodConfig]):
         super().__init__()
         self.base_model = model
-        self.paca_config = config
+        self.configs = configs
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.base_model, name)
+
+    @property
+    def method(self) -> str:
+        return method_name(self.configs)
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
@@ -63,8 +87,8 @@ class PacaModel(nn.Module):
         return self.base_model.generate(*args, **kwargs)
 
     # --- introspection ---------------------------------------------------------------------------
-    def adapter_layers(self) -> dict[str, PaCALinear]:
-        return {name: m for name, m in self.base_model.named_modules() if isinstance(m, PaCALinear)}
+    def adapter_layers(self) -> dict[str, AdapterLayer]:
+        return {name: m for name, m in self.base_model.named_modules() if isinstance(m, AdapterLayer)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -76,8 +100,8 @@ class PacaModel(nn.Module):
         return trainable, total
 
     def sync_adapters(self) -> None:
-        """Rewrite every layer's adapted columns now (only needed after editing deltas through ``.data``)."""
-        sync_layers([layer for layer in self.adapter_layers().values() if layer.adapter_enabled])
+        """Rewrite PaCA layers' adapted columns now (only needed after editing deltas through ``.data``)."""
+        sync_layers([m for m in self.adapter_layers().values() if isinstance(m, PaCALinear) and m.adapter_enabled])
 
     # --- PEFT-style verbs ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -85,21 +109,19 @@ class PacaModel(nn.Module):
         """Run the pretrained model inside this block; the adapter comes back afterwards."""
         layers = list(self.adapter_layers().values())
         for layer in layers:
-            layer.adapter_enabled = False
-            layer.restore_original()
+            layer.set_adapter_enabled(False)
         try:
             yield
         finally:
             for layer in layers:
-                layer.adapter_enabled = True
-            sync_layers(layers)
+                layer.set_adapter_enabled(True)
 
     def merge_and_unload(self) -> nn.Module:
-        """The plain model with every delta folded into its weight (PaCA layers removed)."""
+        """The plain model with every ΔW folded into its weight (adapter layers removed)."""
         return self._unload(merge=True)
 
     def unload(self) -> nn.Module:
-        """The plain pretrained model (deltas discarded, original weights restored)."""
+        """The plain pretrained model (adapters discarded, original weights restored)."""
         return self._unload(merge=False)
 
     def _unload(self, merge: bool) -> nn.Module:
@@ -116,8 +138,12 @@ class PacaModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, directory: str | Path, device: str | torch.device | None = None, is_trainable: bool = False
-    ) -> "PacaModel":
-        """Prepare ``model`` with the saved config and load the saved deltas and indices into it."""
+    ) -> "AdaptedModel":
+        """Prepare ``model`` as the checkpoint describes and load its adapter tensors into it."""
         from .checkpoint import load_adapter
 
         return load_adapter(model, directory, device=device, is_trainable=is_trainable)
+
+
+#: PEFT-style name kept for PaCA users.
+PacaModel = AdaptedModel

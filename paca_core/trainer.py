@@ -154,8 +154,15 @@ class Trainer:
         if not state_path.is_file():
             raise CheckpointError(f"{directory} has no {STATE_NAME}: it is not a resumable checkpoint (expected <out>/checkpoint).")
         document = read_adapter_config(directory)
-        saved, current = document["config"], self.model.paca_config.to_dict()
-        differences = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in current if saved.get(k) != current.get(k)]
+        saved_configs, current_configs = document["configs"], [c.to_dict() for c in self.model.configs]
+        differences = []
+        if [c.get("method") for c in saved_configs] != [c["method"] for c in current_configs]:
+            differences.append(f"method: checkpoint {document['method']!r} vs now {self.model.method!r}")
+        else:
+            for saved, current in zip(saved_configs, current_configs):
+                differences += [
+                    f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in current if saved.get(k) != current.get(k)
+                ]
         if differences:
             raise CheckpointError(f"Cannot resume from {directory}: the adapter config differs ({'; '.join(differences)}).")
         load_adapter_tensors(self.model, read_adapter_tensors(directory), directory)

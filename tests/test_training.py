@@ -49,7 +49,7 @@ def test_cli_train_writes_adapter_metrics_and_learns(tiny_model_dir, sample_text
     model, _ = _load(tiny_model_dir)
     loaded = PacaModel.from_pretrained(model, out / "adapter", device="cpu")
     saved_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert saved_config["method"] == "paca" and saved_config["config"]["r"] == 4 and "library_version" in saved_config
+    assert saved_config["method"] == "paca" and saved_config["configs"][0]["r"] == 4 and "library_version" in saved_config
     assert all(not p.requires_grad for p in loaded.parameters())
     assert any(layer.paca_delta.abs().sum() > 0 for layer in loaded.adapter_layers().values())
 

@@ -21,6 +21,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from backends import Backend, get_backend
 
+from .base import AdapterLayer
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,13 +80,13 @@ class _PartialConnectionLinear(torch.autograd.Function):
         return grads.input, None, grads.bias, grad_delta, None, None, None, None
 
 
-class PaCALinear(nn.Module):
+class PaCALinear(AdapterLayer):
     """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) with a trainable ``paca_delta`` of shape (out, r)."""
 
+    method = "paca"
+
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float | None, indices: torch.Tensor, module_name: str = ""):
-        super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"PaCA adapts nn.Linear layers only; {module_name or 'module'} is {type(base_layer).__name__}.")
+        super().__init__(base_layer, module_name)
         in_features, out_features = base_layer.in_features, base_layer.out_features
         if r > in_features:
             raise ValueError(f"r={r} exceeds in_features={in_features} of {module_name}: choose r <= {in_features}.")
@@ -92,20 +94,15 @@ class PaCALinear(nn.Module):
             raise ValueError(f"{module_name}: expected {r} column indices, got shape {tuple(indices.shape)}.")
         weight = base_layer.weight
         weight.requires_grad_(False)
-        self.base_layer = base_layer
-        self.module_name = module_name
         self.r = r
         self.alpha = float(alpha if alpha is not None else r)
         self.scaling = self.alpha / r
-        self.in_features, self.out_features = in_features, out_features
         self.paca_delta = nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32, device=weight.device))
         self.register_buffer("paca_indices", indices.to(device=weight.device, dtype=torch.long).clone())
         self.register_buffer(
             "paca_original_columns", weight.detach().index_select(1, self.paca_indices).clone(), persistent=False
         )
         self.paca_delta._paca_layer = weakref.ref(self)  # lets the optimizer hook find this layer
-        self.adapter_enabled = True
-        self.merged = False
         self._applied = False  # does the base weight hold original + scaling·delta right now?
         self._applied_version = -1
         self._register_hooks()
@@ -145,6 +142,31 @@ class PaCALinear(nn.Module):
         """ΔW (out, in) in float32: ``scaling·delta`` in the selected columns, zero elsewhere."""
         full = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.paca_delta.device)
         return full.index_copy_(1, self.paca_indices, self.paca_delta.detach() * self.scaling)
+
+    # --- checkpoint state -------------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {"paca_delta": self.paca_delta, "paca_indices": self.paca_indices}
+
+    @torch.no_grad()
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        indices = tensors["paca_indices"]
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.in_features):
+            raise ValueError(f"{self.module_name} has column indices outside [0, {self.in_features}).")
+        if torch.unique(indices).numel() != indices.numel():
+            raise ValueError(f"{self.module_name} has repeated column indices; the file is corrupt.")
+        self.restore_original()
+        self.paca_indices.copy_(indices)
+        self.paca_original_columns = self.base_layer.weight.detach().index_select(1, self.paca_indices).clone()
+        self.paca_delta.copy_(tensors["paca_delta"])
+        if self.adapter_enabled:
+            self.apply_delta()
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        self.adapter_enabled = enabled
+        if enabled:
+            self.apply_delta()
+        else:
+            self.restore_original()
 
     # --- state dict: saved base weights are always the pristine ones ---------------------------
     def _register_hooks(self) -> None:

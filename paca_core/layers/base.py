@@ -1,0 +1,61 @@
+"""What every adapter layer offers, so surgery, checkpoints, merge and export are written once."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class AdapterLayer(nn.Module):
+    """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) and adds a method's trainable state.
+
+    Subclasses implement :meth:`adapter_state` (the tensors a checkpoint holds),
+    :meth:`load_adapter_state`, :meth:`delta_weight` (ΔW in float32) and ``forward``.
+    """
+
+    method: str = ""
+
+    def __init__(self, base_layer: nn.Linear, module_name: str = ""):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(
+                f"{type(self).__name__} adapts nn.Linear layers only; {module_name or 'module'} is {type(base_layer).__name__}."
+            )
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.adapter_enabled = True
+        self.merged = False
+
+    # --- what a checkpoint holds -----------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Tensors that define this layer's adapter, by short name (e.g. ``lora_A``)."""
+        raise NotImplementedError
+
+    def adapter_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.adapter_state().items()}
+
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy checkpoint tensors in (shapes already checked by the caller)."""
+        raise NotImplementedError
+
+    # --- merge / disable -------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW (out, in) in float32, so ``W_merged = W + ΔW``."""
+        raise NotImplementedError
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        self.adapter_enabled = enabled
+
+    def unload(self, merge: bool) -> nn.Linear:
+        """Return the base layer, with ΔW folded into its weight when ``merge`` is true."""
+        if merge:
+            with torch.no_grad():
+                weight = self.base_layer.weight
+                weight.copy_((weight.to(torch.float32) + self.delta_weight().to(weight.device)).to(weight.dtype))
+        return self.base_layer
+
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters(recurse=False))
+
+    def after_optimizer_step(self) -> None:
+        """Hook for layers that keep derived state in sync with their parameters (PaCA's columns)."""
