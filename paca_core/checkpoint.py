@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .atomic import atomic_directory
-from .config import MethodConfig, config_from_dict
+from .config import MethodConfig, config_from_dict, method_name
 from .errors import CheckpointError, PacaConfigError
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,10 @@ def load_adapter(model: nn.Module, directory: str | Path, device=None, is_traina
             f"Checkpoint {directory} was trained with method {document['method']!r}, but {method!r} was requested."
         )
     configs = read_configs(document, directory)
+    if method_name(configs) != document["method"]:
+        raise CheckpointError(
+            f"Checkpoint {directory} says method {document['method']!r} but its configs are {method_name(configs)!r}; the file is corrupt."
+        )
     tensors = read_adapter_tensors(directory)
     expected = document["modules"]
     check_model_fits(model, expected, directory)

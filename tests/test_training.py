@@ -184,7 +184,12 @@ def test_bad_checkpoints_name_the_problem(tiny_model_dir, tmp_path):
     config = json.loads(good_config)
     config["method"] = "lora"
     config_path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="method 'lora'"):
+    with pytest.raises(CheckpointError, match="says method 'lora' but its configs are 'paca'"):
+        load_into()
+    config["method"] = "dora"
+    config["configs"][0]["method"] = "dora"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="Unknown method 'dora'"):
         load_into()
     config_path.write_text("{ not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
