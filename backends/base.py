@@ -76,3 +76,18 @@ class Backend(ABC):
     ) -> None:
         """For every layer: ``weight[:, idx] = (original + scaling · delta)`` rounded once to the
         weight's dtype, in place. Batched so a device can do all layers in one launch."""
+
+    # --- activation compression (VeLoRA) ---------------------------------------------------------
+    @abstractmethod
+    def compress(self, x: torch.Tensor, projection: torch.Tensor, num_groups: int) -> torch.Tensor:
+        """Split each token of ``x`` (…, d) into ``num_groups`` sub-tokens of size ``ceil(d/G)`` (zero
+        padded) and keep one coefficient per sub-token: its dot product with the unit vector
+        ``projection``. Returns (tokens, G) in ``x``'s dtype — G numbers per token instead of d."""
+
+    @abstractmethod
+    def decompress(self, coefficients: torch.Tensor, projection: torch.Tensor, in_features: int) -> torch.Tensor:
+        """The rank-1 rebuild ``coefficient · projection`` of every sub-token, as (tokens, in_features)."""
+
+    @abstractmethod
+    def subtoken_mean_direction(self, x: torch.Tensor, num_groups: int) -> torch.Tensor:
+        """The normalised mean of all sub-tokens of ``x`` (float32, unit norm): VeLoRA's projection."""

@@ -70,3 +70,26 @@ class TorchBackend(Backend):
             compute = torch.promote_types(torch.promote_types(original.dtype, delta.dtype), torch.float32)
             adapted = original.to(compute).add(delta.to(compute), alpha=float(scaling))
             weight.index_copy_(1, idx, adapted.to(weight.dtype))
+
+    # --- activation compression (VeLoRA) ---------------------------------------------------------
+    @staticmethod
+    def _subtokens(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+        group_dim = -(-x.shape[-1] // num_groups)
+        padding = num_groups * group_dim - x.shape[-1]
+        if padding:
+            x = F.pad(x, (0, padding))
+        return x.reshape(-1, num_groups, group_dim)
+
+    def compress(self, x, projection, num_groups):
+        return torch.matmul(self._subtokens(x, num_groups), projection.to(x.dtype))
+
+    def decompress(self, coefficients, projection, in_features):
+        rebuilt = coefficients.unsqueeze(-1) * projection.to(coefficients.dtype)
+        return rebuilt.reshape(coefficients.shape[0], -1)[:, :in_features]
+
+    def subtoken_mean_direction(self, x, num_groups):
+        mean = self._subtokens(x.detach(), num_groups).reshape(-1, -(-x.shape[-1] // num_groups)).float().mean(0)
+        # No host read (graph friendly): an all-zero mean falls back to the uniform direction.
+        norm = torch.linalg.vector_norm(mean)
+        uniform = torch.full_like(mean, mean.numel() ** -0.5)
+        return torch.where(norm > 0, mean / norm.clamp_min(torch.finfo(torch.float32).tiny), uniform)

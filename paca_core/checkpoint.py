@@ -128,6 +128,8 @@ def load_adapter(model: nn.Module, directory: str | Path, device=None, is_traina
     # Prepare exactly the saved modules with the config that made each, whatever the patterns match here.
     saved_targets = [config.target_modules for config in configs]
     for index, config in enumerate(configs):
+        if config.modifier:
+            continue  # modifiers apply to the layers above, with their saved targets
         names = [n for n, entry in expected.items() if entry.get("config", 0) == index]
         if not names:
             raise CheckpointError(f"Checkpoint {directory}: config {index} ({config.method}) adapts no module; the file is corrupt.")
@@ -138,14 +140,11 @@ def load_adapter(model: nn.Module, directory: str | Path, device=None, is_traina
         config.target_modules = targets
     load_adapter_tensors(adapted, tensors, directory)
     for layer in adapted.adapter_layers().values():
-        for param in layer.parameters(recurse=False):
-            param.requires_grad_(is_trainable and _trainable_by_default(layer, param))
+        frozen = getattr(layer, "frozen_adapter_parameters", ())
+        for key, tensor in layer.adapter_state().items():
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(is_trainable and key not in frozen)
     return adapted
-
-
-def _trainable_by_default(layer, param) -> bool:
-    frozen = getattr(layer, "frozen_adapter_parameters", ())
-    return not any(param is getattr(layer, name, None) for name in frozen)
 
 
 def check_model_fits(model: nn.Module, expected: dict[str, dict[str, int]], directory) -> None:

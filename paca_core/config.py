@@ -36,6 +36,8 @@ class MethodConfig:
     ``nn.Linear`` except the output head). ``exclude_modules``: names never adapted."""
 
     method: ClassVar[str] = ""
+    #: True for methods that modify layers other methods create (VeLoRA) instead of creating their own.
+    modifier: ClassVar[bool] = False
     target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     exclude_modules: list[str] = field(default_factory=list)
     seed: int = 0
@@ -88,8 +90,104 @@ class PaCAConfig(MethodConfig):
         return PaCALinear(linear, self.r, self.alpha, indices, module_name=module_name)
 
 
+@dataclass
+class LoRAConfig(MethodConfig):
+    """LoRA: ``y = W x + alpha/r · B A x`` with A (r × in) random, B (out × r) zero; both trained.
+
+    ``alpha=None`` means ``alpha = r`` (scaling 1). ``dropout`` > 0 keeps a full-size mask per layer.
+    """
+
+    method: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        _check_rank(self)
+        if not 0.0 <= self.dropout < 1.0:
+            raise PacaConfigError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+
+    def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
+        from .layers.lora import LoRALinear
+
+        return LoRALinear(linear, self.r, self.alpha, self.dropout, freeze_a=self.freeze_a, seed=self.seed, module_name=module_name)
+
+    freeze_a: ClassVar[bool] = False
+
+
+@dataclass
+class LoRAFAConfig(LoRAConfig):
+    """LoRA-FA: LoRA with A frozen at its random init; only B trains and only ``A x`` (rank r) is kept."""
+
+    method: ClassVar[str] = "lorafa"
+    freeze_a: ClassVar[bool] = True
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    """Train the whole weight of the targeted linears (beside another method, e.g. with VeLoRA on them)."""
+
+    method: ClassVar[str] = "full"
+
+    def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
+        from .layers.lora import FullLinear
+
+        return FullLinear(linear, module_name=module_name)
+
+
+@dataclass
+class VeLoRAConfig(MethodConfig):
+    """VeLoRA activation compression, applied to layers another method created where an input is kept
+    only for a weight gradient (LoRA's A input, fully trained linears).
+
+    Args:
+        num_groups: sub-tokens per token (G); G numbers are kept per token instead of d. Default 32
+            (sub-token size d/32, the paper's recommendation; PEFT defaults to 64).
+        scale: multiplies the rebuilt input in backward.
+        init_type: ``batch_average_once`` (projection = normalised mean sub-token of the first
+            training batch, then fixed: the paper's default), ``batch_average`` (every batch, PEFT's
+            default) or ``ema`` (running average with ``ema_decay``).
+        target_modules: which adapted layers get compression; ``"all-linear"`` (default) = every
+            adapted layer that supports it.
+    """
+
+    method: ClassVar[str] = "velora"
+    modifier: ClassVar[bool] = True
+    target_modules: list[str] | str = ALL_LINEAR
+    num_groups: int = 32
+    scale: float = 1.0
+    init_type: str = "batch_average_once"
+    ema_decay: float = 0.9
+
+    def validate(self) -> None:
+        super().validate()
+        from .layers.compression import INIT_TYPES
+
+        if not isinstance(self.num_groups, int) or self.num_groups < 1:
+            raise PacaConfigError(f"num_groups must be a positive integer, got {self.num_groups!r}.")
+        if not self.scale > 0:
+            raise PacaConfigError(f"scale must be positive, got {self.scale!r}.")
+        if self.init_type not in INIT_TYPES:
+            raise PacaConfigError(f"init_type must be one of {', '.join(INIT_TYPES)}, got {self.init_type!r}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise PacaConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}.")
+
+    def create_compressor(self, layer: nn.Module) -> nn.Module:
+        from .layers.compression import ActivationCompressor
+
+        device = layer.base_layer.weight.device
+        return ActivationCompressor(layer.in_features, self.num_groups, self.scale, self.init_type, self.ema_decay, device=device)
+
+
 #: method name → config class; the CLI's ``--method`` and checkpoints use these names.
-METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"paca": PaCAConfig}
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
+    "paca": PaCAConfig,
+    "lora": LoRAConfig,
+    "lorafa": LoRAFAConfig,
+    "full": FullConfig,
+    "velora": VeLoRAConfig,
+}
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from devices import resolve_device
 
-from .config import MethodConfig, method_name
+from .config import ALL_LINEAR, MethodConfig, method_name
 from .errors import PacaConfigError
 from .layers import AdapterLayer, sync_layers
 from .layers.partial_connection import PaCALinear
@@ -38,8 +38,14 @@ def prepare_model(
         raise ValueError("This model is already prepared; call prepare_model on the base model once.")
     configs = _as_list(configs)
     target_device = resolve_device(device)
+    primaries = [c for c in configs if not c.modifier]
+    modifiers = [c for c in configs if c.modifier]
+    if not primaries:
+        raise PacaConfigError(
+            f"{method_name(configs)} only modifies layers another method creates; combine it, e.g. lora+velora."
+        )
     plan: dict[str, tuple[MethodConfig, nn.Linear]] = {}
-    for config in configs:
+    for config in primaries:
         for name, linear in find_targets(model, config.target_modules, config.exclude_modules):
             if name in plan:
                 raise PacaConfigError(
@@ -56,10 +62,36 @@ def prepare_model(
         )
     model.to(target_device)
     freeze(model)
+    created = {}
     for name, (config, linear) in plan.items():
-        replace_module(model, name, config.create_layer(linear, name))
+        created[name] = config.create_layer(linear, name)
+        replace_module(model, name, created[name])
+    for modifier in modifiers:
+        _apply_modifier(model, modifier, created)
     logger.info("%s: adapted %d linear layers on %s", method_name(configs), len(plan), target_device)
     return AdaptedModel(model, configs)
+
+
+def _apply_modifier(model: nn.Module, modifier: MethodConfig, created: dict[str, AdapterLayer]) -> None:
+    """Attach a modifier (VeLoRA) to the adapted layers it targets that support it."""
+    supported = {n: layer for n, layer in created.items() if getattr(layer, "supports_compression", lambda: False)()}
+    if not supported:
+        raise PacaConfigError(
+            f"{modifier.method} compresses inputs kept only for a weight gradient; none of the adapted layers has one "
+            "(it applies to lora and full layers: PaCA already keeps only r columns and LoRA-FA none)."
+        )
+    if modifier.target_modules == ALL_LINEAR:
+        chosen = list(supported)
+    else:
+        chosen = [n for n, _ in find_targets(model, modifier.target_modules, modifier.exclude_modules, types=(AdapterLayer,))]
+        unsupported = [n for n in chosen if n not in supported]
+        if unsupported:
+            raise PacaConfigError(
+                f"{modifier.method} targets {', '.join(unsupported[:3])}, whose method keeps no compressible input; "
+                "target lora or full layers."
+            )
+    for name in chosen:
+        supported[name].attach_compressor(modifier.create_compressor(supported[name]))
 
 
 class AdaptedModel(nn.Module):

@@ -27,11 +27,12 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def find_targets(
-    model: nn.Module, target_modules: list[str] | str, exclude_modules: Iterable[str] = ()
-) -> list[tuple[str, nn.Linear]]:
-    """``(name, nn.Linear)`` pairs selected by ``target_modules``; raises with the candidates when none match."""
+    model: nn.Module, target_modules: list[str] | str, exclude_modules: Iterable[str] = (), types: tuple[type, ...] = (nn.Linear,)
+) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` pairs selected by ``target_modules`` (modules of ``types``); raises with the
+    candidates when none match."""
     exclude = list(exclude_modules)
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, types)]
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
         heads = _output_head_names(model)
         chosen = [n for n in linear_names if n not in heads]
@@ -55,11 +56,12 @@ def find_targets(
             f"{', '.join(leaf_names) or '(none)'}; pass some of these, or 'all-linear'."
         )
     if check_type:
-        wrong = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not isinstance(modules[n], nn.Linear)]
+        wrong = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not isinstance(modules[n], types)]
         if wrong:
+            wanted = " or ".join(t.__name__ for t in types)
             raise TargetModuleError(
-                f"target_modules selected modules that are not nn.Linear: {', '.join(wrong[:5])}"
-                f"{' …' if len(wrong) > 5 else ''}. PaCA adapts linear layers only; name the linear children instead."
+                f"target_modules selected modules that are not {wanted}: {', '.join(wrong[:5])}"
+                f"{' …' if len(wrong) > 5 else ''}. Only linear layers can be adapted; name the linear children instead."
             )
     return [(n, modules[n]) for n in chosen]
 

@@ -54,8 +54,3 @@ class AdapterLayer(nn.Module):
                 weight.copy_((weight.to(torch.float32) + self.delta_weight().to(weight.device)).to(weight.dtype))
         return self.base_layer
 
-    def trainable(self) -> bool:
-        return any(p.requires_grad for p in self.parameters(recurse=False))
-
-    def after_optimizer_step(self) -> None:
-        """Hook for layers that keep derived state in sync with their parameters (PaCA's columns)."""
