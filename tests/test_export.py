@@ -133,3 +133,26 @@ def test_export_replaces_previous_directory_and_needs_peft(tmp_path, monkeypatch
     with pytest.raises(ImportError, match="pip install peft"):
         export_peft_lora(paca, tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_lora_and_lorafa_export_to_peft_match():
+    import copy
+
+    import peft
+
+    from paca_core.config import LoRAConfig, LoRAFAConfig
+
+    for config in (LoRAConfig(r=4, alpha=8.0), LoRAFAConfig(r=4, alpha=8.0)):
+        base = tiny_llama()
+        fresh = copy.deepcopy(base)
+        model = prepare_model(base, config, device="cpu")
+        with torch.no_grad():
+            for layer in model.adapter_layers().values():
+                layer.lora_B.normal_(0, 0.1)
+        import tempfile
+
+        directory = export_peft_lora(model, tempfile.mkdtemp() + "/lora")
+        twin = peft.PeftModel.from_pretrained(fresh, directory)
+        ids = torch.randint(0, 128, (2, 8))
+        with torch.no_grad():
+            torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

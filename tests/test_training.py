@@ -236,8 +236,6 @@ def test_cli_rejects_bad_values_before_loading(tmp_path, caplog):
     assert main(["train", "--device", "tpu", "--out", str(tmp_path)]) == 2
     assert "valid devices" in caplog.text
     assert main(["train", "--model", "meta-llama/Llama-3-8B", "--device", "cpu", "--out", str(tmp_path)]) == 2
-    with pytest.raises(SystemExit):
-        main(["train", "--method", "dora"])
 
 
 def test_cli_export_peft_loads_in_peft_with_same_outputs(tiny_model_dir, sample_text_file, tmp_path):
@@ -253,3 +251,25 @@ def test_cli_export_peft_loads_in_peft_with_same_outputs(tiny_model_dir, sample_
     ids = torch.randint(0, 50, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "lorafa", "velora", "lora+velora", "paca+full+velora"])
+def test_cli_trains_every_method(tiny_model_dir, sample_text_file, tmp_path, method):
+    out = tmp_path / method
+    extra = ["--method", method, "--velora-groups", "4", "--sample-tokens", "0"]
+    if "full" in method:
+        extra += ["--full-modules", "down_proj"]
+    assert main(_train_flags(tiny_model_dir, sample_text_file, out, 3, *extra)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = "lora+velora" if method == "velora" else method
+    assert metrics["method"] == expected
+    model, _ = _load(tiny_model_dir)
+    loaded = PacaModel.from_pretrained(model, out / "adapter", device="cpu")
+    assert loaded.method == expected
+
+
+def test_cli_rejects_bad_method_combinations(tmp_path, caplog):
+    assert main(["train", "--method", "dora", "--out", str(tmp_path)]) == 2
+    assert "is not valid" in caplog.text
+    assert main(["train", "--method", "paca+full", "--out", str(tmp_path)]) == 2
+    assert "--full-modules" in caplog.text
