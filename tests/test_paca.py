@@ -264,3 +264,17 @@ def test_float64_gradcheck_of_autograd_function():
         return _PartialConnectionLinear.apply(x, w, None, delta, idx, 2.0, get_backend("cpu"), None)
 
     assert torch.autograd.gradcheck(fn, (x, delta))
+
+
+def test_deepcopy_keeps_each_copy_in_sync_with_its_own_optimizer():
+    original = prepare_model(tiny_llama(), PaCAConfig(r=4), device="cpu")
+    twin = copy.deepcopy(original)
+    optimizer = torch.optim.AdamW(twin.trainable_parameters(), lr=1e-2, fused=True)
+    ids = torch.randint(0, 128, (2, 8))
+    twin(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    for layer in twin.adapter_layers().values():
+        expected = layer.paca_original_columns + layer.scaling * layer.paca_delta
+        assert torch.equal(layer.base_layer.weight[:, layer.paca_indices], expected)
+    for layer in original.adapter_layers().values():  # untouched
+        assert torch.equal(layer.base_layer.weight[:, layer.paca_indices], layer.paca_original_columns)

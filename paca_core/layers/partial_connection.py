@@ -143,6 +143,12 @@ class PaCALinear(AdapterLayer):
         full = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.paca_delta.device)
         return full.index_copy_(1, self.paca_indices, self.paca_delta.detach() * self.scaling)
 
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy / pickle: the copied delta must point at this copy, not at the original layer.
+        super().__setstate__(state)
+        self.paca_delta._paca_layer = weakref.ref(self)
+        register_optimizer_sync_hook()
+
     # --- checkpoint state -------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {"paca_delta": self.paca_delta, "paca_indices": self.paca_indices}
