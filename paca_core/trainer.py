@@ -199,6 +199,7 @@ class Trainer:
             )
             total_loss += loss.double()
             total_tokens += int((labels != -100).sum())
+            devices.step_boundary(self.device)  # HPU lazy mode: one graph per eval batch
         self.model.train(was_training)
         return float(total_loss) / max(1, total_tokens)
 
