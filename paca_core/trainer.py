@@ -191,14 +191,15 @@ class Trainer:
         size = self.args.eval_batch_size
         for first in range(0, len(data), size):
             rows = order[first : first + size]
-            batch = {k: v.to(self.device) for k, v in data.subset(rows).__dict__.items() if k != "source"}
+            subset = data.subset(rows)
+            total_tokens += int((subset.labels[:, 1:] != -100).sum())  # counted on the host copy: no device read
+            batch = {k: v.to(self.device) for k, v in subset.__dict__.items() if k != "source"}
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
             total_loss += loss.double()
-            total_tokens += int((labels != -100).sum())
             devices.step_boundary(self.device)  # HPU lazy mode: one graph per eval batch
         self.model.train(was_training)
         return float(total_loss) / max(1, total_tokens)
