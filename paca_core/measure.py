@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -15,6 +15,7 @@ class SavedTensorReport:
 
     activation_bytes: int
     tensors: int
+    saved: list = field(default_factory=list)
 
     def per_token(self, tokens: int) -> float:
         return self.activation_bytes / max(1, tokens)
@@ -38,6 +39,7 @@ def count_saved_tensors(model: nn.Module) -> Iterator[SavedTensorReport]:
             seen.add(pointer)
             report.activation_bytes += storage.nbytes()
             report.tensors += 1
+            report.saved.append(tensor)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

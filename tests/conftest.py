@@ -32,6 +32,15 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
 
 
+def randomise_paca_deltas(paca_model, seed=3, scale=0.05):
+    """Give every PaCA delta random values (a zero delta would make many checks vacuous)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in paca_model.adapter_layers().values():
+            layer.paca_delta.copy_(torch.randn(layer.paca_delta.shape, generator=gen) * scale)
+    paca_model.sync_adapters()
+
+
 @pytest.fixture
 def make_tiny_llama():
     return tiny_llama

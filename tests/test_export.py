@@ -8,17 +8,10 @@ import torch
 from paca_core import PaCAConfig, prepare_model
 from paca_core.export import export_peft_lora
 
+from tests.conftest import randomise_paca_deltas as _randomise_deltas
 from tests.conftest import tiny_llama
 
 peft = pytest.importorskip("peft")
-
-
-def _randomise_deltas(paca_model, seed=3, scale=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in paca_model.adapter_layers().values():
-            layer.paca_delta.copy_(torch.randn(layer.paca_delta.shape, generator=gen) * scale)
-    paca_model.sync_adapters()
 
 
 def _trained_paca(config):

@@ -11,6 +11,7 @@ from paca_core import AdaptedModel, prepare_model
 from paca_core.config import FullConfig, LoRAConfig, LoRAFAConfig, PaCAConfig, VeLoRAConfig
 from paca_core.errors import PacaConfigError
 from paca_core.layers.lora import LoRALinear
+from paca_core.measure import count_saved_tensors
 
 from .conftest import tiny_llama
 
@@ -74,19 +75,11 @@ def test_lorafa_b_grad_equals_peft_and_a_is_frozen():
 
 
 def _saved_activation_bytes(layer, x):
-    saved = []
-
-    def pack(tensor):
-        saved.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """(activation tensors, bytes) kept for backward, via the library's own accounting."""
+    with count_saved_tensors(layer) as report:
         out = layer(x)
     out.sum().backward()
-    # Parameters (and views of them, e.g. transposes) cost no activation memory.
-    storages = {p.untyped_storage().data_ptr() for p in list(layer.parameters()) + list(layer.buffers())}
-    activations = [t for t in saved if t.untyped_storage().data_ptr() not in storages and t.dim() > 0]
-    return activations, sum(t.numel() * t.element_size() for t in activations)
+    return report.saved, report.activation_bytes
 
 
 def test_lorafa_saves_only_rank_r_activation():

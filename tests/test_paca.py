@@ -8,16 +8,10 @@ import torch.nn as nn
 from paca_core import PaCAConfig, PaCALinear, TargetModuleError, prepare_model
 from paca_core.errors import PacaConfigError
 from paca_core.layers.partial_connection import _PartialConnectionLinear
+from paca_core.measure import count_saved_tensors
 
+from .conftest import randomise_paca_deltas as _randomise_deltas
 from .conftest import tiny_llama
-
-
-def _randomise_deltas(paca_model, seed=3, scale=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in paca_model.adapter_layers().values():
-            layer.paca_delta.copy_(torch.randn(layer.paca_delta.shape, generator=gen) * scale)
-    paca_model.sync_adapters()
 
 
 def _dense_reference(paca_model):
@@ -92,21 +86,12 @@ def test_only_selected_columns_are_saved_for_backward():
     linear = nn.Linear(64, 48, bias=True)
     layer = PaCALinear(linear, r=6, alpha=None, indices=torch.arange(0, 64, 11)[:6])
     x = torch.randn(4, 10, 64, requires_grad=True)
-    saved = []
-
-    def pack(tensor):
-        saved.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved_tensors(layer) as report:
         out = layer(x)
     out.sum().backward()
-    activations = [t for t in saved if t is not linear.weight]
-    assert len(activations) == 1
-    assert activations[0].shape == (4, 10, 6)
-    assert not any(t.shape[-1] == 64 and t.numel() == x.numel() for t in saved)
-    activation_bytes = sum(t.numel() * t.element_size() for t in activations)
-    assert activation_bytes == 4 * 10 * 6 * 4
+    assert len(report.saved) == 1
+    assert report.saved[0].shape == (4, 10, 6)
+    assert report.activation_bytes == 4 * 10 * 6 * 4
 
 
 def test_indices_deterministic_sorted_unique_and_per_layer():

@@ -80,3 +80,28 @@ class ActivationCompressor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, scale={self.scale:g}, init_type={self.init_type}"
+
+
+class CompressibleInput:
+    """Mixin for layers whose input is kept only for a weight gradient, so VeLoRA can compress it.
+
+    Layers set ``self.compressor = None`` in ``__init__`` (no class attribute here: it would shadow
+    the submodule that ``nn.Module`` registers when a compressor is attached)."""
+
+    def supports_compression(self) -> bool:
+        return True
+
+    def attach_compressor(self, compressor: ActivationCompressor) -> None:
+        self.compressor = compressor
+
+    def _compressor_state(self) -> dict[str, torch.Tensor]:
+        if self.compressor is None:
+            return {}
+        return {"velora_projection": self.compressor.velora_projection, "velora_initialized": self.compressor.velora_initialized}
+
+    @torch.no_grad()
+    def _load_compressor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.compressor is not None:
+            self.compressor.velora_projection.copy_(tensors["velora_projection"])
+            self.compressor.velora_initialized.copy_(tensors["velora_initialized"])
+            self.compressor.sync_from_buffers()

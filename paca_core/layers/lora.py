@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from ..indices import layer_seed
 from .base import AdapterLayer
-from .compression import ActivationCompressor
+from .compression import ActivationCompressor, CompressibleInput
 
 
-class LoRALinear(AdapterLayer):
+class LoRALinear(CompressibleInput, AdapterLayer):
     """Frozen base linear plus ``lora_B @ lora_A`` (A: r × in, B: out × r; B starts at zero)."""
 
     method = "lora"
@@ -49,24 +49,14 @@ class LoRALinear(AdapterLayer):
         """VeLoRA applies to A's input only when A is trained (a frozen A keeps no input anyway)."""
         return not self.freeze_a
 
-    def attach_compressor(self, compressor: ActivationCompressor) -> None:
-        self.compressor = compressor
-
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        state = {"lora_A": self.lora_A, "lora_B": self.lora_B}
-        if self.compressor is not None:
-            state["velora_projection"] = self.compressor.velora_projection
-            state["velora_initialized"] = self.compressor.velora_initialized
-        return state
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, **self._compressor_state()}
 
     @torch.no_grad()
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.lora_A.copy_(tensors["lora_A"])
         self.lora_B.copy_(tensors["lora_B"])
-        if self.compressor is not None:
-            self.compressor.velora_projection.copy_(tensors["velora_projection"])
-            self.compressor.velora_initialized.copy_(tensors["velora_initialized"])
-            self.compressor.sync_from_buffers()
+        self._load_compressor_state(tensors)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
@@ -110,7 +100,7 @@ class LoRALinear(AdapterLayer):
         return f"method={self.method}, r={self.r}, scaling={self.scaling:g}, in={self.in_features}, out={self.out_features}"
 
 
-class FullLinear(AdapterLayer):
+class FullLinear(CompressibleInput, AdapterLayer):
     """A linear trained in full (optionally with VeLoRA compressing its input).
 
     Used beside PaCA or LoRA for the modules a user wants fully trained. ΔW is not kept (it would
@@ -124,26 +114,13 @@ class FullLinear(AdapterLayer):
         base_layer.weight.requires_grad_(True)
         self.compressor: ActivationCompressor | None = None
 
-    def supports_compression(self) -> bool:
-        return True
-
-    def attach_compressor(self, compressor: ActivationCompressor) -> None:
-        self.compressor = compressor
-
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        state = {"weight": self.base_layer.weight}
-        if self.compressor is not None:
-            state["velora_projection"] = self.compressor.velora_projection
-            state["velora_initialized"] = self.compressor.velora_initialized
-        return state
+        return {"weight": self.base_layer.weight, **self._compressor_state()}
 
     @torch.no_grad()
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.base_layer.weight.copy_(tensors["weight"])
-        if self.compressor is not None:
-            self.compressor.velora_projection.copy_(tensors["velora_projection"])
-            self.compressor.velora_initialized.copy_(tensors["velora_initialized"])
-            self.compressor.sync_from_buffers()
+        self._load_compressor_state(tensors)
 
     def set_adapter_enabled(self, enabled: bool) -> None:
         if not enabled:
