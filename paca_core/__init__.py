@@ -2,7 +2,17 @@
 training loop and CLI. Talks to hardware only through ``backends`` and ``devices``.
 """
 from ._version import __version__
-from .config import LLAMA_PROJECTIONS, METHOD_CONFIGS, MethodConfig, PaCAConfig, config_from_dict
+from .config import (
+    LLAMA_PROJECTIONS,
+    METHOD_CONFIGS,
+    FullConfig,
+    LoRAConfig,
+    LoRAFAConfig,
+    MethodConfig,
+    PaCAConfig,
+    VeLoRAConfig,
+    config_from_dict,
+)
 from .errors import CheckpointError, PacaConfigError, TargetModuleError
 from .layers import AdapterLayer, PaCALinear
 from .model import AdaptedModel, PacaModel, prepare_model
@@ -14,6 +24,10 @@ __all__ = [
     "AdapterLayer",
     "MethodConfig",
     "config_from_dict",
+    "FullConfig",
+    "LoRAConfig",
+    "LoRAFAConfig",
+    "VeLoRAConfig",
     "CheckpointError",
     "PaCAConfig",
     "PaCALinear",
