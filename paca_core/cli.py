@@ -30,8 +30,11 @@ from .errors import PacaConfigError
 logger = logging.getLogger("paca_core")
 
 METHOD_HELP = "paca, lora, lorafa, velora (= lora+velora), or a combination joined by '+' (lora+velora, paca+full+velora)"
-#: Learning rates that work for each method at scaling 1 (PaCA's paper uses ~10x LoRA's).
-DEFAULT_LR = {"paca": 2e-3, "lora": 1e-3, "lorafa": 1e-3, "full": 1e-4}
+#: Learning rates that work for each method at scaling 1 (PaCA's paper uses up to 10x LoRA's);
+#: measured on the default job, see docs/methods.md.
+DEFAULT_LR = {"paca": 5e-3, "lora": 1e-3, "lorafa": 1e-3, "full": 1e-4}
+#: Ranks with matched trainable parameters: PaCA trains r·out per layer, LoRA r·(in + out).
+DEFAULT_RANK = {"paca": 16, "lora": 8, "lorafa": 8, "full": 8}
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -53,7 +56,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example")
     p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--rank", type=int, default=8, help="r: columns trained per layer")
+    p.add_argument("--rank", type=int, default=None, help=f"r (PaCA: columns per layer; LoRA: rank); default per method, parameter-matched: {DEFAULT_RANK}")
     p.add_argument("--alpha", type=float, default=None, help="scaling numerator (update = alpha/r · delta); default r")
     p.add_argument("--target-modules", default=",".join(LLAMA_PROJECTIONS), help=f"comma-separated module names, a regex, or {ALL_LINEAR}")
     p.add_argument("--full-modules", default=None, help="with a '+full' method: modules trained in full (excluded from the other method)")
@@ -117,6 +120,7 @@ def build_configs(args: argparse.Namespace) -> list[MethodConfig]:
     unknown = [p for p in parts if p not in METHOD_CONFIGS]
     if unknown or not parts or len(set(parts)) != len(parts):
         raise PacaConfigError(f"--method {args.method!r} is not valid; use {METHOD_HELP}.")
+    rank = args.rank if args.rank is not None else DEFAULT_RANK[_primary_method(parts)]
     targets = _targets(args.target_modules)
     full_targets = _targets(args.full_modules) if args.full_modules else None
     if ("full" in parts) != (full_targets is not None):
@@ -125,10 +129,10 @@ def build_configs(args: argparse.Namespace) -> list[MethodConfig]:
     configs: list[MethodConfig] = []
     for part in parts:
         if part == "paca":
-            configs.append(PaCAConfig(r=args.rank, alpha=args.alpha, target_modules=targets, exclude_modules=exclude, seed=args.seed))
+            configs.append(PaCAConfig(r=rank, alpha=args.alpha, target_modules=targets, exclude_modules=exclude, seed=args.seed))
         elif part in ("lora", "lorafa"):
             cls = LoRAConfig if part == "lora" else LoRAFAConfig
-            configs.append(cls(r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, target_modules=targets, exclude_modules=exclude, seed=args.seed))
+            configs.append(cls(r=rank, alpha=args.alpha, dropout=args.lora_dropout, target_modules=targets, exclude_modules=exclude, seed=args.seed))
         elif part == "full":
             configs.append(FullConfig(target_modules=full_targets, seed=args.seed))
         else:
@@ -138,9 +142,12 @@ def build_configs(args: argparse.Namespace) -> list[MethodConfig]:
     return configs
 
 
+def _primary_method(parts: list[str]) -> str:
+    return next((p for p in parts if p not in ("velora", "full")), "full")
+
+
 def _default_lr(configs: list[MethodConfig]) -> float:
-    primary = [c.method for c in configs if not c.modifier and c.method != "full"] or ["full"]
-    return DEFAULT_LR[primary[0]]
+    return DEFAULT_LR[_primary_method([c.method for c in configs])]
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -273,3 +273,17 @@ def test_cli_rejects_bad_method_combinations(tmp_path, caplog):
     assert "is not valid" in caplog.text
     assert main(["train", "--method", "paca+full", "--out", str(tmp_path)]) == 2
     assert "--full-modules" in caplog.text
+
+
+def test_cli_defaults_are_parameter_matched_per_method():
+    from paca_core.cli import _default_lr, build_configs, build_parser
+
+    def configs_for(*flags):
+        return build_configs(build_parser().parse_args(["train", *flags]))
+
+    paca = configs_for("--method", "paca")
+    lora = configs_for("--method", "lora+velora")
+    assert paca[0].r == 16 and lora[0].r == 8 and lora[1].method == "velora"
+    assert _default_lr(paca) == 5e-3 and _default_lr(lora) == 1e-3
+    assert configs_for("--method", "lorafa", "--rank", "4")[0].r == 4
+    assert configs_for("--method", "paca+full+velora", "--full-modules", "down_proj")[0].exclude_modules == ["down_proj"]
