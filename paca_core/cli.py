@@ -32,7 +32,7 @@ logger = logging.getLogger("paca_core")
 METHOD_HELP = "paca, lora, lorafa, velora (= lora+velora), or a combination joined by '+' (lora+velora, paca+full+velora)"
 #: Learning rates that work for each method at scaling 1 (PaCA's paper uses up to 10x LoRA's);
 #: measured on the default job, see docs/methods.md.
-DEFAULT_LR = {"paca": 5e-3, "lora": 1e-3, "lorafa": 1e-3, "full": 1e-4}
+DEFAULT_LR = {"paca": 5e-3, "lora": 2e-3, "lorafa": 2e-3, "full": 1e-4}
 #: Ranks with matched trainable parameters: PaCA trains r·out per layer, LoRA r·(in + out).
 DEFAULT_RANK = {"paca": 16, "lora": 8, "lorafa": 8, "full": 8}
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -284,6 +284,6 @@ def test_cli_defaults_are_parameter_matched_per_method():
     paca = configs_for("--method", "paca")
     lora = configs_for("--method", "lora+velora")
     assert paca[0].r == 16 and lora[0].r == 8 and lora[1].method == "velora"
-    assert _default_lr(paca) == 5e-3 and _default_lr(lora) == 1e-3
+    assert _default_lr(paca) == 5e-3 and _default_lr(lora) == 2e-3
     assert configs_for("--method", "lorafa", "--rank", "4")[0].r == 4
     assert configs_for("--method", "paca+full+velora", "--full-modules", "down_proj")[0].exclude_modules == ["down_proj"]
