@@ -39,10 +39,10 @@ def adapter_state(adapted_model) -> dict[str, torch.Tensor]:
 
 
 def _config_index(adapted_model, layer) -> int:
-    for index, config in enumerate(adapted_model.configs):
-        if config.method == layer.method:
-            return index
-    raise ValueError(f"No config of method {layer.method!r} for layer {layer.module_name}.")
+    index = getattr(layer, "config_index", None)
+    if index is None or not 0 <= index < len(adapted_model.configs):
+        raise ValueError(f"Layer {layer.module_name} was not created by prepare_model; cannot tell which config made it.")
+    return index
 
 
 def write_adapter_files(adapted_model, directory: Path, extra_metadata: dict[str, Any] | None = None) -> None:

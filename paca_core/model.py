@@ -65,6 +65,7 @@ def prepare_model(
     created = {}
     for name, (config, linear) in plan.items():
         created[name] = config.create_layer(linear, name)
+        created[name].config_index = configs.index(config)  # which config made it (saved in checkpoints)
         replace_module(model, name, created[name])
     for modifier in modifiers:
         _apply_modifier(model, modifier, created)

@@ -231,3 +231,14 @@ def test_save_load_merge_roundtrip(configs, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
         merged = loaded.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_configs_of_one_method_round_trip(tmp_path):
+    configs = [PaCAConfig(r=4, target_modules=["q_proj", "k_proj"]), PaCAConfig(r=2, target_modules=["down_proj"], seed=5)]
+    model = prepare_model(tiny_llama(), configs, device="cpu")
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = AdaptedModel.from_pretrained(tiny_llama(), tmp_path / "adapter", device="cpu")
+    ranks = {n.split(".")[-1]: l.r for n, l in loaded.adapter_layers().items()}
+    assert ranks == {"q_proj": 4, "k_proj": 4, "down_proj": 2}
+    for name, layer in model.adapter_layers().items():
+        assert torch.equal(layer.paca_indices, loaded.adapter_layers()[name].paca_indices)
