@@ -32,14 +32,8 @@ def _is_compiling() -> bool:
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype active for ``device_type``, or None (torch >= 2.4 API, guarded)."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except TypeError:  # torch < 2.4: only the CUDA flag exists
-        if device_type == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-    return None
+    """The autocast dtype active for ``device_type``, or None (device-generic API of torch >= 2.4)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 class _PartialConnectionLinear(torch.autograd.Function):
