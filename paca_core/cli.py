@@ -79,20 +79,13 @@ def _add_train_parser(sub) -> None:
     p.set_defaults(handler=run_train)
 
 
-def _add_merge_parser(sub) -> None:
-    p = sub.add_parser("merge", help="fold an adapter into its base model and save a plain HF model")
+def _add_adapter_command(sub, name: str, help_text: str, out_help: str, handler) -> None:
+    """A subcommand that reads a trained adapter and its base model and writes something to --out."""
+    p = sub.add_parser(name, help=help_text)
     p.add_argument("--adapter", required=True, help="adapter folder (from paca train: <out>/adapter)")
     p.add_argument("--model", default="default", help="base model folder the adapter was trained on")
-    p.add_argument("--out", required=True, help="where to write the merged model")
-    p.set_defaults(handler=run_merge)
-
-
-def _add_export_parser(sub) -> None:
-    p = sub.add_parser("export-peft", help="write a PaCA adapter as an exact, standard PEFT LoRA adapter")
-    p.add_argument("--adapter", required=True, help="adapter folder (from paca train: <out>/adapter)")
-    p.add_argument("--model", default="default", help="base model folder the adapter was trained on")
-    p.add_argument("--out", required=True, help="where to write the PEFT adapter")
-    p.set_defaults(handler=run_export)
+    p.add_argument("--out", required=True, help=out_help)
+    p.set_defaults(handler=handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
-    _add_merge_parser(sub)
-    _add_export_parser(sub)
+    _add_adapter_command(sub, "merge", "fold an adapter into its base model and save a plain HF model", "where to write the merged model", run_merge)
+    _add_adapter_command(
+        sub, "export-peft", "write a PaCA/LoRA adapter as a standard PEFT LoRA adapter", "where to write the PEFT adapter", run_export
+    )
     return parser
 
 
