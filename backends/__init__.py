@@ -2,7 +2,7 @@
 
 Depends on ``devices`` (never the reverse) and knows nothing about models or methods.
 """
-from .base import Backend, PartialConnectionGrads, Tolerance
+from .base import Backend, PartialConnectionGrads, Tolerance, Transfer
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .hpu import HpuBackend
@@ -18,6 +18,7 @@ __all__ = [
     "PartialConnectionGrads",
     "Tolerance",
     "TorchBackend",
+    "Transfer",
     "get_backend",
     "matmul_t_fp32",
 ]

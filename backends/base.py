@@ -91,3 +91,98 @@ class Backend(ABC):
     @abstractmethod
     def subtoken_mean_direction(self, x: torch.Tensor, num_groups: int) -> torch.Tensor:
         """The normalised mean of all sub-tokens of ``x`` (float32, unit norm): VeLoRA's projection."""
+
+    # --- sparse host-memory adapter (MEFT) -------------------------------------------------------
+    @abstractmethod
+    def sparse_rows_forward(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MEFT's adapter on the rows that came to the device.
+
+        ``x`` (T, d); ``keys``/``values`` (R, d) row buffers; ``slots`` (T, k) int64 rows of the buffer
+        each token uses; ``gates`` (T, k) per-row weights. Returns ``out`` (T, d) with
+        ``out[t] = Σ_j gates[t, j] · relu(x[t] · keys[slots[t, j]]) · values[slots[t, j]]`` and the
+        pre-activation scores (T, k), the only new activation kept for backward. Static shapes: T, k and
+        R never depend on the data.
+        """
+
+    @abstractmethod
+    def sparse_rows_backward(
+        self,
+        grad_output: torch.Tensor,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        slots: torch.Tensor,
+        gates: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients ``(x, keys, values, gates)`` of :meth:`sparse_rows_forward`; the row gradients are
+        (R, d) float32, summed over every token that used a row."""
+
+    # --- host memory and transfers (offload) ------------------------------------------------------
+    @abstractmethod
+    def host_tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed host tensor that this device copies from and to asynchronously (pinned where it
+        supports page-locked memory)."""
+
+    @abstractmethod
+    def copy_to_device(self, host: torch.Tensor, device: torch.device) -> "Transfer":
+        """Start copying ``host`` to ``device`` on a side stream; ``.wait()`` makes the current stream
+        wait for it and returns the device tensor. On a host-only device this is free (no copy)."""
+
+    @abstractmethod
+    def copy_to_host(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> "Transfer":
+        """Start copying a device tensor into host memory (into ``out`` when given) after the work that
+        produced it; ``.wait()`` blocks the host until the bytes are there and returns the host tensor."""
+
+    # --- partial connection on a 4-bit quantized base (QPaCA) ------------------------------------
+    @abstractmethod
+    def quantized_partial_connection_forward(
+        self,
+        x: torch.Tensor,
+        weight_4bit: torch.Tensor,
+        quant_state: object,
+        bias: torch.Tensor | None,
+        delta: torch.Tensor | None,
+        indices: torch.Tensor,
+        scaling: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``y = x W_qᵀ (+ b) + scaling · x[..., indices] Δᵀ`` in ``x``'s dtype: one 4-bit GEMM with the
+        packed bitsandbytes weight (``quant_state`` describes it) plus one skinny (tokens × r × out)
+        GEMM, so the 4-bit weight is never rewritten. ``delta`` None means the base layer alone.
+        Returns ``(y, x[..., indices])``; the latter is the only activation QPaCA keeps."""
+
+    @abstractmethod
+    def quantized_partial_connection_backward(
+        self,
+        grad_output: torch.Tensor,
+        x_selected: torch.Tensor,
+        weight_4bit: torch.Tensor,
+        quant_state: object,
+        delta: torch.Tensor,
+        indices: torch.Tensor,
+        scaling: float,
+        need_input_grad: bool,
+        need_delta_grad: bool,
+        need_bias_grad: bool,
+    ) -> PartialConnectionGrads:
+        """Gradients of :meth:`quantized_partial_connection_forward`: grad input through the 4-bit
+        weight (``grad_output · deq(W_q)``) plus the skinny ``scaling · grad_output Δ`` added into the
+        selected columns; the delta gradient ``scaling · grad_outputᵀ x_selected`` in (at least) float32."""
+
+
+class Transfer:
+    """A copy in flight. ``wait()`` returns its destination once it may be used."""
+
+    def __init__(self, result: torch.Tensor, wait_fn=None, nbytes: int = 0):
+        self._result = result
+        self._wait_fn = wait_fn
+        #: Bytes that crossed between host and device (0 when nothing was copied).
+        self.nbytes = nbytes
+
+    def wait(self) -> torch.Tensor:
+        if self._wait_fn is not None:
+            self._wait_fn()
+            self._wait_fn = None
+        return self._result

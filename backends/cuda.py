@@ -15,6 +15,7 @@ class CudaBackend(TorchBackend):
     name = "cuda"
 
     def __init__(self) -> None:
+        super().__init__()
         self._mm_out_dtype_works: bool | None = None
 
     def _delta_grad(self, grad_2d: torch.Tensor, x_selected_2d: torch.Tensor) -> torch.Tensor:

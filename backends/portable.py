@@ -10,10 +10,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import Backend, PartialConnectionGrads, Tolerance
+import devices
+
+from .base import Backend, PartialConnectionGrads, Tolerance, Transfer
 
 #: Upper bound on the float32 temporary made when upcasting half-precision GEMM operands.
 _FP32_CHUNK_BYTES = 64 * 2**20
+#: Upper bound on the (tokens, k, d) row gathers of the sparse adapter, so big models never blow up.
+_GATHER_CHUNK_BYTES = 64 * 2**20
 
 
 def matmul_t_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -45,6 +49,9 @@ class TorchBackend(Backend):
         torch.bfloat16: Tolerance(2e-2, 2e-2),
         torch.float16: Tolerance(5e-3, 5e-3),
     }
+
+    def __init__(self) -> None:
+        self._copy_streams: dict[torch.device, object] = {}  # one side stream per device, for copies
 
     def partial_connection_forward(self, x, weight, bias, indices):
         output = F.linear(x, weight, bias)
@@ -93,3 +100,136 @@ class TorchBackend(Backend):
         norm = torch.linalg.vector_norm(mean)
         uniform = torch.full_like(mean, mean.numel() ** -0.5)
         return torch.where(norm > 0, mean / norm.clamp_min(torch.finfo(torch.float32).tiny), uniform)
+
+    # --- sparse host-memory adapter (MEFT) -------------------------------------------------------
+    @staticmethod
+    def _token_chunk(tokens: int, k: int, width: int) -> int:
+        return max(1, min(tokens, _GATHER_CHUNK_BYTES // max(1, 4 * k * width)))
+
+    def sparse_rows_forward(self, x, keys, values, slots, gates):
+        tokens, k = slots.shape
+        out = torch.empty_like(x)
+        scores = torch.empty(tokens, k, dtype=x.dtype, device=x.device)
+        chunk = self._token_chunk(tokens, k, x.shape[-1])
+        for start in range(0, tokens, chunk):  # static trip count for a given shape
+            end = min(tokens, start + chunk)
+            rows = slots[start:end]
+            part = torch.einsum("td,tkd->tk", x[start:end], keys[rows])
+            scores[start:end] = part
+            weights = torch.relu(part) * gates[start:end].to(part.dtype)
+            out[start:end] = torch.einsum("tk,tkd->td", weights, values[rows])
+        return out, scores
+
+    def sparse_rows_backward(self, grad_output, x, keys, values, slots, gates, scores):
+        tokens, k = slots.shape
+        width = x.shape[-1]
+        grad_x = torch.empty_like(x)
+        grad_gates = torch.empty(tokens, k, dtype=torch.float32, device=x.device)
+        grad_keys = torch.zeros(keys.shape, dtype=torch.float32, device=x.device)
+        grad_values = torch.zeros(values.shape, dtype=torch.float32, device=x.device)
+        chunk = self._token_chunk(tokens, k, width)
+        for start in range(0, tokens, chunk):
+            end = min(tokens, start + chunk)
+            rows = slots[start:end]
+            flat_rows = rows.reshape(-1)
+            g_out = grad_output[start:end].float()
+            part_scores = scores[start:end].float()
+            active = torch.relu(part_scores)
+            gate = gates[start:end].float()
+            # d out / d (gate · relu(score)) = g_out · value_row
+            g_weight = torch.einsum("td,tkd->tk", g_out, values[rows].float())
+            grad_gates[start:end] = g_weight * active
+            g_score = g_weight * gate * (part_scores > 0)
+            grad_x[start:end] = torch.einsum("tk,tkd->td", g_score, keys[rows].float()).to(x.dtype)
+            grad_values.index_add_(0, flat_rows, ((active * gate).unsqueeze(-1) * g_out.unsqueeze(1)).reshape(-1, width))
+            grad_keys.index_add_(0, flat_rows, (g_score.unsqueeze(-1) * x[start:end].float().unsqueeze(1)).reshape(-1, width))
+        return grad_x, grad_keys, grad_values, grad_gates
+
+    # --- host memory and transfers (offload) ------------------------------------------------------
+    def _copy_stream(self, device: torch.device):
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            stream = self._copy_streams[device] = devices.new_stream(device)
+        return stream
+
+    def host_tensor(self, shape, dtype):
+        tensor = torch.zeros(tuple(shape), dtype=dtype)
+        return devices.pin_memory(tensor, torch.device(self.device_type)) if self.device_type != "cpu" else tensor
+
+    def copy_to_device(self, host, device):
+        device = torch.device(device)
+        if device.type == "cpu":
+            return Transfer(host)
+        main = devices.current_stream(device)
+        stream = self._copy_stream(device)
+        with devices.stream_context(device, stream):
+            moved = host.to(device, non_blocking=True)
+            done = stream.record_event()
+
+        def wait() -> None:
+            main.wait_event(done)
+            devices.record_stream(moved, main)
+
+        return Transfer(moved, wait, nbytes=host.numel() * host.element_size())
+
+    def copy_to_host(self, tensor, out=None):
+        if tensor.device.type == "cpu":
+            if out is None:
+                return Transfer(tensor)
+            out.copy_(tensor)
+            return Transfer(out)
+        device = tensor.device
+        stream = self._copy_stream(device)
+        stream.wait_stream(devices.current_stream(device))  # copy only what the main stream has produced
+        if out is None:
+            out = self.host_tensor(tensor.shape, tensor.dtype)
+        with devices.stream_context(device, stream):
+            out.copy_(tensor, non_blocking=True)
+            done = stream.record_event()
+        devices.record_stream(tensor, stream)  # the device memory stays alive until the copy ran
+        return Transfer(out, done.synchronize, nbytes=tensor.numel() * tensor.element_size())
+
+    # --- partial connection on a 4-bit quantized base (QPaCA) ------------------------------------
+    # bitsandbytes is imported here, lazily: it is an optional extra, and its own dispatch picks the
+    # CPU, CUDA, XPU or Gaudi kernels from the tensors' device.
+    def quantized_partial_connection_forward(self, x, weight_4bit, quant_state, bias, delta, indices, scaling):
+        import bitsandbytes
+
+        self._check_unpacked(quant_state)
+        if bias is not None:
+            bias = bias.to(x.dtype)
+        with torch.no_grad():  # a kernel: the caller's autograd.Function owns the backward
+            output = bitsandbytes.matmul_4bit(x, weight_4bit, quant_state=quant_state, bias=bias)
+        x_selected = x.index_select(-1, indices)
+        if delta is not None:
+            flat = output.view(-1, output.shape[-1])
+            flat.addmm_(x_selected.reshape(-1, x_selected.shape[-1]), delta.to(x.dtype).t(), alpha=float(scaling))
+        return output, x_selected
+
+    def quantized_partial_connection_backward(
+        self, grad_output, x_selected, weight_4bit, quant_state, delta, indices, scaling,
+        need_input_grad, need_delta_grad, need_bias_grad,
+    ):
+        from bitsandbytes.functional import dequantize_4bit
+
+        self._check_unpacked(quant_state)
+        grad_input = grad_delta = grad_bias = None
+        if need_input_grad:
+            # The full-precision weight exists only for this GEMM (as in QLoRA's backward).
+            grad_input = grad_output.matmul(dequantize_4bit(weight_4bit, quant_state).to(grad_output.dtype))
+            skinny = grad_output.matmul(delta.to(grad_output.dtype))
+            grad_input.index_add_(-1, indices, skinny, alpha=float(scaling))
+        grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
+        if need_delta_grad:
+            grad_delta = matmul_t_fp32(grad_2d, x_selected.reshape(-1, x_selected.shape[-1])).mul_(float(scaling))
+        if need_bias_grad:
+            grad_bias = grad_2d.sum(0)
+        return PartialConnectionGrads(grad_input, grad_delta, grad_bias)
+
+    @staticmethod
+    def _check_unpacked(quant_state) -> None:
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError(
+                "This 4-bit weight was repacked by bitsandbytes for CPU inference (a Linear4bit forward in eval "
+                "mode); QPaCA needs the standard layout. Quantize the base again (paca_core.quantization.quantize_base)."
+            )

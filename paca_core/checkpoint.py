@@ -16,6 +16,7 @@ from ._version import __version__
 from .atomic import atomic_directory
 from .config import MethodConfig, config_from_dict, method_name
 from .errors import CheckpointError, PacaConfigError
+from .surgery import module_io
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +157,7 @@ def check_model_fits(model: nn.Module, expected: dict[str, dict[str, int]], dire
             f"{' …' if len(missing) > 5 else ''} ({len(missing)} of {len(expected)}). Load it into the base model it was trained on."
         )
     for name, shape in expected.items():
-        module = modules[name]
-        actual = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+        actual = module_io(modules[name])
         if actual != (shape["in_features"], shape["out_features"]):
             raise CheckpointError(
                 f"Checkpoint {directory}: module {name} is {shape['in_features']}→{shape['out_features']} in the "

@@ -21,6 +21,7 @@ from .config import (
     FullConfig,
     LoRAConfig,
     LoRAFAConfig,
+    MEFTConfig,
     MethodConfig,
     PaCAConfig,
     VeLoRAConfig,
@@ -29,12 +30,14 @@ from .errors import PacaConfigError
 
 logger = logging.getLogger("paca_core")
 
-METHOD_HELP = "paca, lora, lorafa, velora (= lora+velora), or a combination joined by '+' (lora+velora, paca+full+velora)"
+METHOD_HELP = (
+    "paca, lora, lorafa, velora (= lora+velora), meft, or a combination joined by '+' (lora+velora, paca+full+velora, paca+meft)"
+)
 #: Learning rates that work for each method at scaling 1 (PaCA's paper uses up to 10x LoRA's);
 #: measured on the default job, see docs/methods.md.
-DEFAULT_LR = {"paca": 5e-3, "lora": 2e-3, "lorafa": 2e-3, "full": 1e-4}
+DEFAULT_LR = {"paca": 5e-3, "lora": 2e-3, "lorafa": 2e-3, "full": 1e-4, "meft": 1e-3}
 #: Ranks with matched trainable parameters: PaCA trains r·out per layer, LoRA r·(in + out).
-DEFAULT_RANK = {"paca": 16, "lora": 8, "lorafa": 8, "full": 8}
+DEFAULT_RANK = {"paca": 16, "lora": 8, "lorafa": 8, "full": 8, "meft": 8}
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -64,11 +67,21 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--velora-groups", type=int, default=32, help="VeLoRA sub-tokens per token (G numbers kept instead of d)")
     p.add_argument("--velora-scale", type=float, default=1.0, help="VeLoRA scale of the rebuilt input")
     p.add_argument("--velora-init", default="batch_average_once", help="VeLoRA projection: batch_average_once, batch_average or ema")
+    p.add_argument("--meft-modules", default="mlp", help="MEFT: feed-forward blocks that get a host-memory sparse adapter")
+    p.add_argument("--meft-rows", type=int, default=4096, help="MEFT: key/value rows per block, held in host memory")
+    p.add_argument("--meft-topk", type=int, default=32, help="MEFT: rows each token uses")
+    p.add_argument("--meft-experts", type=int, default=None, help="MEFT: router groups of rows (default about sqrt(rows)/2)")
+    p.add_argument("--meft-probe", type=int, default=2, help="MEFT: groups each token is routed to (only their rows are scored)")
+    p.add_argument("--meft-rows-per-step", type=int, default=2048, help="MEFT: distinct rows sent to the device per forward (fixed buffer)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW, cosine decay); default per method: {DEFAULT_LR}")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="model dtype; auto = fp32 on CPU, bf16 on GPU/HPU")
+    p.add_argument(
+        "--quantize", default=None, choices=["nf4", "fp4"],
+        help="QPaCA: hold the PaCA target linears as frozen bitsandbytes 4-bit weights (needs paca-hal[quant]; --method paca)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds column choice, data order and torch")
     p.add_argument("--out", default="runs/paca", help="output folder: adapter/, checkpoint/, metrics.json")
     p.add_argument("--resume", default=None, help="continue from a checkpoint folder (<out>/checkpoint or <out>)")
@@ -121,20 +134,52 @@ def build_configs(args: argparse.Namespace) -> list[MethodConfig]:
     if ("full" in parts) != (full_targets is not None):
         raise PacaConfigError("--full-modules goes with a method that includes '+full' (e.g. paca+full+velora), and it needs it.")
     exclude = full_targets if isinstance(full_targets, list) else []
+    quantize = getattr(args, "quantize", None)
+    if quantize is not None:
+        _check_quantize(parts)
     configs: list[MethodConfig] = []
     for part in parts:
         if part == "paca":
-            configs.append(PaCAConfig(r=rank, alpha=args.alpha, target_modules=targets, exclude_modules=exclude, seed=args.seed))
+            configs.append(
+                PaCAConfig(r=rank, alpha=args.alpha, target_modules=targets, exclude_modules=exclude, seed=args.seed, quantize=quantize)
+            )
         elif part in ("lora", "lorafa"):
             cls = LoRAConfig if part == "lora" else LoRAFAConfig
             configs.append(cls(r=rank, alpha=args.alpha, dropout=args.lora_dropout, target_modules=targets, exclude_modules=exclude, seed=args.seed))
         elif part == "full":
             configs.append(FullConfig(target_modules=full_targets, seed=args.seed))
+        elif part == "meft":
+            configs.append(
+                MEFTConfig(
+                    target_modules=_targets(args.meft_modules),
+                    num_rows=args.meft_rows,
+                    top_k=args.meft_topk,
+                    num_experts=args.meft_experts,
+                    num_probe=args.meft_probe,
+                    rows_per_step=args.meft_rows_per_step,
+                    seed=args.seed,
+                )
+            )
         else:
             configs.append(
                 VeLoRAConfig(num_groups=args.velora_groups, scale=args.velora_scale, init_type=args.velora_init, seed=args.seed)
             )
     return configs
+
+
+def _check_quantize(parts: list[str]) -> None:
+    """--quantize is QPaCA: it needs a PaCA method and bitsandbytes (clear errors before anything loads)."""
+    if "paca" not in parts:
+        raise PacaConfigError(
+            "--quantize builds a 4-bit base for PaCA (QPaCA); use it with --method paca. For QLoRA use PEFT on "
+            "paca_core.quantization.quantize_base(model, 'nf4')."
+        )
+    from .quantization import import_bitsandbytes
+
+    try:
+        import_bitsandbytes()
+    except ImportError as error:
+        raise PacaConfigError(str(error)) from None
 
 
 def _primary_method(parts: list[str]) -> str:
@@ -316,8 +361,11 @@ def _load_for_adapter(args):
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from .quantization import is_quantized_model, merge_and_dequantize
+
     paca_model, tokenizer = _load_for_adapter(args)
-    merged = paca_model.merge_and_unload()
+    # A 4-bit (QPaCA) base is written dequantized with the delta added: exact, and a plain HF model.
+    merged = merge_and_dequantize(paca_model) if is_quantized_model(paca_model) else paca_model.merge_and_unload()
     merged.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     print(f"Merged model written to {args.out}")

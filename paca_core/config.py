@@ -38,6 +38,8 @@ class MethodConfig:
     method: ClassVar[str] = ""
     #: True for methods that modify layers other methods create (VeLoRA) instead of creating their own.
     modifier: ClassVar[bool] = False
+    #: Module types this method's ``target_modules`` may select.
+    target_types: ClassVar[tuple[type, ...]] = (nn.Linear,)
     target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     exclude_modules: list[str] = field(default_factory=list)
     seed: int = 0
@@ -68,15 +70,24 @@ class PaCAConfig(MethodConfig):
             learning rate is the per-weight step size.
         seed: per-layer column choices derive from this seed and the module name, so they are
             reproducible and different across layers.
+        quantize: ``"nf4"`` or ``"fp4"`` for QPaCA: each target becomes a frozen bitsandbytes 4-bit
+            layer and the delta is added beside it (needs ``paca-hal[quant]``). Targets that already
+            are 4-bit layers (``quantization.quantize_base``) are used as they are and set this field,
+            so checkpoints record the quantization and loading re-quantizes the base the same way.
     """
 
     method: ClassVar[str] = "paca"
     r: int = 8
     alpha: float | None = None
+    quantize: str | None = None
 
     def validate(self) -> None:
         super().validate()
         _check_rank(self)
+        if self.quantize is not None:
+            from .quantization import check_kind
+
+            self.quantize = check_kind(self.quantize)
 
     @property
     def scaling(self) -> float:
@@ -87,7 +98,19 @@ class PaCAConfig(MethodConfig):
         from .layers import PaCALinear
 
         indices = select_columns(linear.in_features, self.r, self.seed, module_name)
+        if self.quantize is not None or _is_quantized(linear):
+            from .layers.quantized_partial_connection import QuantizedPaCALinear
+            from .quantization import prepare_quantized_target
+
+            linear = prepare_quantized_target(self, linear, module_name)
+            return QuantizedPaCALinear(linear, self.r, self.alpha, indices, module_name=module_name)
         return PaCALinear(linear, self.r, self.alpha, indices, module_name=module_name)
+
+
+def _is_quantized(linear: nn.Module) -> bool:
+    from .quantization import is_quantized_linear
+
+    return is_quantized_linear(linear)
 
 
 @dataclass
@@ -180,6 +203,85 @@ class VeLoRAConfig(MethodConfig):
         return ActivationCompressor(layer.in_features, self.num_groups, self.scale, self.init_type, self.ema_decay, device=device)
 
 
+@dataclass
+class MEFTConfig(MethodConfig):
+    """MEFT: a large sparse adapter beside each targeted feed-forward block, held in host memory.
+
+    ``FFN(x) + Σ_j g_j · relu(x·K_j) · V_j`` over each token's ``top_k`` rows. K and V have
+    ``num_rows`` rows (M) per block and stay in host memory with their Adam state; a router on the
+    device sends each token to ``num_probe`` of ``num_experts`` groups of rows (default ≈ √M/2), the
+    host scores only those rows, and at most ``rows_per_step`` distinct rows per forward (a fixed,
+    padded buffer) cross to the device. The host applies Adam(W) to the rows used, with the learning
+    rate, betas, eps and weight decay of the optimizer that owns the routers, when it steps.
+
+    Args:
+        target_modules: feed-forward modules (input and output of width d), e.g. ``"mlp"``.
+        key_std: standard deviation of the random keys; ``None`` = 1/√d (scores of order 1 for
+            normalised inputs). Values start at zero, so training starts from the base model.
+    """
+
+    method: ClassVar[str] = "meft"
+    target_types: ClassVar[tuple[type, ...]] = (nn.Module,)
+    target_modules: list[str] | str = field(default_factory=lambda: ["mlp"])
+    num_rows: int = 4096
+    top_k: int = 32
+    num_experts: int | None = None
+    num_probe: int = 2
+    rows_per_step: int = 2048
+    key_std: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.target_modules == ALL_LINEAR:
+            raise PacaConfigError("MEFT targets feed-forward blocks, not linear layers: use target_modules=['mlp'].")
+        for name in ("num_rows", "top_k", "num_probe", "rows_per_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PacaConfigError(f"MEFT {name} must be a positive integer, got {value!r}.")
+        experts = self.experts
+        if not isinstance(experts, int) or experts < 1 or self.num_rows % experts:
+            raise PacaConfigError(
+                f"MEFT num_experts must be a positive divisor of num_rows={self.num_rows}, got {self.num_experts!r}."
+            )
+        if self.num_probe > experts:
+            raise PacaConfigError(f"MEFT num_probe={self.num_probe} exceeds num_experts={experts}.")
+        candidates = self.num_probe * (self.num_rows // experts)
+        if self.top_k > candidates:
+            raise PacaConfigError(
+                f"MEFT top_k={self.top_k} exceeds the {candidates} rows a token can reach (num_probe × rows per expert); "
+                "raise num_probe or num_rows, or lower top_k."
+            )
+        if self.key_std is not None and not self.key_std > 0:
+            raise PacaConfigError(f"MEFT key_std must be positive or None, got {self.key_std!r}.")
+
+    @property
+    def experts(self) -> int:
+        from .layers.host_rows import default_num_experts
+
+        return self.num_experts if self.num_experts is not None else default_num_experts(self.num_rows)
+
+    def create_layer(self, module: nn.Module, module_name: str) -> nn.Module:
+        from .indices import layer_seed
+        from .layers.sparse_adapter import ATTRIBUTE, SparseFFNAdapter
+        from .surgery import feed_forward_width
+
+        width = feed_forward_width(module, module_name)
+        adapter = SparseFFNAdapter(
+            module,
+            width,
+            num_rows=self.num_rows,
+            top_k=self.top_k,
+            num_experts=self.experts,
+            num_probe=self.num_probe,
+            capacity=min(self.rows_per_step, self.num_rows),
+            key_std=self.key_std if self.key_std is not None else width**-0.5,
+            seed=layer_seed(self.seed, module_name),
+            module_name=module_name,
+        )
+        setattr(module, ATTRIBUTE, adapter)
+        return adapter
+
+
 #: method name → config class; the CLI's ``--method`` and checkpoints use these names.
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
     "paca": PaCAConfig,
@@ -187,6 +289,7 @@ METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
     "lorafa": LoRAFAConfig,
     "full": FullConfig,
     "velora": VeLoRAConfig,
+    "meft": MEFTConfig,
 }
 
 

@@ -44,16 +44,16 @@ def prepare_model(
         raise PacaConfigError(
             f"{method_name(configs)} only modifies layers another method creates; combine it, e.g. lora+velora."
         )
-    plan: dict[str, tuple[MethodConfig, nn.Linear]] = {}
+    plan: dict[str, tuple[MethodConfig, nn.Module]] = {}
     for config in primaries:
-        for name, linear in find_targets(model, config.target_modules, config.exclude_modules):
+        for name, linear in find_targets(model, config.target_modules, config.exclude_modules, types=config.target_types):
             if name in plan:
                 raise PacaConfigError(
                     f"{name} is targeted by both {plan[name][0].method} and {config.method}; give the methods "
                     "disjoint target_modules (or exclude_modules)."
                 )
             plan[name] = (config, linear)
-    narrow = [(n, c, m) for n, (c, m) in plan.items() if getattr(c, "r", 0) > m.in_features]
+    narrow = [(n, c, m) for n, (c, m) in plan.items() if getattr(c, "r", 0) > getattr(m, "in_features", 0)]
     if narrow:
         listed = ", ".join(f"{n} (in_features={m.in_features})" for n, _, m in narrow[:5])
         raise ValueError(
@@ -63,13 +63,14 @@ def prepare_model(
     model.to(target_device)
     freeze(model)
     created = {}
-    for name, (config, linear) in plan.items():
-        created[name] = config.create_layer(linear, name)
+    for name, (config, module) in sorted(plan.items(), key=lambda item: -item[0].count(".")):  # deepest first
+        created[name] = config.create_layer(module, name)
         created[name].config_index = configs.index(config)  # which config made it (saved in checkpoints)
-        replace_module(model, name, created[name])
+        if not created[name].attaches:
+            replace_module(model, name, created[name])
     for modifier in modifiers:
         _apply_modifier(model, modifier, created)
-    logger.info("%s: adapted %d linear layers on %s", method_name(configs), len(plan), target_device)
+    logger.info("%s: adapted %d modules on %s", method_name(configs), len(plan), target_device)
     return AdaptedModel(model, configs)
 
 
@@ -121,7 +122,23 @@ class AdaptedModel(nn.Module):
 
     # --- introspection ---------------------------------------------------------------------------
     def adapter_layers(self) -> dict[str, AdapterLayer]:
-        return {name: m for name, m in self.base_model.named_modules() if isinstance(m, AdapterLayer)}
+        """Adapter layers keyed by the name of the module each adapts."""
+        return {m.module_name or name: m for name, m in self.base_model.named_modules() if isinstance(m, AdapterLayer)}
+
+    def host_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Optimizer state kept in host memory by layers that update themselves there (MEFT), by layer."""
+        return {n: m.table.optimizer_state() for n, m in self.adapter_layers().items() if hasattr(m, "table")}
+
+    def load_host_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        layers = self.adapter_layers()
+        for name, layer_state in state.items():
+            layers[name].table.load_optimizer_state(layer_state)
+
+    def discard_host_gradients(self) -> None:
+        """Drop host-side gradients not yet applied (call when a step is skipped)."""
+        for layer in self.adapter_layers().values():
+            if hasattr(layer, "table"):
+                layer.table.discard_gradients()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -158,8 +175,18 @@ class AdaptedModel(nn.Module):
         return self._unload(merge=False)
 
     def _unload(self, merge: bool) -> nn.Module:
-        for name, layer in list(self.adapter_layers().items()):
-            replace_module(self.base_model, name, layer.unload(merge=merge))
+        layers = list(self.adapter_layers().items())
+        blocked = sorted({layer.method for _, layer in layers if not layer.mergeable})
+        if merge and blocked:
+            raise PacaConfigError(
+                f"{', '.join(blocked)} adds a nonlinear branch that cannot be folded into the weights; keep the adapted "
+                "model (save_pretrained / from_pretrained) or call unload() to drop the adapter."
+            )
+        for name, layer in layers:
+            if layer.attaches:
+                layer.detach(self.base_model.get_submodule(name))
+            else:
+                replace_module(self.base_model, name, layer.unload(merge=merge))
         return self.base_model
 
     def save_pretrained(self, directory: str | Path, **extra_metadata) -> Path:

@@ -76,3 +76,33 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
 def freeze(model: nn.Module) -> None:
     for param in model.parameters():
         param.requires_grad_(False)
+
+
+def feed_forward_width(module: nn.Module, name: str) -> int:
+    """The model width d of a feed-forward block (input and output width): its ``hidden_size`` if it
+    has one, else the input width of its first linear layer (which must match its last's output)."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if isinstance(module, nn.Linear) or not linears:
+        raise TargetModuleError(
+            f"{name} ({type(module).__name__}) is not a feed-forward block with linear layers; MEFT targets MLP blocks "
+            "such as 'mlp'."
+        )
+    width = getattr(module, "hidden_size", None)
+    width = width if isinstance(width, int) else linears[0].in_features
+    if linears[0].in_features != width or linears[-1].out_features != width:
+        raise TargetModuleError(
+            f"{name} ({type(module).__name__}) maps {linears[0].in_features} features to {linears[-1].out_features}; MEFT "
+            "needs a block whose input and output have the same width (a transformer MLP)."
+        )
+    return width
+
+
+def module_io(module: nn.Module) -> tuple[int | None, int | None]:
+    """(in, out) width of a module an adapter may target: a linear layer or a feed-forward block."""
+    if isinstance(module, nn.Linear) or hasattr(module, "in_features"):
+        return getattr(module, "in_features", None), getattr(module, "out_features", None)
+    try:
+        width = feed_forward_width(module, "")
+    except TargetModuleError:
+        return None, None
+    return width, width

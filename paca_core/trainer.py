@@ -109,7 +109,10 @@ class Trainer:
         params = model.trainable_parameters()
         if not params:
             raise ValueError("The model has no trainable parameters; prepare it with prepare_model first.")
-        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        # The device's fused AdamW (Habana FusedAdamW, CUDA fused, CPU foreach); eps pinned to torch's default.
+        self.optimizer = devices.make_adamw(params, device, lr=args.lr, eps=1e-8, weight_decay=args.weight_decay)
+        # Captured graphs (HPU graphs) hold gradient tensors by address: zero them in place then.
+        self._grads_to_none = not devices.keeps_grad_buffers(devices.graph_mode_of(model))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(args, self.total_steps))
         self.state = TrainerState()
         self.output_dir = Path(args.output_dir)
@@ -134,6 +137,7 @@ class Trainer:
         directory = Path(directory or self.checkpoint_dir)
         training_state = {
             "optimizer": self.optimizer.state_dict(),
+            "host_optimizer": self.model.host_optimizer_state(),  # MEFT's Adam state lives in host memory
             "scheduler": self.scheduler.state_dict(),
             "trainer": asdict(self.state),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -171,6 +175,7 @@ class Trainer:
         except Exception as error:  # truncated or foreign file
             raise CheckpointError(f"{state_path} cannot be read ({error}); the checkpoint is corrupt.") from None
         self.optimizer.load_state_dict(state["optimizer"])
+        self.model.load_host_optimizer_state(state.get("host_optimizer", {}))
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainerState(**state["trainer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -243,10 +248,10 @@ class Trainer:
                     window_tokens += int(batch["attention_mask"].numel())
                 devices.step_boundary(self.device)
                 if args.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), args.max_grad_norm)
+                    devices.clip_grad_norm(self.model.trainable_parameters(), args.max_grad_norm, self.device)
                 self.optimizer.step()  # PaCA layers rewrite their columns in the optimizer's post-step hook
                 self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=self._grads_to_none)
                 devices.step_boundary(self.device)
                 self.state.step += 1
                 window_steps += 1

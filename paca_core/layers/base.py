@@ -13,6 +13,11 @@ class AdapterLayer(nn.Module):
     """
 
     method: str = ""
+    #: False: the layer replaces the module it adapts. True: it attaches to it (hooks) and is removed
+    #: with :meth:`detach` (the module tree keeps its names).
+    attaches: bool = False
+    #: Whether ΔW exists, so ``merge_and_unload`` can fold the adapter into the weights.
+    mergeable: bool = True
 
     def __init__(self, base_layer: nn.Linear, module_name: str = ""):
         super().__init__()
@@ -21,8 +26,12 @@ class AdapterLayer(nn.Module):
                 f"{type(self).__name__} adapts nn.Linear layers only; {module_name or 'module'} is {type(base_layer).__name__}."
             )
         self.base_layer = base_layer
+        self._init_adapter_fields(module_name, base_layer.in_features, base_layer.out_features)
+
+    def _init_adapter_fields(self, module_name: str, in_features: int, out_features: int) -> None:
+        #: The name of the module this layer adapts (what checkpoints key it by).
         self.module_name = module_name
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = in_features, out_features
         self.adapter_enabled = True
         self.merged = False
 
