@@ -2,18 +2,35 @@
 
 The bottom layer: imports nothing from ``backends`` or ``paca_core``, and no vendor package at import time.
 """
-from .graph_modes import GRAPH_MODES, add_graph_mode_argument, apply_graph_mode, compile_backend, resolve_graph_mode
+from .graph_modes import (
+    GRAPH_MODES,
+    add_graph_mode_argument,
+    apply_graph_mode,
+    compile_backend,
+    graph_mode_of,
+    keeps_grad_buffers,
+    resolve_graph_mode,
+)
 from .registry import (
     DEVICE_CHOICES,
     ENV_VAR,
     add_device_argument,
     available_device_types,
+    clip_grad_norm,
+    current_stream,
     default_dtype,
+    make_adamw,
     memory_stats,
+    new_event,
+    new_stream,
+    pin_memory,
+    pin_memory_supported,
+    record_stream,
     reset_peak_memory_stats,
     resolve_device,
     runtime_for,
     step_boundary,
+    stream_context,
     synchronize,
 )
 from .runtime import DeviceRuntime, DeviceUnavailableError, InvalidDeviceError, MemoryStats
@@ -30,13 +47,24 @@ __all__ = [
     "add_graph_mode_argument",
     "apply_graph_mode",
     "available_device_types",
+    "clip_grad_norm",
     "compile_backend",
+    "graph_mode_of",
+    "keeps_grad_buffers",
+    "current_stream",
     "default_dtype",
+    "make_adamw",
     "memory_stats",
+    "new_event",
+    "new_stream",
+    "pin_memory",
+    "pin_memory_supported",
+    "record_stream",
     "reset_peak_memory_stats",
     "resolve_device",
     "resolve_graph_mode",
     "runtime_for",
     "step_boundary",
+    "stream_context",
     "synchronize",
 ]

@@ -1,9 +1,13 @@
 """The CUDA runtime. Never initialises CUDA at import time."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .runtime import DeviceRuntime, MemoryStats
+
+logger = logging.getLogger(__name__)
 
 
 class CudaRuntime(DeviceRuntime):
@@ -43,3 +47,34 @@ class CudaRuntime(DeviceRuntime):
 
     def synchronize(self, device: torch.device) -> None:
         torch.cuda.synchronize(device)
+
+    def new_stream(self, device: torch.device | None = None) -> torch.cuda.Stream:
+        return torch.cuda.Stream(device=device)
+
+    def current_stream(self, device: torch.device | None = None) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(device)
+
+    def stream_context(self, stream):
+        return torch.cuda.stream(stream)
+
+    def new_event(self, device: torch.device | None = None, enable_timing: bool = False) -> torch.cuda.Event:
+        return torch.cuda.Event(enable_timing=enable_timing)
+
+    def record_stream(self, tensor: torch.Tensor, stream) -> None:
+        if tensor.is_cuda:
+            tensor.record_stream(stream)
+
+    def pin_memory_supported(self) -> bool:
+        return self.is_available()
+
+    def pin_memory(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory() if self.pin_memory_supported() else tensor
+
+    def make_adamw(self, params, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0) -> torch.optim.Optimizer:
+        """torch's fused AdamW (one kernel for all parameters) when every parameter is a floating CUDA tensor."""
+        params = list(params)
+        tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+        fused = bool(tensors) and all(t.is_cuda and t.is_floating_point() for t in tensors)
+        options = {"fused": True} if fused else {"foreach": True}
+        logger.info("Optimizer: torch.optim.AdamW(%s)", ", ".join(f"{k}=True" for k in options))
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)

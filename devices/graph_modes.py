@@ -68,21 +68,43 @@ def add_graph_mode_argument(parser: argparse.ArgumentParser) -> argparse.Argumen
     return parser
 
 
-def apply_graph_mode(module: torch.nn.Module, device: torch.device, mode: str) -> torch.nn.Module:
+#: Graph modes whose captured graphs read and write gradient tensors by address: gradients must be
+#: zeroed in place (``zero_grad(set_to_none=False)``), never freed and reallocated.
+STATIC_GRAD_MODES = frozenset({"hpu-graphs"})
+_MODE_ATTRIBUTE = "_paca_graph_mode"
+
+
+def keeps_grad_buffers(mode: str) -> bool:
+    """Whether the training loop must zero gradients in place under ``mode`` (HPU graphs)."""
+    return mode in STATIC_GRAD_MODES
+
+
+def graph_mode_of(module: torch.nn.Module) -> str:
+    """The graph mode :func:`apply_graph_mode` gave ``module`` or one of its submodules (``eager`` if none)."""
+    for sub in module.modules():
+        mode = sub.__dict__.get(_MODE_ATTRIBUTE)
+        if mode is not None:
+            return mode
+    return "eager"
+
+
+def apply_graph_mode(
+    module: torch.nn.Module, device: torch.device, mode: str, training: bool = True, max_graphs: int | None = None
+) -> torch.nn.Module:
     """Apply a resolved graph mode to ``module`` in place (parameter names stay unchanged).
 
     eager and lazy need nothing here: lazy graphs are cut by :func:`devices.step_boundary`, which the
-    training loop calls after backward and after the optimizer step.
+    training loop calls after backward and after the optimizer step. ``hpu-graphs`` captures training
+    graphs (``training=True``) or inference graphs, at most ``max_graphs`` input shapes. The mode is
+    recorded on the module so the training loop can ask :func:`graph_mode_of` what it must honour.
     """
-    if mode in ("eager", "lazy"):
-        return module
     if mode == "compile":
         module.compile(backend=compile_backend(device))
-        return module
-    if mode == "cuda-graphs":
+    elif mode == "cuda-graphs":
         module.compile(backend="inductor", mode="reduce-overhead")
-        return module
-    raise DeviceUnavailableError(
-        f"Graph mode {mode!r} captures inference graphs only (HPU graphs are not used for training by the "
-        "Gaudi stack); use lazy or compile for training."
-    )
+    elif mode == "hpu-graphs":
+        module = runtime_for(device).capture_graphs(module, training=training, max_graphs=max_graphs)
+    elif mode not in ("eager", "lazy"):
+        raise InvalidDeviceError(f"Unknown graph mode {mode!r}; resolve it with resolve_graph_mode first.")
+    module.__dict__[_MODE_ATTRIBUTE] = mode
+    return module

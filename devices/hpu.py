@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .runtime import DeviceRuntime, MemoryStats
+from .runtime import DeviceRuntime, DeviceUnavailableError, MemoryStats
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class HpuRuntime(DeviceRuntime):
 
     def __init__(self) -> None:
         self._core = None
+        self._clip_norms: dict[float, object] = {}
 
     def _torch_hpu(self):
         return getattr(torch, "hpu", None)
@@ -91,3 +92,80 @@ class HpuRuntime(DeviceRuntime):
         if self._core is None:
             self.prepare()
         self._core.mark_step()
+
+    # --- streams/events (habana_frameworks.torch.hpu streams.py / events.py) ----------------------
+    # The bridge serves one card per process, so its Stream ignores the device argument. Work on HPU
+    # streams still executes in program order (DeepSpeed's HPU accelerator relies on that), so events
+    # only add ordering the device already guarantees; they stay so the same transfer code is correct.
+    # record_stream keeps the base no-op: program order already keeps a buffer alive for later work,
+    # and whether the bridge's Tensor.record_stream accepts its Stream wrapper is unverified.
+
+    def _hthpu(self):
+        """``habana_frameworks.torch.hpu``, imported on first use."""
+        if self._core is None:
+            self.prepare()
+        return importlib.import_module("habana_frameworks.torch.hpu")
+
+    def new_stream(self, device: torch.device | None = None):
+        return self._hthpu().Stream()
+
+    def current_stream(self, device: torch.device | None = None):
+        return self._hthpu().current_stream()
+
+    def stream_context(self, stream):
+        return self._hthpu().stream(stream)
+
+    def new_event(self, device: torch.device | None = None, enable_timing: bool = False):
+        return self._hthpu().Event(enable_timing=enable_timing)
+
+    def pin_memory_supported(self) -> bool:
+        return self.is_available()
+
+    def pin_memory(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Pinned for HPU DMA: ``Tensor.pin_memory(torch.device("hpu"))``, as DeepSpeed's HPU accelerator does."""
+        return tensor.pin_memory(torch.device("hpu")) if self.pin_memory_supported() else tensor
+
+    # --- fused optimizer / clip norm (habana_frameworks.torch.hpex), HPU graphs --------------------
+
+    def make_adamw(self, params, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0) -> torch.optim.Optimizer:
+        """Habana's ``hpex.optimizers.FusedAdamW`` when importable, else torch's AdamW.
+
+        FusedAdamW defaults to ``eps=1e-6`` (torch: 1e-8), so ``eps`` is always passed: the same
+        arguments give the same update rule on every device. Empty parameter groups crash it and are dropped.
+        """
+        params = [g for g in params if not (isinstance(g, dict) and not list(g["params"]))]
+        try:
+            fused_adamw = importlib.import_module("habana_frameworks.torch.hpex.optimizers").FusedAdamW
+        except (ImportError, AttributeError) as error:
+            logger.warning("Habana FusedAdamW unavailable (%s); using torch.optim.AdamW.", error)
+            return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        logger.info("Optimizer: habana_frameworks FusedAdamW (eps=%g)", eps)
+        return fused_adamw(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
+        """Habana's ``FusedClipNorm`` (one fused kernel) when importable, else torch's clip_grad_norm_."""
+        parameters = list(parameters)
+        try:
+            fused_clip_norm = importlib.import_module("habana_frameworks.torch.hpex.normalization").FusedClipNorm
+        except (ImportError, AttributeError):
+            return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        # FusedClipNorm puts max_norm on the device in __init__: build it once per value.
+        clipper = self._clip_norms.get(max_norm)
+        if clipper is None:
+            clipper = self._clip_norms[max_norm] = fused_clip_norm(parameters, max_norm)
+        return clipper.clip_norm(parameters)
+
+    def capture_graphs(self, module: torch.nn.Module, training: bool, max_graphs: int | None = None) -> torch.nn.Module:
+        """HPU graphs, as optimum-habana applies them: ``ModuleCacher`` for training (graphs of forward
+        and backward, replayed per input shape), ``wrap_in_hpu_graph`` for inference. Lazy mode only.
+
+        Captured graphs hold gradient tensors by address, so the training loop must zero gradients in
+        place (``zero_grad(set_to_none=False)``); see ``devices.graph_modes.keeps_grad_buffers``.
+        """
+        if not lazy_mode_enabled():
+            raise DeviceUnavailableError("HPU graphs need lazy mode: set PT_HPU_LAZY_MODE=1 before Python starts.")
+        hthpu = self._hthpu()
+        limit = {} if max_graphs is None else {"max_graphs": max_graphs}
+        if training:
+            return hthpu.ModuleCacher(**limit)(model=module, inplace=True)
+        return hthpu.wrap_in_hpu_graph(module, **limit)

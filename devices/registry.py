@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import re
+from typing import Any, ContextManager, Iterable
 
 import torch
 
@@ -129,3 +130,67 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def step_boundary(device: torch.device | str) -> None:
     """End of a graph segment: flushes the HPU lazy graph (``mark_step``); a no-op on other devices."""
     runtime_for(torch.device(device)).step_boundary()
+
+
+# --- streams, events, pinned memory: one API for copy/compute overlap on every device -------------
+
+
+def new_stream(device: torch.device | str) -> Any:
+    """A side stream on ``device`` (torch.cuda.Stream, the Habana Stream, or a no-op host stream on CPU)."""
+    device = torch.device(device)
+    return runtime_for(device).new_stream(device)
+
+
+def current_stream(device: torch.device | str) -> Any:
+    """The stream ``device``'s work is queued on now."""
+    device = torch.device(device)
+    return runtime_for(device).current_stream(device)
+
+
+def stream_context(device: torch.device | str, stream: Any) -> ContextManager:
+    """``with devices.stream_context(device, s):`` queues the enclosed work on ``s``."""
+    return runtime_for(torch.device(device)).stream_context(stream)
+
+
+def new_event(device: torch.device | str, enable_timing: bool = False) -> Any:
+    """An event to order streams (``record``/``wait``) or time work (``elapsed_time`` in ms)."""
+    device = torch.device(device)
+    return runtime_for(device).new_event(device, enable_timing=enable_timing)
+
+
+def record_stream(tensor: torch.Tensor, stream: Any) -> None:
+    """Mark ``tensor`` (on its device) as used by ``stream`` so the allocator does not reuse it early."""
+    runtime_for(tensor.device).record_stream(tensor, stream)
+
+
+def pin_memory_supported(device: torch.device | str) -> bool:
+    """Whether host tensors can be page-locked for ``device`` (False on CPU, where nothing is copied)."""
+    return runtime_for(torch.device(device)).pin_memory_supported()
+
+
+def pin_memory(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` (on the host) page-locked for copies to ``device``; unchanged where that is not supported."""
+    return runtime_for(torch.device(device)).pin_memory(tensor)
+
+
+# --- optimizer and gradient clipping in each device's fused form ---------------------------------
+
+
+def make_adamw(
+    params: Iterable[Any],
+    device: torch.device | str,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """AdamW for parameters on ``device``: Habana's FusedAdamW on HPU when present, torch's fused
+    kernel on CUDA, the multi-tensor one on CPU. Same arguments, same update rule everywhere
+    (``eps`` is passed explicitly because FusedAdamW's default differs)."""
+    return runtime_for(torch.device(device)).make_adamw(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, device: torch.device | str) -> torch.Tensor:
+    """Clip gradients to a global L2 norm of ``max_norm`` (Habana's FusedClipNorm on HPU); returns the norm."""
+    return runtime_for(torch.device(device)).clip_grad_norm(parameters, max_norm)

@@ -1,8 +1,11 @@
 """The per-device runtime interface: what a device type can tell and do, independent of kernels."""
 from __future__ import annotations
 
+import contextlib
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, ContextManager, Iterable
 
 import torch
 
@@ -76,3 +79,111 @@ class DeviceRuntime(ABC):
 
     def prepare(self) -> None:
         """Import and initialise vendor software; called once when the device is resolved."""
+
+    # --- streams and events: overlap host<->device copies with compute (MEFT offload) --------------
+    # Synchronous devices (CPU) get HostStream/HostEvent: same methods as torch.cuda.Stream/Event,
+    # nothing to wait for, so transfer code is written once with no device checks.
+
+    def new_stream(self, device: torch.device | None = None) -> Any:
+        """A new side stream on ``device`` (``None``: the current device)."""
+        return HostStream()
+
+    def current_stream(self, device: torch.device | None = None) -> Any:
+        """The stream work is queued on now."""
+        return _HOST_STREAM
+
+    def stream_context(self, stream: Any) -> ContextManager:
+        """``with runtime.stream_context(s):`` queues the enclosed work on ``s`` (``None``: no change)."""
+        return contextlib.nullcontext(stream)
+
+    def new_event(self, device: torch.device | None = None, enable_timing: bool = False) -> Any:
+        """A new event (``record``, ``wait``, ``query``, ``synchronize``, ``elapsed_time``)."""
+        return HostEvent(enable_timing=enable_timing)
+
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
+        """Tell the caching allocator ``tensor`` is used on ``stream`` (so its memory is not reused early)."""
+
+    def pin_memory_supported(self) -> bool:
+        """Whether page-locked host memory exists for this device (fast, asynchronous host->device copies)."""
+        return False
+
+    def pin_memory(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in page-locked host memory for this device, or ``tensor`` itself where none exists."""
+        return tensor
+
+    # --- optimizer step, gradient clipping, captured graphs ----------------------------------------
+
+    def make_adamw(
+        self,
+        params: Iterable[Any],
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> torch.optim.Optimizer:
+        """AdamW in this device's fastest exact form; here torch's multi-tensor (``foreach``) kernel."""
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+
+    def clip_grad_norm(self, parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+
+    def capture_graphs(self, module: torch.nn.Module, training: bool, max_graphs: int | None = None) -> torch.nn.Module:
+        """Record ``module``'s device work once and replay it (graph mode ``hpu-graphs``)."""
+        raise DeviceUnavailableError(f"Captured graphs (hpu-graphs) are not available on {self.type}.")
+
+
+class HostEvent:
+    """Event of a synchronous device: work is finished when it is issued, so it is always complete.
+
+    With ``enable_timing`` it keeps the host clock at ``record`` so ``elapsed_time`` (milliseconds)
+    means the same as on CUDA and HPU.
+    """
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.enable_timing = enable_timing
+        self._recorded_at: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        self._recorded_at = time.perf_counter()
+
+    def wait(self, stream: Any = None) -> None:
+        """Nothing queued can be pending on a synchronous device."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        """Nothing queued can be pending on a synchronous device."""
+
+    def elapsed_time(self, end_event: "HostEvent") -> float:
+        if not (self.enable_timing and end_event.enable_timing):
+            raise RuntimeError("Both events need enable_timing=True to measure elapsed time.")
+        if self._recorded_at is None or end_event._recorded_at is None:
+            raise RuntimeError("Record both events before asking for the elapsed time.")
+        return (end_event._recorded_at - self._recorded_at) * 1000.0
+
+
+class HostStream:
+    """Stream of a synchronous device: work runs when issued, in program order."""
+
+    def record_event(self, event: HostEvent | None = None) -> HostEvent:
+        event = event if event is not None else HostEvent()
+        event.record(self)
+        return event
+
+    def wait_event(self, event: HostEvent) -> None:
+        event.wait(self)
+
+    def wait_stream(self, stream: "HostStream") -> None:
+        """Work issued earlier on any host stream is already done."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        """Nothing queued can be pending on a synchronous device."""
+
+
+_HOST_STREAM = HostStream()
