@@ -125,9 +125,24 @@ class AdaptedModel(nn.Module):
         """Adapter layers keyed by the name of the module each adapts."""
         return {m.module_name or name: m for name, m in self.base_model.named_modules() if isinstance(m, AdapterLayer)}
 
+    def host_parameter_count(self) -> int:
+        """Parameters trained in host memory (MEFT's key/value rows), not counted by ``parameter_counts``."""
+        return sum(m.table.keys.numel() + m.table.values.numel() for m in self._host_layers())
+
+    def host_traffic(self) -> dict[str, int]:
+        """Bytes host-memory layers moved so far, and the minimum (selected rows only), summed over layers."""
+        totals: dict[str, int] = {}
+        for layer in self._host_layers():
+            for key, value in layer.table.traffic.items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+
+    def _host_layers(self) -> list[AdapterLayer]:
+        return [m for m in self.adapter_layers().values() if hasattr(m, "table")]
+
     def host_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer state kept in host memory by layers that update themselves there (MEFT), by layer."""
-        return {n: m.table.optimizer_state() for n, m in self.adapter_layers().items() if hasattr(m, "table")}
+        return {m.module_name: m.table.optimizer_state() for m in self._host_layers()}
 
     def load_host_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         layers = self.adapter_layers()
@@ -136,9 +151,8 @@ class AdaptedModel(nn.Module):
 
     def discard_host_gradients(self) -> None:
         """Drop host-side gradients not yet applied (call when a step is skipped)."""
-        for layer in self.adapter_layers().values():
-            if hasattr(layer, "table"):
-                layer.table.discard_gradients()
+        for layer in self._host_layers():
+            layer.table.discard_gradients()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

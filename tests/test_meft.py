@@ -340,3 +340,46 @@ def test_cli_trains_meft_and_loss_falls(tmp_path, tiny_model_dir, sample_text_fi
     assert main(flags) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["held_out_loss_after"] < metrics["held_out_loss_before"]
+
+
+def _sparse_rows_reference(x, keys, values, slots, gates, grad_output):
+    x64 = x.detach().double().requires_grad_(True)
+    k64 = keys.detach().double().requires_grad_(True)
+    v64 = values.detach().double().requires_grad_(True)
+    g64 = gates.detach().double().requires_grad_(True)
+    scores = torch.einsum("td,tkd->tk", x64, k64[slots])
+    out = torch.einsum("tk,tkd->td", torch.relu(scores) * g64, v64[slots])
+    out.backward(grad_output.double())
+    return out, x64.grad, k64.grad, v64.grad, g64.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_rows_primitive_conformance(backend_and_device, dtype):
+    """Every backend's sparse-row kernels against float64 autograd (repeated slots included)."""
+    backend, device = backend_and_device
+    gen = torch.Generator().manual_seed(5)
+    tokens, k, rows, d = 9, 3, 7, 16
+    x = torch.randn(tokens, d, generator=gen).to(device, dtype)
+    keys = torch.randn(rows, d, generator=gen).to(device, dtype)
+    values = torch.randn(rows, d, generator=gen).to(device, dtype)
+    slots = torch.randint(0, rows, (tokens, k), generator=gen).to(device)
+    gates = torch.rand(tokens, k, generator=gen).to(device, dtype)
+    grad_output = torch.randn(tokens, d, generator=gen).to(device, dtype)
+    out, scores = backend.sparse_rows_forward(x, keys, values, slots, gates)
+    grad_x, grad_keys, grad_values, grad_gates = backend.sparse_rows_backward(grad_output, x, keys, values, slots, gates, scores)
+    ref = _sparse_rows_reference(x, keys, values, slots, gates, grad_output)
+    tol = backend.tolerance(dtype)
+    assert grad_keys.dtype == grad_values.dtype == torch.float32 and grad_keys.shape == (rows, d)
+    for got, want, fan_in in zip((out, grad_x, grad_keys, grad_values, grad_gates), ref, (k * d, k * d, tokens * k, tokens * k, d)):
+        torch.testing.assert_close(got.double(), want, rtol=tol.rtol, atol=tol.atol * fan_in)
+
+
+def test_host_device_transfers_on_a_host_only_device_copy_nothing():
+    backend = get_backend("cpu")
+    host = backend.host_tensor((3, 4), torch.float32)
+    assert host.shape == (3, 4) and not host.any()
+    moved = backend.copy_to_device(host, torch.device("cpu"))
+    assert moved.wait() is host and moved.nbytes == 0
+    out = torch.empty(3, 4)
+    back = backend.copy_to_host(host + 1, out=out)
+    assert back.wait() is out and torch.equal(out, torch.ones(3, 4))

@@ -148,8 +148,11 @@ class SparseFFNAdapter(AdapterLayer):
         x_host, experts_host, gates_host = (t.wait() for t in flight.to_host)
         table, backend, device = self.table, self.backend, flight.x.device
         table.traffic["to_host_bytes"] += sum(t.nbytes for t in flight.to_host)
-        selection = table.select(x_host, experts_host, gates_host, self.top_k, self.capacity)
-        rows_buffer = table.gather(selection, self.capacity, flight.x.dtype, backend)
+        # A batch of T tokens uses at most T·k rows: small batches (generation) get a smaller buffer,
+        # still a pure function of the input shape.
+        capacity = min(self.capacity, x_host.shape[0] * self.top_k)
+        selection = table.select(x_host, experts_host, gates_host, self.top_k, capacity)
+        rows_buffer = table.gather(selection, capacity, flight.x.dtype, backend)
         index_buffer = backend.host_tensor((2,) + tuple(selection.slots.shape), torch.int64)
         index_buffer[0].copy_(selection.slots)
         index_buffer[1].copy_(selection.positions)

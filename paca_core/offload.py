@@ -1,0 +1,168 @@
+"""Activation offload: what autograd saves inside chosen modules goes to host memory during the
+forward and comes back for the backward, one module ahead of when it is needed.
+
+Each saved tensor is copied to host on the backend's copy stream as soon as it is saved, so the
+device memory is released once the copy has run (the forward goes on meanwhile). In backward, when
+the first tensor of module i is needed, module i-1's tensors (the next to be needed, since backward
+runs in reverse) start coming back, so their copy overlaps module i's backward.
+
+On a host-only device (CPU) there is nothing to move: the backend's copies are free no-ops, and the
+offload is a pass-through (a warning says so).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from backends import Backend, Transfer, get_backend
+
+logger = logging.getLogger(__name__)
+
+#: Tensors smaller than this stay where they are (a copy costs more than the memory it frees).
+DEFAULT_MIN_BYTES = 64 * 1024
+
+
+@dataclass
+class OffloadStats:
+    """Bytes moved to host (forward) and back (backward), and how many tensors were kept on the device."""
+
+    offloaded_bytes: int = 0
+    reloaded_bytes: int = 0
+    offloaded_tensors: int = 0
+    kept_tensors: int = 0
+
+
+@dataclass(eq=False)
+class _Group:
+    """The tensors one module call saved. It lives as long as the autograd graph holds one of them
+    (each holds its group; the group holds them weakly), so finished or dropped graphs leave nothing."""
+
+    index: int
+    handles: list = field(default_factory=list)  # weak references to _Offloaded
+    prefetched: bool = False
+
+    def prefetch(self, backend: Backend) -> None:
+        if not self.prefetched:
+            self.prefetched = True
+            for ref in self.handles:
+                handle = ref()
+                if handle is not None:
+                    handle.prefetch(backend)
+
+
+class _Offloaded:
+    """A saved tensor now in host memory; ``fetch`` brings it back (once)."""
+
+    def __init__(self, to_host: Transfer, device: torch.device, group: _Group):
+        self.to_host, self.device, self.group = to_host, device, group
+        self._to_device: Transfer | None = None
+
+    def prefetch(self, backend: Backend) -> None:
+        if self._to_device is None:
+            self._to_device = backend.copy_to_device(self.to_host.wait(), self.device)
+
+    def fetch(self, backend: Backend) -> torch.Tensor:
+        self.prefetch(backend)
+        return self._to_device.wait()
+
+
+class ActivationOffload:
+    """Offload saved activations of the modules of ``model`` whose names match ``modules``.
+
+    ``modules``: module names (suffix match, e.g. ``"layers.3"``), a regular expression matched
+    against full names (e.g. ``r"model\\.layers\\.\\d+"``), or ``"decoder-layers"`` (every block of
+    the model's ``layers``/``h``/``blocks`` list). Use as a handle: :meth:`remove` uninstalls it.
+    """
+
+    def __init__(self, model: nn.Module, modules: str | list[str] = "decoder-layers", min_bytes: int = DEFAULT_MIN_BYTES):
+        self.min_bytes = min_bytes
+        self.stats = OffloadStats()
+        self._groups: weakref.WeakValueDictionary[int, _Group] = weakref.WeakValueDictionary()
+        self._next_group = 0
+        self._weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        self._active: list[tuple[_Group, object]] = []
+        chosen = _select_modules(model, modules)
+        self._handles = []
+        for module in chosen:
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._exit))
+        device = next(model.parameters()).device
+        self.backend = get_backend(device)
+        if self.backend.copy_to_host(torch.zeros(1, device=device)).nbytes == 0:
+            logger.warning("Activation offload on %s moves nothing: activations already live in host memory.", device)
+        logger.info("Offloading saved activations of %d modules to host memory", len(chosen))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # --- forward: each module call opens a group and a saved-tensors context -----------------------
+    def _enter(self, module: nn.Module, args) -> None:
+        group = _Group(self._next_group)
+        self._next_group += 1
+        self._groups[group.index] = group
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(t, group), self._unpack)
+        hooks.__enter__()
+        self._active.append((group, hooks))
+
+    def _exit(self, module: nn.Module, args, output) -> None:
+        if self._active:
+            _, hooks = self._active.pop()
+            hooks.__exit__(None, None, None)
+
+    def _pack(self, tensor: torch.Tensor, group: _Group):
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes < self.min_bytes or tensor.untyped_storage().data_ptr() in self._weights:
+            self.stats.kept_tensors += 1
+            return tensor
+        to_host = self.backend.copy_to_host(tensor)
+        if to_host.nbytes == 0:  # already in host memory: nothing moved
+            self.stats.kept_tensors += 1
+            return tensor
+        handle = _Offloaded(to_host, tensor.device, group)
+        group.handles.append(weakref.ref(handle))
+        self.stats.offloaded_bytes += nbytes
+        self.stats.offloaded_tensors += 1
+        return handle
+
+    # --- backward: bring this group's tensors back and start the previous group's ----------------
+    def _unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        group = packed.group
+        if not group.prefetched:
+            group.prefetch(self.backend)
+            previous = self._groups.get(group.index - 1)  # the next one backward will need
+            if previous is not None:
+                previous.prefetch(self.backend)
+        tensor = packed.fetch(self.backend)
+        self.stats.reloaded_bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def _select_modules(model: nn.Module, modules: str | list[str]) -> list[nn.Module]:
+    named = dict(model.named_modules())
+    if modules == "decoder-layers":
+        blocks = [m for n, m in named.items() if isinstance(m, nn.ModuleList) and n.split(".")[-1] in ("layers", "h", "blocks")]
+        chosen = [child for block in blocks for child in block]
+    elif isinstance(modules, str):
+        regex = re.compile(modules)
+        chosen = [m for n, m in named.items() if n and regex.fullmatch(n)]
+    else:
+        chosen = [m for n, m in named.items() if n and any(n == t or n.endswith("." + t) for t in modules)]
+    if not chosen:
+        raise ValueError(
+            f"Activation offload: {modules!r} matched no module; pass 'decoder-layers', module names, or a regex of full names."
+        )
+    return chosen
+
+
+def offload_activations(model: nn.Module, modules: str | list[str] = "decoder-layers", min_bytes: int = DEFAULT_MIN_BYTES) -> ActivationOffload:
+    """Install activation offload on ``model`` (see :class:`ActivationOffload`); returns the handle."""
+    return ActivationOffload(model, modules, min_bytes)
