@@ -383,3 +383,27 @@ def test_host_device_transfers_on_a_host_only_device_copy_nothing():
     out = torch.empty(3, 4)
     back = backend.copy_to_host(host + 1, out=out)
     assert back.wait() is out and torch.equal(out, torch.ones(3, 4))
+
+
+def test_traffic_counts_buffer_bytes_against_the_selected_rows_minimum():
+    model, adapter = _adapted_block(dtype=torch.float32, num_rows=64, num_experts=8, top_k=4, rows_per_step=16)
+    model(torch.randn(2, 5, 12))
+    traffic = adapter.table.traffic
+    kept = min(traffic["selected_rows"], 16)
+    assert traffic["row_buffer_bytes"] == 2 * (16 + 1) * 12 * 4
+    assert traffic["minimum_row_bytes"] == 2 * kept * 12 * 4
+    assert traffic["copied_to_device_bytes"] == 0  # host-only device: nothing actually crossed
+
+
+def test_compiled_model_matches_eager_and_still_sends_gradients_home():
+    """torch.compile runs the device parts as graphs; the host round trip is excluded from them."""
+    model = prepare_model(tiny_llama(seed=0), MEFTConfig(num_rows=64, top_k=4, rows_per_step=32), device="cpu")
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    reference = model(input_ids=ids).logits
+    compiled = torch.compile(model.base_model, backend="aot_eager")
+    logits = compiled(input_ids=ids).logits
+    torch.testing.assert_close(logits, reference)
+    logits.sum().backward()
+    table = model.adapter_layers()["model.layers.0.mlp"].table
+    table.collect()
+    assert table.touched.any() and table.grad_values.abs().sum() > 0

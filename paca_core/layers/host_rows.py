@@ -64,8 +64,13 @@ class HostRowTable:
         self.exp_avg: dict[str, torch.Tensor] = {}
         self.exp_avg_sq: dict[str, torch.Tensor] = {}
         self._pending: list[tuple[torch.Tensor, Transfer]] = []
-        #: Running totals for benchmarks: bytes actually moved and the minimum (selected rows only).
-        self.traffic = {"to_device_bytes": 0, "to_host_bytes": 0, "minimum_bytes": 0, "selected_rows": 0, "dropped_rows": 0}
+        #: Running totals: bytes of row buffers sent (what crosses to a device with its own memory;
+        #: counted on CPU too, where the copy itself is free), the minimum (the rows used only), bytes
+        #: actually copied each way, and rows selected / dropped by the per-step budget.
+        self.traffic = {
+            "row_buffer_bytes": 0, "minimum_row_bytes": 0, "copied_to_device_bytes": 0, "copied_to_host_bytes": 0,
+            "selected_rows": 0, "dropped_rows": 0,
+        }
 
     # --- routing ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -76,19 +81,19 @@ class HostRowTable:
         tokens, probes = experts.shape
         size = self.rows_per_expert
         x = x.float()
-        candidate_scores = torch.empty(tokens, probes, size)
+        # Group the (token, probe) pairs by expert into one padded batch: a single batched GEMM scores
+        # every pair against its expert's rows only (no per-expert Python loop, no x·Kᵀ over all rows).
         flat_experts = experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        start = 0
-        for expert, count in enumerate(counts):  # one small GEMM per expert that some token probes
-            if not count:
-                continue
-            flat = order[start : start + count]
-            start += count
-            token_ids, probe_ids = flat // probes, flat % probes
-            block = self.keys[expert * size : (expert + 1) * size]
-            candidate_scores[token_ids, probe_ids] = x[token_ids] @ block.t()
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        sorted_experts = flat_experts[order]
+        rank_in_expert = torch.arange(order.numel()) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+        batch = torch.zeros(self.num_experts, int(counts.max()), self.width)
+        batch[sorted_experts, rank_in_expert] = x[order // probes]
+        scores = torch.bmm(batch, self.keys.view(self.num_experts, size, self.width).transpose(1, 2))
+        candidate_scores = torch.empty(tokens * probes, size)
+        candidate_scores[order] = scores[sorted_experts, rank_in_expert]
+        candidate_scores = candidate_scores.view(tokens, probes, size)
         gated = (candidate_scores * gates.float().unsqueeze(-1)).reshape(tokens, probes * size)
         best = gated.topk(top_k, dim=1).indices
         positions = best // size
@@ -112,7 +117,8 @@ class HostRowTable:
         count = selection.rows.numel()
         buffer[0, :count] = self.keys.index_select(0, selection.rows)
         buffer[1, :count] = self.values.index_select(0, selection.rows)
-        self.traffic["minimum_bytes"] += 2 * count * self.width * buffer.element_size()
+        self.traffic["row_buffer_bytes"] += buffer.numel() * buffer.element_size()
+        self.traffic["minimum_row_bytes"] += 2 * count * self.width * buffer.element_size()
         self.traffic["selected_rows"] += selection.selected_rows
         self.traffic["dropped_rows"] += selection.dropped_rows
         return buffer
@@ -122,7 +128,7 @@ class HostRowTable:
         """Queue a (2, capacity + 1, d) gradient buffer on its way to the host; summed in at the
         next :meth:`apply_update` (or :meth:`collect`), so the copy overlaps the rest of backward."""
         self._pending.append((rows, transfer))
-        self.traffic["to_host_bytes"] += transfer.nbytes
+        self.traffic["copied_to_host_bytes"] += transfer.nbytes
 
     @torch.no_grad()
     def collect(self) -> None:

@@ -147,7 +147,7 @@ class SparseFFNAdapter(AdapterLayer):
         """Host part: wait for the inputs, pick rows, send them over (outside any compiled graph)."""
         x_host, experts_host, gates_host = (t.wait() for t in flight.to_host)
         table, backend, device = self.table, self.backend, flight.x.device
-        table.traffic["to_host_bytes"] += sum(t.nbytes for t in flight.to_host)
+        table.traffic["copied_to_host_bytes"] += sum(t.nbytes for t in flight.to_host)
         # A batch of T tokens uses at most T·k rows: small batches (generation) get a smaller buffer,
         # still a pure function of the input shape.
         capacity = min(self.capacity, x_host.shape[0] * self.top_k)
@@ -157,7 +157,7 @@ class SparseFFNAdapter(AdapterLayer):
         index_buffer[0].copy_(selection.slots)
         index_buffer[1].copy_(selection.positions)
         rows_in, index_in = backend.copy_to_device(rows_buffer, device), backend.copy_to_device(index_buffer, device)
-        table.traffic["to_device_bytes"] += rows_in.nbytes + index_in.nbytes
+        table.traffic["copied_to_device_bytes"] += rows_in.nbytes + index_in.nbytes
         rows_dev, index_dev = rows_in.wait(), index_in.wait()
         return rows_dev[0], rows_dev[1], index_dev[0], index_dev[1], selection.rows
 
