@@ -96,3 +96,16 @@ def test_no_match_is_a_clear_error():
     model = tiny_llama(seed=0)
     with pytest.raises(ValueError, match="matched no module"):
         offload_activations(model, ["nope"])
+
+
+def test_cli_flag_installs_offload(tmp_path, tiny_model_dir, sample_text_file, caplog):
+    from paca_core.cli import main
+
+    flags = [
+        "train", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--steps", "2", "--seq-len", "16",
+        "--batch-size", "2", "--sample-tokens", "0", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "run"),
+        "--offload-activations", "decoder-layers",
+    ]
+    with caplog.at_level("INFO"):
+        assert main(flags) == 0
+    assert "Offloading saved activations of 2 modules" in caplog.text

@@ -87,6 +87,7 @@ class SparseFFNAdapter(AdapterLayer):
         module_name: str = "",
     ):
         nn.Module.__init__(self)
+        _refuse_multi_process(module_name)
         self._init_adapter_fields(module_name, width, width)
         self.top_k, self.num_probe, self.capacity = top_k, num_probe, capacity
         parameter = next(target.parameters(), None)
@@ -201,6 +202,18 @@ class SparseFFNAdapter(AdapterLayer):
         return (
             f"rows={t.num_rows} (host), width={t.width}, experts={t.num_experts}, probe={self.num_probe}, "
             f"top_k={self.top_k}, rows_per_step={self.capacity}"
+        )
+
+
+def _refuse_multi_process(module_name: str) -> None:
+    """Each process would update its own host rows from its own gradients and the copies would drift
+    apart silently; refuse instead of training wrongly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"MEFT ({module_name}) does not support multi-process training yet: its host-memory rows are not "
+            "synchronised across ranks. Train MEFT in one process, or use paca/lorafa/velora under DDP/FSDP."
         )
 
 
