@@ -20,7 +20,7 @@ import devices
 from .atomic import atomic_directory, write_bytes_atomic
 from .checkpoint import load_adapter_tensors, read_adapter_config, read_adapter_tensors, write_adapter_files
 from .dataset import TokenizedData
-from .errors import CheckpointError
+from .errors import OOM_LEVERS, CheckpointError, NonFiniteLossError, TrainingOutOfMemoryError, is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ class TrainingArguments:
     save_every: int = 0
     eval_batch_size: int = 8
     progress: bool = True
+    #: What a NaN/inf loss or gradient norm does: "stop" (save the last good state, raise) or "skip"
+    #: (drop that step's gradients, go on; stop after ``max_skipped_steps`` in a row).
+    on_nan: str = "stop"
+    max_skipped_steps: int = 10
 
     def validate(self) -> None:
         problems = []
@@ -60,6 +64,10 @@ class TrainingArguments:
             problems.append("set --steps or a positive --epochs")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"--lr must be a positive number (got {self.lr})")
+        if self.on_nan not in ("stop", "skip"):
+            problems.append(f"--on-nan must be stop or skip (got {self.on_nan!r})")
+        if self.max_skipped_steps < 1:
+            problems.append(f"max_skipped_steps must be >= 1 (got {self.max_skipped_steps})")
         if self.scheduler not in ("cosine", "linear", "constant"):
             problems.append(f"scheduler must be cosine, linear or constant (got {self.scheduler!r})")
         if problems:
@@ -74,6 +82,7 @@ class TrainerState:
     epoch: int = 0
     batch_in_epoch: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -239,16 +248,25 @@ class Trainer:
         window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
         devices.reset_peak_memory_stats(self.device)
         try:
+            skipped_in_a_row = 0
             while self.state.step < self.total_steps and not self._stop_requested:
+                step_loss = torch.zeros((), device=self.device)
                 for _ in range(args.grad_accum):
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in next(micro_batches).items()}
                     loss = self.model(**batch).loss
                     (loss / args.grad_accum).backward()
-                    window_loss += loss.detach() / args.grad_accum
+                    step_loss += loss.detach() / args.grad_accum
                     window_tokens += int(batch["attention_mask"].numel())
                 devices.step_boundary(self.device)
+                grad_norm = None
                 if args.max_grad_norm > 0:
-                    devices.clip_grad_norm(self.model.trainable_parameters(), args.max_grad_norm, self.device)
+                    grad_norm = devices.clip_grad_norm(self.model.trainable_parameters(), args.max_grad_norm, self.device)
+                if not _finite(step_loss, grad_norm):  # one host read per optimizer step, after the step boundary
+                    skipped_in_a_row += 1
+                    self._drop_step(step_loss, skipped_in_a_row)
+                    continue
+                skipped_in_a_row = 0
+                window_loss += step_loss
                 self.optimizer.step()  # PaCA layers rewrite their columns in the optimizer's post-step hook
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=self._grads_to_none)
@@ -262,6 +280,13 @@ class Trainer:
                     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
                 if args.save_every and self.state.step % args.save_every == 0 and self.state.step < self.total_steps:
                     self.save_checkpoint()
+        except Exception as error:
+            if is_out_of_memory(error):  # nothing is saved: a half-applied step must not become a checkpoint
+                raise TrainingOutOfMemoryError(
+                    f"Out of memory on {self.device} at step {self.state.step + 1} ({error}). To fit: {OOM_LEVERS}. "
+                    f"The last checkpoint (if any) is in {self.checkpoint_dir}."
+                ) from error
+            raise
         finally:
             bar.close()
             for sig, handler in previous_handlers.items():
@@ -271,6 +296,30 @@ class Trainer:
             logger.warning("Interrupted at step %d: checkpoint saved to %s; continue with --resume %s", self.state.step, path, path)
             raise KeyboardInterrupt
         return self.state
+
+    def _drop_step(self, step_loss: torch.Tensor, in_a_row: int) -> None:
+        """A NaN/inf step: its gradients never reach the weights. Stop or skip as configured."""
+        self.optimizer.zero_grad(set_to_none=self._grads_to_none)
+        discard = getattr(self.model, "discard_host_gradients", None)
+        if discard is not None:
+            discard()
+        value = float(step_loss)
+        step = self.state.step + 1
+        if self.args.on_nan == "stop":
+            path = self.save_checkpoint()
+            raise NonFiniteLossError(
+                f"Step {step}: the loss (or the gradient norm) is {value} — no update was applied. The last good state is "
+                f"saved in {path}. Lower --lr, check the data for empty or corrupt examples, use --dtype fp32, or pass "
+                "--on-nan skip to skip such steps."
+            )
+        self.state.skipped_steps += 1
+        logger.warning("Step %d: non-finite loss/gradient (%s); skipped (%d in a row, %d in all).", step, value, in_a_row, self.state.skipped_steps)
+        if in_a_row >= self.args.max_skipped_steps:
+            path = self.save_checkpoint()
+            raise NonFiniteLossError(
+                f"{in_a_row} steps in a row had a non-finite loss or gradient; stopping (state saved in {path}). "
+                "Lower --lr or check the data."
+            )
 
     def _log_window(self, bar, window_loss: torch.Tensor, steps: int, tokens: int, elapsed: float) -> None:
         mean_loss = float(window_loss) / steps  # the only host read, once per log window
@@ -287,6 +336,13 @@ class Trainer:
         self.state.tokens_seen += tokens
         bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_memory_mb']:.0f}MB")
         logger.debug("step %d: %s", self.state.step, record)
+
+
+def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    check = torch.isfinite(loss)
+    if grad_norm is not None:
+        check = check & torch.isfinite(grad_norm)
+    return bool(check)
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
