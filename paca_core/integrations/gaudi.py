@@ -14,7 +14,6 @@ with :meth:`paca_core.PacaModel.from_pretrained`, and ``resume_from_checkpoint``
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -25,7 +24,6 @@ import torch
 import devices
 from devices.hpu import lazy_mode_enabled
 
-from ..checkpoint import load_adapter_tensors, read_adapter_tensors, write_adapter_files
 from ..config import MethodConfig
 from ..model import AdaptedModel, prepare_model
 
@@ -35,7 +33,6 @@ INSTALL_HINT = (
     "optimum-habana is not installed: inside an Intel Gaudi PyTorch image run `pip install -e \".[gaudi]\"` "
     "(or `pip install optimum[habana]`); it needs the Gaudi software stack (habana_frameworks)."
 )
-TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name for the saved TrainingArguments
 
 _TRAINER_CLASS: type | None = None
 
@@ -75,10 +72,9 @@ def prepare_for_gaudi_trainer(
 
 
 def _adapted(model: torch.nn.Module) -> AdaptedModel | None:
-    """The AdaptedModel inside whatever wrappers the trainer added (DDP, HPU graphs), if any."""
-    while model is not None and not isinstance(model, AdaptedModel):
-        model = getattr(model, "module", None)
-    return model
+    from .transformers import adapted_model
+
+    return adapted_model(model)
 
 
 def gaudi_trainer_class() -> type:
@@ -87,52 +83,17 @@ def gaudi_trainer_class() -> type:
     if _TRAINER_CLASS is not None:
         return _TRAINER_CLASS
     GaudiTrainer = _optimum_habana().GaudiTrainer
+    from .transformers import PacaTrainerMixin
 
-    class PacaGaudiTrainer(GaudiTrainer):
+    class PacaGaudiTrainer(PacaTrainerMixin, GaudiTrainer):
         """GaudiTrainer for models from :func:`prepare_for_gaudi_trainer`: checkpoints carry the adapter."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            adapted = _adapted(self.model)
-            if adapted is not None and self.args.label_names is None:
-                # The wrapper's forward takes **kwargs; the labels are the wrapped model's.
-                forward = inspect.signature(adapted.base_model.forward).parameters
-                self.label_names = [name for name in ("labels",) if name in forward]
-                self.can_return_loss = "return_loss" in forward or bool(self.label_names)
+            self._paca_init()
 
-        def _set_signature_columns_if_needed(self):
-            adapted = _adapted(self.model)
-            if adapted is None or self._signature_columns is not None:
-                return super()._set_signature_columns_if_needed()
-            columns = list(inspect.signature(adapted.base_model.forward).parameters)
-            self._signature_columns = list(dict.fromkeys(columns + ["label", "label_ids"] + list(self.label_names)))
-
-        def _save(self, output_dir: str | None = None, state_dict=None):
-            adapted = _adapted(self.model)
-            if adapted is None:
-                return super()._save(output_dir, state_dict)
-            output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            write_adapter_files(adapted, output_dir)  # tensors are moved to the CPU first
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(str(output_dir))
+        def _save_extra(self, output_dir: Path) -> None:
             self.gaudi_config.save_pretrained(str(output_dir))
-            torch.save(self.args, output_dir / TRAINING_ARGS_NAME)
-            logger.info("Saved paca-hal adapter (%s) to %s", adapted.method, output_dir)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            adapted = _adapted(model if model is not None else self.model)
-            if adapted is None:
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            load_adapter_tensors(adapted, read_adapter_tensors(resume_from_checkpoint), resume_from_checkpoint)
-            logger.info("Loaded paca-hal adapter from %s", resume_from_checkpoint)
-
-        def _load_best_model(self):
-            adapted = _adapted(self.model)
-            if adapted is None:
-                return super()._load_best_model()
-            best = self.state.best_model_checkpoint
-            load_adapter_tensors(adapted, read_adapter_tensors(best), best)
 
     _TRAINER_CLASS = PacaGaudiTrainer
     return PacaGaudiTrainer

@@ -1,0 +1,2 @@
+"""Integrations with trainers users already run. Each module imports its framework only when used:
+``transformers`` (PacaTrainer, PacaTrainerMixin, PacaCallback) and ``gaudi`` (optimum-habana)."""

@@ -1,0 +1,122 @@
+"""Hugging Face ``Trainer`` integration (and everything built on it: TRL's SFTTrainer, optimum-habana's
+GaudiTrainer): train a model from :func:`~paca_core.prepare_model` with the trainer users already have.
+
+What a plain ``Trainer`` would get wrong with an :class:`~paca_core.AdaptedModel`, and what fixes it:
+
+* checkpoints: it would save the whole model's state dict; :class:`PacaTrainerMixin` writes our
+  adapter files (``adapter_model.safetensors`` + ``adapter_config.json``, loadable with
+  ``PacaModel.from_pretrained``) and reloads them on ``resume_from_checkpoint``;
+* MEFT's host-memory rows and their AdamW state are not in any state dict: :class:`PacaCallback`
+  saves that state into each checkpoint and the mixin restores it;
+* the wrapper's ``forward(**kwargs)`` hides the model's argument names, so the trainer would drop
+  every dataset column and compute no eval loss: the mixin reads them from the wrapped model.
+
+Per-step synchronisation needs nothing from the trainer: PaCA's columns and MEFT's host update run
+in a global optimizer post-step hook, whatever optimizer (or accelerate wrapper) the trainer uses.
+
+Usage: ``trainer = PacaTrainer(model=prepare_model(hf_model, PaCAConfig(r=16)), args=..., ...)``, or
+mix :class:`PacaTrainerMixin` into your own Trainer subclass (``class T(PacaTrainerMixin, SFTTrainer)``)
+and add ``PacaCallback()`` to its callbacks.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..checkpoint import load_adapter_tensors, read_adapter_tensors, write_adapter_files
+from ..model import AdaptedModel
+
+logger = logging.getLogger(__name__)
+
+TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name for the saved TrainingArguments
+HOST_STATE_NAME = "paca_host_optimizer.pt"  # MEFT's host-memory AdamW state, beside the adapter
+
+
+def adapted_model(model: torch.nn.Module | None) -> AdaptedModel | None:
+    """The AdaptedModel inside whatever wrappers a trainer added (DDP, HPU graphs, accelerate), if any."""
+    while model is not None and not isinstance(model, AdaptedModel):
+        model = getattr(model, "module", None)
+    return model
+
+
+class PacaCallback(TrainerCallback):
+    """Saves what lives outside the model's parameters (MEFT's host rows' optimizer state) with every
+    checkpoint; :class:`PacaTrainerMixin` loads it back on resume."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        adapted = adapted_model(model)
+        if adapted is None or not state.is_world_process_zero:
+            return
+        host_state = adapted.host_optimizer_state()
+        if host_state:
+            directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(host_state, directory / HOST_STATE_NAME)
+
+
+class PacaTrainerMixin:
+    """Trainer overrides for a prepared model: adapter-only checkpoints, resume, and column names."""
+
+    def _paca_init(self) -> None:
+        adapted = adapted_model(self.model)
+        if adapted is not None and self.args.label_names is None:
+            forward = inspect.signature(adapted.base_model.forward).parameters
+            self.label_names = [name for name in ("labels",) if name in forward]
+            self.can_return_loss = "return_loss" in forward or bool(self.label_names)
+        if not any(isinstance(c, PacaCallback) for c in self.callback_handler.callbacks):
+            self.add_callback(PacaCallback())
+
+    def _set_signature_columns_if_needed(self):
+        adapted = adapted_model(self.model)
+        if adapted is None or self._signature_columns is not None:
+            return super()._set_signature_columns_if_needed()
+        columns = list(inspect.signature(adapted.base_model.forward).parameters)
+        self._signature_columns = list(dict.fromkeys(columns + ["label", "label_ids"] + list(self.label_names)))
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        adapted = adapted_model(self.model)
+        if adapted is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_adapter_files(adapted, output_dir)  # tensors are moved to the CPU first
+        if getattr(self, "processing_class", None) is not None:
+            self.processing_class.save_pretrained(str(output_dir))
+        self._save_extra(output_dir)
+        torch.save(self.args, output_dir / TRAINING_ARGS_NAME)
+        logger.info("Saved paca-hal adapter (%s) to %s", adapted.method, output_dir)
+
+    def _save_extra(self, output_dir: Path) -> None:
+        """Subclasses save what their trainer adds (GaudiTrainer: the Gaudi config)."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        adapted = adapted_model(model if model is not None else self.model)
+        if adapted is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _load_paca_checkpoint(adapted, resume_from_checkpoint)
+
+    def _load_best_model(self):
+        adapted = adapted_model(self.model)
+        if adapted is None:
+            return super()._load_best_model()
+        _load_paca_checkpoint(adapted, self.state.best_model_checkpoint)
+
+
+def _load_paca_checkpoint(adapted: AdaptedModel, directory) -> None:
+    load_adapter_tensors(adapted, read_adapter_tensors(directory), directory)
+    host_state = Path(directory) / HOST_STATE_NAME
+    if host_state.is_file():
+        adapted.load_host_optimizer_state(torch.load(host_state, map_location="cpu", weights_only=False))
+    logger.info("Loaded paca-hal adapter from %s", directory)
+
+
+class PacaTrainer(PacaTrainerMixin, Trainer):
+    """``transformers.Trainer`` for a model from :func:`~paca_core.prepare_model`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._paca_init()

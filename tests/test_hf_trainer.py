@@ -1,0 +1,58 @@
+"""transformers.Trainer trains a prepared model: adapter-only checkpoints, resume, eval loss; MEFT's
+host-memory state travels in its checkpoints too."""
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from paca_core import MEFTConfig, PaCAConfig, PacaModel, prepare_model
+from paca_core.integrations.transformers import HOST_STATE_NAME, PacaTrainer
+
+from .conftest import tiny_llama
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n=16, length=12):
+        gen = torch.Generator().manual_seed(0)
+        self.rows = [torch.randint(0, 100, (length,), generator=gen) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "attention_mask": torch.ones_like(self.rows[i]), "labels": self.rows[i]}
+
+
+def _args(out, steps):
+    return TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        learning_rate=1e-2, save_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+        lr_scheduler_type="constant",
+    )
+
+
+def _train(config, out, steps, resume=None):
+    model = prepare_model(tiny_llama(seed=0), config, device="cpu")
+    trainer = PacaTrainer(model=model, args=_args(out, steps), train_dataset=_Rows(), eval_dataset=_Rows(8))
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+@pytest.mark.parametrize("config", [PaCAConfig(r=4), MEFTConfig(num_rows=64, top_k=4)], ids=["paca", "meft"])
+def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(config, tmp_path):
+    straight, trainer = _train(config, tmp_path / "a", steps=4)
+    assert trainer.evaluate()["eval_loss"] > 0  # the dataset columns reached the wrapped model
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "adapter_config.json").is_file()
+    assert not (checkpoint / "model.safetensors").exists()  # the frozen base is not copied into every checkpoint
+    assert (checkpoint / HOST_STATE_NAME).is_file() == isinstance(config, MEFTConfig)
+
+    resumed, _ = _train(config, tmp_path / "a", steps=4, resume=str(checkpoint))
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(5))
+    straight.eval(), resumed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(input_ids=ids).logits, straight(input_ids=ids).logits)
+
+    loaded = PacaModel.from_pretrained(tiny_llama(seed=0), tmp_path / "a" / "checkpoint-4", device="cpu")
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, straight(input_ids=ids).logits)
