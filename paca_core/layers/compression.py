@@ -61,7 +61,7 @@ class ActivationCompressor(nn.Module):
         if self.init_type == "batch_average_once" and self._initialized:
             return
         with torch.no_grad():
-            direction = backend.subtoken_mean_direction(x, self.num_groups)
+            direction = _same_on_every_rank(backend.subtoken_mean_direction(x, self.num_groups))
             if self.init_type == "ema" and self._initialized:
                 blended = self.ema_decay * self.velora_projection + (1 - self.ema_decay) * direction
                 direction = blended / torch.linalg.vector_norm(blended).clamp_min(torch.finfo(torch.float32).tiny)
@@ -105,3 +105,15 @@ class CompressibleInput:
             self.compressor.velora_projection.copy_(tensors["velora_projection"])
             self.compressor.velora_initialized.copy_(tensors["velora_initialized"])
             self.compressor.sync_from_buffers()
+
+
+def _same_on_every_rank(direction: torch.Tensor) -> torch.Tensor:
+    """Under torch.distributed, every rank's projection must be the same one (each rank sees only its
+    share of the batch): average the ranks' unit directions and renormalise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return direction
+    summed = direction.clone()
+    dist.all_reduce(summed)
+    return summed / torch.linalg.vector_norm(summed).clamp_min(torch.finfo(torch.float32).tiny)

@@ -1,0 +1,78 @@
+"""Under DDP (2 CPU processes, gloo) PaCA and LoRA-FA train exactly as one process does on the same
+global batch (PaCA's column rewrite follows the all-reduced gradients). VeLoRA's projection comes
+from batch statistics, which each rank sees only part of: the ranks agree on one (averaged)
+projection and stay identical, but the run is not bit-equal to a single process."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from paca_core import LoRAConfig, LoRAFAConfig, PaCAConfig, VeLoRAConfig, prepare_model
+
+from .conftest import tiny_llama
+
+CONFIGS = {
+    "paca": lambda: PaCAConfig(r=4),
+    "lorafa": lambda: LoRAFAConfig(r=4),
+    "lora+velora": lambda: [LoRAConfig(r=4), VeLoRAConfig(num_groups=4)],
+}
+EXACT = ("paca", "lorafa")
+STEPS, GLOBAL_BATCH, LENGTH = 3, 4, 12
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 100, (GLOBAL_BATCH, LENGTH), generator=gen) for _ in range(STEPS)]
+
+
+def _adapter_tensors(model):
+    return {f"{n}.{k}": t.detach().clone() for n, layer in model.adapter_layers().items() for k, t in layer.adapter_state().items()}
+
+
+def _train(model, batches, rank=0, world=1, wrapper=None):
+    net = wrapper if wrapper is not None else model
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    share = GLOBAL_BATCH // world
+    for ids in batches:
+        local = ids[rank * share : (rank + 1) * share]
+        net(input_ids=local, labels=local).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return _adapter_tensors(model), [p.detach().clone() for p in model.base_model.parameters()]
+
+
+def _worker(rank, world, init_file, method, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = prepare_model(tiny_llama(seed=0), CONFIGS[method](), device="cpu")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        adapters, weights = _train(model, _batches(), rank, world, wrapper=ddp)
+        torch.save({"adapters": adapters, "weights": weights}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_ddp_two_processes_equal_one_process_on_the_global_batch(method, tmp_path):
+    torch.manual_seed(0)
+    single = prepare_model(tiny_llama(seed=0), CONFIGS[method](), device="cpu")
+    expected_adapters, expected_weights = _train(single, _batches())
+
+    init_file = tempfile.mktemp(dir=tmp_path)
+    result_file = tmp_path / "rank0.pt"
+    mp.start_processes(_worker, args=(2, init_file, method, str(result_file)), nprocs=2, join=True, start_method="spawn")
+    result = torch.load(f"{result_file}.0", weights_only=False)
+    other = torch.load(f"{result_file}.1", weights_only=False)
+    for key, tensor in result["adapters"].items():  # the ranks never drift apart
+        assert torch.equal(other["adapters"][key], tensor), key
+    if method not in EXACT:
+        return
+    assert result["adapters"].keys() == expected_adapters.keys()
+    for key, tensor in expected_adapters.items():
+        torch.testing.assert_close(result["adapters"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    for got, want in zip(result["weights"], expected_weights):  # PaCA's adapted columns included
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
