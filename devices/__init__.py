@@ -2,6 +2,7 @@
 
 The bottom layer: imports nothing from ``backends`` or ``paca_core``, and no vendor package at import time.
 """
+from .distributed import init_distributed, launched_world_size
 from .graph_modes import (
     GRAPH_MODES,
     add_graph_mode_argument,
@@ -36,6 +37,8 @@ from .registry import (
 from .runtime import DeviceRuntime, DeviceUnavailableError, InvalidDeviceError, MemoryStats
 
 __all__ = [
+    "init_distributed",
+    "launched_world_size",
     "DEVICE_CHOICES",
     "ENV_VAR",
     "GRAPH_MODES",

@@ -14,6 +14,11 @@ class CudaRuntime(DeviceRuntime):
     type = "cuda"
     default_dtype = torch.bfloat16
     graph_modes = ("eager", "compile", "cuda-graphs")
+    distributed_backend = "nccl"
+
+    def rank_device(self, device: torch.device, local_rank: int) -> torch.device:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
 
     def is_available(self) -> bool:
         try:

@@ -38,6 +38,15 @@ class HpuRuntime(DeviceRuntime):
     type = "hpu"
     default_dtype = torch.bfloat16
     graph_modes = ("lazy", "eager", "compile", "hpu-graphs")
+    distributed_backend = "hccl"
+
+    def rank_device(self, device: torch.device, local_rank: int) -> torch.device:
+        # Each process owns one card (the hccl import maps LOCAL_RANK to it): always plain "hpu".
+        return torch.device("hpu")
+
+    def prepare_distributed(self) -> None:
+        # Registers the "hccl" backend; must run before the first HPU tensor and init_process_group.
+        importlib.import_module("habana_frameworks.torch.distributed.hccl")
 
     def __init__(self) -> None:
         self._core = None

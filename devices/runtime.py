@@ -50,6 +50,15 @@ class DeviceRuntime(ABC):
     graph_modes: tuple[str, ...] = ("eager",)
     #: The dtype models train in by default here (``--dtype auto``).
     default_dtype: torch.dtype = torch.float32
+    #: torch.distributed backend for collectives between processes on this device type.
+    distributed_backend: str = "gloo"
+
+    def rank_device(self, device: torch.device, local_rank: int) -> torch.device:
+        """The device one process of a multi-process launch uses (``LOCAL_RANK`` = ``local_rank``)."""
+        return device
+
+    def prepare_distributed(self) -> None:
+        """Whatever must happen before ``init_process_group`` (e.g. registering the backend)."""
 
     @abstractmethod
     def is_available(self) -> bool:

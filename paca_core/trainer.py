@@ -107,10 +107,15 @@ class Trainer:
     def __init__(self, model, args: TrainingArguments, train_data: TokenizedData, device: torch.device):
         args.validate()
         self.model, self.args, self.train_data, self.device = model, args, train_data, device
-        self.batches_per_epoch = len(train_data) // args.batch_size
+        # Under torchrun/accelerate (torch.distributed initialised): DDP, and each rank takes its
+        # share of every global batch of world × batch_size examples.
+        self.rank, self.world_size = _process_group()
+        self.network = _data_parallel(model, device) if self.world_size > 1 else model
+        self.global_batch = args.batch_size * self.world_size
+        self.batches_per_epoch = len(train_data) // self.global_batch
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"The training split has {len(train_data)} examples, fewer than --batch-size {args.batch_size}; "
+                f"The training split has {len(train_data)} examples, fewer than one global batch ({self.global_batch}); "
                 "use more data, a smaller --batch-size or a shorter --seq-len."
             )
         steps_per_epoch = max(1, self.batches_per_epoch // args.grad_accum)
@@ -134,9 +139,10 @@ class Trainer:
     def _micro_batches(self):
         while True:
             order = self._epoch_order(self.state.epoch)
-            for batch in self.train_data.batches(self.args.batch_size, order, start=self.state.batch_in_epoch):
+            share = slice(self.rank * self.args.batch_size, (self.rank + 1) * self.args.batch_size)
+            for batch in self.train_data.batches(self.global_batch, order, start=self.state.batch_in_epoch):
                 self.state.batch_in_epoch += 1
-                yield batch
+                yield {key: value[share] for key, value in batch.items()}
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
@@ -144,6 +150,9 @@ class Trainer:
     def save_checkpoint(self, directory: Path | None = None) -> Path:
         """Adapter + optimizer + scheduler + RNG + position, written atomically (the old one survives a crash)."""
         directory = Path(directory or self.checkpoint_dir)
+        if self.rank != 0:  # every rank holds the same adapter: rank 0 writes, the others wait for it
+            torch.distributed.barrier()
+            return directory
         training_state = {
             "optimizer": self.optimizer.state_dict(),
             "host_optimizer": self.model.host_optimizer_state(),  # MEFT's Adam state lives in host memory
@@ -157,6 +166,8 @@ class Trainer:
             torch.save(training_state, staging / STATE_NAME)
             (staging / STATE_JSON).write_text(json.dumps({"step": self.state.step, "total_steps": self.total_steps}, indent=2))
         logger.info("Checkpoint at step %d saved to %s", self.state.step, directory)
+        if self.world_size > 1:
+            torch.distributed.barrier()
         return directory
 
     def resume_from(self, directory: str | Path) -> None:
@@ -253,7 +264,7 @@ class Trainer:
                 step_loss = torch.zeros((), device=self.device)
                 for _ in range(args.grad_accum):
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in next(micro_batches).items()}
-                    loss = self.model(**batch).loss
+                    loss = self.network(**batch).loss
                     (loss / args.grad_accum).backward()
                     step_loss += loss.detach() / args.grad_accum
                     window_tokens += int(batch["attention_mask"].numel())
@@ -342,7 +353,23 @@ def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
     check = torch.isfinite(loss)
     if grad_norm is not None:
         check = check & torch.isfinite(grad_norm)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        check = check.to(torch.int32)
+        torch.distributed.all_reduce(check, op=torch.distributed.ReduceOp.MIN)  # every rank decides alike
     return bool(check)
+
+
+def _process_group() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _data_parallel(model, device: torch.device):
+    """DDP over the adapted model: only trainable (adapter) parameters' gradients are all-reduced."""
+    device_ids = [device.index] if device.type == "cuda" and device.index is not None else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

@@ -76,3 +76,33 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(method, tmp_pat
         torch.testing.assert_close(result["adapters"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
     for got, want in zip(result["weights"], expected_weights):  # PaCA's adapted columns included
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_paca_train_under_torchrun_equals_one_process_with_the_global_batch(tiny_model_dir, sample_text_file, tmp_path):
+    """`torchrun --nproc-per-node 2 -m paca_core train --batch-size 2` (gloo on CPU) trains the same adapter
+    as one process with --batch-size 4; rank 0 writes the checkpoint and the adapter."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = [
+        "train", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--steps", "3", "--seq-len", "16",
+        "--sample-tokens", "0", "--no-progress", "--device", "cpu", "--rank", "4", "--lr", "1e-2",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "paca_core", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+         "-m", "paca_core", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert (tmp_path / "two" / "checkpoint" / "trainer_state.pt").is_file()

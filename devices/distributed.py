@@ -1,0 +1,37 @@
+"""Multi-process launches (torchrun, accelerate launch, mpirun with the env:// variables): each
+process's device and the collective backend for the device type (gloo, nccl, hccl)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .registry import resolve_device, runtime_for
+
+logger = logging.getLogger(__name__)
+
+
+def launched_world_size() -> int:
+    """Processes in this launch according to the launcher's environment (1 when not launched)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(spec: str | torch.device | None = None) -> tuple[torch.device, int, int]:
+    """Resolve this process's device and, under a multi-process launch, join the process group.
+
+    Returns ``(device, rank, world_size)``; without a launcher that is ``(device, 0, 1)``.
+    """
+    device = resolve_device(spec)
+    world = launched_world_size()
+    if world <= 1:
+        return device, 0, 1
+    import torch.distributed as dist
+
+    runtime = runtime_for(device)
+    device = runtime.rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    runtime.prepare_distributed()
+    if not dist.is_initialized():
+        dist.init_process_group(backend=runtime.distributed_backend)
+    logger.info("Process %d of %d on %s (%s)", dist.get_rank(), dist.get_world_size(), device, runtime.distributed_backend)
+    return device, dist.get_rank(), dist.get_world_size()
