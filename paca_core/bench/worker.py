@@ -1,0 +1,408 @@
+"""Measure one method in this process: ``python -m paca_core.bench.worker JOB.json RESULT.json``.
+
+The parent (:mod:`.command`) starts one worker per method (and per search probe), so every peak
+memory figure starts from a clean process. A job is a JSON object (see :func:`run_job`); the
+result is a JSON object with ``status`` ``ok``, ``oom``, ``unavailable`` (a package is missing) or
+``error``, and the figures.
+
+Memory is reported two ways. ``peak_memory_bytes`` comes from the device (allocator peak on CUDA/HPU;
+VmHWM on CPU, which also counts the weights, Python and libraries). ``counted`` is exact and
+device-independent: bytes autograd keeps for backward (``saved_tensors_hooks``, weights excluded),
+plus parameter, gradient and optimizer-state bytes summed from the tensors themselves.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+import devices
+
+from ..measure import count_saved_tensors
+from .models import ModelChoice, build_model, parse_model, vocab_size
+from .specs import MethodSpec, build_our_configs, parse_method_spec
+
+logger = logging.getLogger(__name__)
+
+#: torch.OutOfMemoryError appeared in torch 2.5; the CUDA one is its alias there and exists before.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Unavailable(RuntimeError):
+    """The method cannot run here (a package or module is missing); reported, not raised to the user."""
+
+
+@dataclass
+class Prepared:
+    """A model set up for one method: what to call, what trains, and how it steps."""
+
+    module: nn.Module
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer | None
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    extra_state: Callable[[], int] = field(default=lambda: 0)
+    extra_trainable: int = 0
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = (t.device, t.untyped_storage().data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def _optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
+    if optimizer is None:
+        return 0
+    return _tensor_bytes(v for state in optimizer.state.values() for v in state.values())
+
+
+def _host_tables(module: nn.Module) -> list:
+    """Host-memory row tables of MEFT layers (their rows train outside autograd and the optimizer)."""
+    return [m.table for m in module.modules() if hasattr(m, "table") and hasattr(m.table, "optimizer_state")]
+
+
+def _table_tensors(table) -> list[torch.Tensor]:
+    out = []
+    for value in vars(table).values():
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, dict):
+            out += [v for v in value.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def _lm_loss(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda ids: module(input_ids=ids, labels=ids).loss
+
+
+def _peft_lora_config(rank: int, options: dict, velora: bool):
+    import peft
+
+    targets = _target_list(options.get("target_modules"))
+    velora_config = None
+    if velora:
+        velora_config = peft.tuners.lora.config.VeloraConfig(
+            num_groups=int(options.get("velora_groups") or 32), init_type=options.get("velora_init") or "batch_average_once"
+        )
+    # alpha = r (scaling 1), as our methods default to; dropout 0 as ours (a mask would keep full-size tensors).
+    return peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, velora_config=velora_config)
+
+
+def _target_list(text: str | None) -> list[str] | str:
+    from ..cli import _targets
+    from ..config import LLAMA_PROJECTIONS
+
+    return _targets(text) if text else list(LLAMA_PROJECTIONS)
+
+
+def _import_peft():
+    try:
+        import peft  # noqa: F401
+    except ImportError as error:
+        raise Unavailable(f"HF PEFT is not installed ({error}); pip install 'paca-hal[peft]'") from None
+
+
+def _quantize(model: nn.Module, options: dict) -> nn.Module:
+    try:
+        from ..quantization import quantize_base
+    except ImportError as error:
+        raise Unavailable(f"paca_core.quantization cannot be imported ({error})") from None
+    try:
+        return quantize_base(model, "nf4", target_modules=_target_list(options.get("target_modules")))
+    except ImportError as error:
+        raise Unavailable(str(error).splitlines()[0]) from None
+
+
+def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict, device: torch.device, lr: float) -> Prepared:
+    """Set ``model`` up for ``spec``; the optimizer is AdamW in the device's form (PEFT LoRA-FA: its own)."""
+    make_adamw = lambda params: devices.make_adamw(params, device, lr=lr, eps=1e-8)  # noqa: E731
+    if spec.kind == "floor":
+        model.requires_grad_(False)
+        embed = model.get_input_embeddings()
+
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            # Nothing trains; back-propagating to the input makes autograd keep what the frozen model needs.
+            embeds = embed(ids).detach().requires_grad_(True)
+            return model(inputs_embeds=embeds, labels=ids).loss
+
+        return Prepared(model, [], None, forward)
+    if spec.kind == "full":
+        model.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return Prepared(model, params, make_adamw(params), _lm_loss(model))
+    if spec.name in ("peft-lora", "peft-lora+velora", "peft-lorafa", "peft-qlora"):
+        _import_peft()
+        import peft
+
+        if spec.name == "peft-qlora":
+            model = _quantize(model, options)
+        peft_model = peft.get_peft_model(model, _peft_lora_config(rank, options, velora=spec.name == "peft-lora+velora"))
+        if spec.name == "peft-lorafa":
+            from peft.optimizers import create_lorafa_optimizer
+
+            optimizer = create_lorafa_optimizer(peft_model, r=rank, lora_alpha=rank, lr=lr)
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        else:
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            optimizer = make_adamw(params)
+        return Prepared(peft_model, params, optimizer, _lm_loss(peft_model))
+    # Ours (and qpaca): the `paca train --method` string through the train CLI's parser.
+    from ..model import prepare_model
+
+    method = "paca" if spec.name == "qpaca" else spec.name
+    if spec.name == "qpaca":
+        model = _quantize(model, options)
+    configs = build_our_configs(method, rank or 8, options)
+    adapted = prepare_model(model, configs, device=device)
+    params = adapted.trainable_parameters()
+    tables = _host_tables(adapted)
+    extra_trainable = sum(t.keys.numel() + t.values.numel() for t in tables if hasattr(t, "keys"))
+    host_state = lambda: _tensor_bytes(v for t in tables for v in t.optimizer_state().values())  # noqa: E731
+    return Prepared(adapted, params, make_adamw(params), _lm_loss(adapted), host_state, extra_trainable)
+
+
+def _step(prepared: Prepared, ids: torch.Tensor, device: torch.device, max_grad_norm: float = 0.0) -> torch.Tensor:
+    loss = prepared.forward(ids)
+    loss.backward()
+    devices.step_boundary(device)
+    if prepared.optimizer is not None:
+        if max_grad_norm > 0:
+            devices.clip_grad_norm(prepared.params, max_grad_norm, device)
+        prepared.optimizer.step()
+        prepared.optimizer.zero_grad(set_to_none=True)
+    devices.step_boundary(device)
+    return loss.detach()
+
+
+def _counted_step(prepared: Prepared, ids: torch.Tensor, device: torch.device) -> dict[str, int]:
+    """One training step with exact accounting of what it keeps."""
+    module = prepared.module
+    with count_saved_tensors(module) as report:
+        loss = prepared.forward(ids)
+    saved = report.activation_bytes
+    del report  # it holds the saved tensors; free them with the graph
+    loss.backward()
+    grads = _tensor_bytes(p.grad for p in prepared.params if p.grad is not None)
+    devices.step_boundary(device)
+    if prepared.optimizer is not None:
+        prepared.optimizer.step()
+        prepared.optimizer.zero_grad(set_to_none=True)
+    devices.step_boundary(device)
+    params = _tensor_bytes(list(module.parameters()) + list(module.buffers()))
+    optimizer_state = _optimizer_state_bytes(prepared.optimizer) + prepared.extra_state()
+    host_tables = _tensor_bytes(v for t in _host_tables(module) for v in _table_tensors(t))
+    return {
+        "saved_activation_bytes": saved,
+        "parameter_bytes": params,
+        "gradient_bytes": grads,
+        "optimizer_state_bytes": optimizer_state,
+        "host_table_bytes": host_tables,
+        "total_bytes": saved + params + grads + optimizer_state + host_tables,
+    }
+
+
+def _trainable_counts(prepared: Prepared) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in prepared.params) + prepared.extra_trainable
+    total = sum(p.numel() for p in prepared.module.parameters())
+    return trainable, total
+
+
+def _setup(job: dict) -> tuple[MethodSpec, ModelChoice, torch.device, Prepared, Any]:
+    spec = parse_method_spec(job["method"])
+    choice = parse_model(job["model"])
+    device = devices.resolve_device(job.get("device"))
+    dtype = DTYPES[job["dtype"]] if job.get("dtype") not in (None, "auto") else devices.default_dtype(device)
+    graph_mode = devices.resolve_graph_mode(device, job.get("graph_mode", "auto"))
+    model, tokenizer = build_model(choice, dtype, device, seed=job.get("seed", 0))
+    torch.manual_seed(job.get("seed", 0))
+    prepared = prepare(spec, model, job.get("rank"), job.get("options", {}), device, job.get("lr", 1e-4))
+    devices.apply_graph_mode(prepared.module, device, graph_mode)
+    job["resolved"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "graph_mode": graph_mode}
+    return spec, choice, device, prepared, tokenizer
+
+
+def _random_batch(prepared: Prepared, job: dict, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(job.get("seed", 0) + 1)
+    vocab = vocab_size(prepared.module)
+    return torch.randint(0, vocab, (job["batch_size"], job["seq_len"]), generator=generator).to(device)
+
+
+def run_speed(job: dict) -> dict:
+    """Counted first step, then ``warmup_steps`` and ``steps`` timed steps; the device peak covers those."""
+    spec, _, device, prepared, _ = _setup(job)
+    prepared.module.train()
+    ids = _random_batch(prepared, job, device)
+    trainable, total = _trainable_counts(prepared)
+    counted = _counted_step(prepared, ids, device)
+    devices.synchronize(device)
+    after_setup = devices.memory_stats(device).current_bytes
+    devices.reset_peak_memory_stats(device)
+    for _ in range(job.get("warmup_steps", 1)):
+        _step(prepared, ids, device)
+    times = []
+    for _ in range(job["steps"]):
+        devices.synchronize(device)
+        start = time.perf_counter()
+        _step(prepared, ids, device)
+        devices.synchronize(device)
+        times.append(time.perf_counter() - start)
+    stats = devices.memory_stats(device)
+    median = statistics.median(times) if times else float("nan")
+    return {
+        "status": "ok",
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "step_times_s": times,
+        "median_step_s": median,
+        "tokens_per_s": job["batch_size"] * job["seq_len"] / median if times else float("nan"),
+        "peak_memory_bytes": stats.peak_bytes,
+        "memory_before_steps_bytes": after_setup,
+        "memory_source": stats.source,
+        "counted": counted,
+        **job["resolved"],
+    }
+
+
+def run_probe(job: dict) -> dict:
+    """Does one step at this shape fit? CPU: counted bytes (exact, deterministic); else the device peak."""
+    _, _, device, prepared, _ = _setup(job)
+    prepared.module.train()
+    ids = _random_batch(prepared, job, device)
+    counted = _counted_step(prepared, ids, device)
+    if device.type == "cpu":
+        return {"status": "ok", "memory_bytes": counted["total_bytes"], "memory_kind": "counted", "counted": counted}
+    devices.synchronize(device)
+    devices.reset_peak_memory_stats(device)
+    _step(prepared, ids, device)  # optimizer state now exists: this is the steady-state peak
+    devices.synchronize(device)
+    return {"status": "ok", "memory_bytes": devices.memory_stats(device).peak_bytes, "memory_kind": "device peak", "counted": counted}
+
+
+@torch.no_grad()
+def _held_out_loss(module: nn.Module, data, device: torch.device, batch_size: int = 8) -> float:
+    """Mean next-token loss over every target token of ``data`` (as paca train reports it)."""
+    was_training = module.training
+    module.eval()
+    total, tokens = 0.0, 0
+    for first in range(0, len(data), batch_size):
+        subset = data.subset(slice(first, first + batch_size))
+        labels = subset.labels[:, 1:].to(device)
+        logits = module(input_ids=subset.input_ids.to(device), attention_mask=subset.attention_mask.to(device)).logits.float()
+        total += float(
+            torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        )
+        tokens += int((subset.labels[:, 1:] != -100).sum())
+        devices.step_boundary(device)
+    module.train(was_training)
+    return total / max(1, tokens)
+
+
+def run_accuracy(job: dict) -> dict:
+    """Fine-tune for ``steps`` on real text and record train and held-out loss (floor: no training)."""
+    from .. import assets
+    from ..dataset import load_dataset, split_held_out
+    from ..trainer import TrainingArguments, _lr_lambda
+
+    spec, choice, device, prepared, tokenizer = _setup(job)
+    if not choice.has_real_weights or tokenizer is None:
+        raise ValueError("Accuracy mode needs real weights and a tokenizer: use --model default or a local model folder.")
+    acc = job.get("accuracy", {})
+    data_path = assets.default_dataset_path() if acc.get("data", "default") == "default" else Path(acc["data"])
+    data = load_dataset(data_path, tokenizer, job["seq_len"])
+    train_data, eval_data = split_held_out(data, acc.get("eval_fraction", 0.1), job.get("seed", 0))
+    module = prepared.module
+    module.train()
+    trainable, total = _trainable_counts(prepared)
+    eval_every = max(1, acc.get("eval_every", 10))
+    evals = [(0, _held_out_loss(module, eval_data, device))]
+    losses, times = [], []
+    if prepared.optimizer is not None and job["steps"] > 0:
+        args = TrainingArguments(output_dir="", max_steps=job["steps"], warmup_steps=acc.get("warmup_steps", 5), lr=job["lr"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(prepared.optimizer, _lr_lambda(args, job["steps"]))
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(job.get("seed", 0)))
+        per_epoch = len(train_data) // job["batch_size"]
+        if per_epoch == 0:
+            raise ValueError(f"{len(train_data)} training examples are fewer than --batch-size {job['batch_size']}.")
+        for step in range(1, job["steps"] + 1):
+            first = ((step - 1) % per_epoch) * job["batch_size"]
+            batch = train_data.subset(order[first : first + job["batch_size"]])
+            start = time.perf_counter()
+            loss = module(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), labels=batch.labels.to(device)
+            ).loss
+            loss.backward()
+            devices.step_boundary(device)
+            devices.clip_grad_norm(prepared.params, 1.0, device)
+            prepared.optimizer.step()
+            scheduler.step()
+            prepared.optimizer.zero_grad(set_to_none=True)
+            devices.step_boundary(device)
+            losses.append(float(loss))
+            times.append(time.perf_counter() - start)
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"training loss became {losses[-1]} at step {step}")
+            if step % eval_every == 0 or step == job["steps"]:
+                evals.append((step, _held_out_loss(module, eval_data, device)))
+    return {
+        "status": "ok",
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_loss": losses,
+        "held_out": evals,
+        "held_out_loss_before": evals[0][1],
+        "held_out_loss": evals[-1][1],
+        "median_step_s": statistics.median(times) if times else None,
+        "data": str(data_path),
+        "train_examples": len(train_data),
+        "held_out_examples": len(eval_data),
+        "peak_memory_bytes": devices.memory_stats(device).peak_bytes,
+        **job["resolved"],
+    }
+
+
+MODES = {"speed": run_speed, "probe": run_probe, "accuracy": run_accuracy}
+
+
+def run_job(job: dict) -> dict:
+    """Run one job and return its result; failures become ``status`` fields, never exceptions."""
+    try:
+        return MODES[job["mode"]](dict(job))
+    except Unavailable as error:
+        return {"status": "unavailable", "reason": str(error)}
+    except _OUT_OF_MEMORY as error:
+        return {"status": "oom", "reason": str(error).splitlines()[0]}
+    except Exception as error:  # reported per method; the other methods still run
+        logger.debug("worker failed", exc_info=True)
+        return {"status": "error", "reason": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-4000:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m paca_core.bench.worker JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    job = json.loads(Path(argv[0]).read_text())
+    result = run_job(job)
+    Path(argv[1]).write_text(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

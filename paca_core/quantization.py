@@ -1,0 +1,224 @@
+"""4-bit quantized bases (bitsandbytes NF4/FP4) for QPaCA, and for QLoRA baselines built the same way.
+
+bitsandbytes is an optional extra (``pip install 'paca-hal[quant]'``) and is imported only when a
+function here needs it. Every weight is quantized on the device it lives on (or ``device``), with
+bitsandbytes' own kernels for that device, so this module has no device-specific code.
+
+The quantization is fixed apart from its kind: blocks of 64 weights, double quantization of the
+block scales (QLoRA's default, ``compress_statistics=True``). A checkpoint therefore only has to
+record the kind (``PaCAConfig.quantize``) to rebuild the same 4-bit base from the same weights.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .config import LLAMA_PROJECTIONS
+from .errors import PacaConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Supported 4-bit data types: NormalFloat4 (QLoRA's choice) and bitsandbytes' 4-bit float.
+QUANT_KINDS = ("nf4", "fp4")
+#: Weights per quantization block (bitsandbytes' default for Linear4bit).
+BLOCKSIZE = 64
+#: Quantize the per-block scales again (saves ~0.37 bit per weight).
+DOUBLE_QUANT = True
+
+
+def import_bitsandbytes():
+    """The bitsandbytes module, or an ImportError that says how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise ImportError(
+            "A 4-bit quantized base (QPaCA, --quantize nf4|fp4) needs the 'bitsandbytes' package: "
+            "pip install 'paca-hal[quant]'  (or: pip install 'bitsandbytes>=0.45')."
+        ) from error
+    return bitsandbytes
+
+
+def check_kind(kind: str) -> str:
+    """``kind`` lower-cased, if it is a supported 4-bit type."""
+    if not isinstance(kind, str) or kind.lower() not in QUANT_KINDS:
+        raise PacaConfigError(f"quantize must be one of {', '.join(QUANT_KINDS)}, got {kind!r}.")
+    return kind.lower()
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear layer (never imports bitsandbytes: if nobody has, none exist)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def quantized_kind(linear: nn.Module) -> str:
+    """``"nf4"`` or ``"fp4"`` for a quantized 4-bit linear layer."""
+    state = getattr(linear.weight, "quant_state", None)
+    if state is None:
+        raise ValueError(
+            f"{type(linear).__name__} has no quantization state yet; bitsandbytes quantizes a weight when it is "
+            "moved to a device (.to(device)). Build it with paca_core.quantization.quantize_base."
+        )
+    return state.quant_type
+
+
+def quantize_linear(
+    linear: nn.Linear, kind: str, compute_dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> nn.Module:
+    """A bitsandbytes ``Linear4bit`` holding ``linear``'s weight in 4 bits (bias kept as it is).
+
+    Quantized on ``device`` (default: where the weight is); only the packed weight and its small
+    quantization state stay alive afterwards.
+    """
+    bnb = import_bitsandbytes()
+    kind = check_kind(kind)
+    weight = linear.weight.detach()
+    device = torch.device(device) if device is not None else weight.device
+    compute_dtype = compute_dtype or weight.dtype
+    has_bias = linear.bias is not None
+    quantized = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=has_bias,
+        compute_dtype=compute_dtype,
+        compress_statistics=DOUBLE_QUANT,
+        quant_type=kind,
+        device="meta",  # no throw-away full-size init
+    )
+    quantized.weight = bnb.nn.Params4bit(
+        weight, requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=DOUBLE_QUANT, quant_type=kind, module=quantized
+    ).to(device)  # bitsandbytes quantizes on the first move to a device
+    if has_bias:
+        quantized.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+    quantized.train(linear.training)
+    return quantized
+
+
+def quantize_base(
+    model: nn.Module,
+    kind: str,
+    target_modules: list[str] | str = list(LLAMA_PROJECTIONS),
+    compute_dtype: torch.dtype | None = None,
+    exclude_modules: Iterable[str] = (),
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Swap the ``nn.Linear`` modules selected by ``target_modules`` for bitsandbytes 4-bit layers, in place.
+
+    ``kind`` is ``"nf4"`` or ``"fp4"``; ``target_modules`` uses the same rules as the method configs
+    (names, a regex, or ``"all-linear"``, which leaves the output head alone); ``compute_dtype``
+    defaults to each weight's own dtype. Layers are quantized one at a time on ``device`` (default:
+    where each weight is), so a full-precision copy of the model never has to fit on an accelerator.
+    Returns ``model`` (marked ``is_loaded_in_4bit`` as transformers does). Both QPaCA (``prepare_model(model, PaCAConfig(...))`` then wraps the 4-bit
+    layers) and PEFT QLoRA (``peft.get_peft_model``) accept the result.
+    """
+    from .surgery import find_targets, replace_module
+
+    import_bitsandbytes()
+    kind = check_kind(kind)
+    targets = [(n, m) for n, m in find_targets(model, target_modules, exclude_modules) if not is_quantized_linear(m)]
+    for name, linear in targets:
+        replace_module(model, name, quantize_linear(linear, kind, compute_dtype, device))
+    # The flag transformers sets for load_in_4bit models: PEFT then wraps these layers with its
+    # bitsandbytes LoRA layers (QLoRA) instead of the generic ones.
+    model.is_loaded_in_4bit = True
+    logger.info("Quantized %d linear layers to %s", len(targets), kind)
+    return model
+
+
+def dequantize_weight(linear: nn.Module) -> torch.Tensor:
+    """The full-precision weight a 4-bit layer represents (a new tensor in the original dtype)."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+
+
+@dataclass
+class RequantizationError:
+    """How far requantizing moved a merged weight: ``max_abs`` and the relative Frobenius error."""
+
+    max_abs: float
+    relative: float
+
+
+def requantize(linear: nn.Module, weight: torch.Tensor) -> RequantizationError:
+    """Put ``weight`` (full precision) into the 4-bit layer ``linear`` in place, with its own kind and
+    block settings; returns how much the rounding changed it."""
+    bnb = import_bitsandbytes()
+    old = linear.weight
+    state = old.quant_state
+    linear.weight = bnb.nn.Params4bit(
+        weight.detach().to(state.dtype),
+        requires_grad=False,
+        blocksize=state.blocksize,
+        compress_statistics=state.nested,
+        quant_type=state.quant_type,
+        quant_storage=old.quant_storage,
+        module=linear,
+    ).to(weight.device)
+    rounded = dequantize_weight(linear).float()
+    target = weight.float()
+    error = rounded - target
+    return RequantizationError(
+        max_abs=float(error.abs().max()), relative=float(error.norm() / target.norm().clamp_min(torch.finfo(torch.float32).tiny))
+    )
+
+
+def dequantize_linear(linear: nn.Module, weight: torch.Tensor | None = None) -> nn.Linear:
+    """A plain ``nn.Linear`` with ``weight`` (default: the dequantized 4-bit weight) and the same bias."""
+    weight = dequantize_weight(linear) if weight is None else weight
+    dense = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    dense.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if linear.bias is not None:
+        dense.bias = nn.Parameter(linear.bias.detach().to(weight.dtype), requires_grad=False)
+    return dense
+
+
+def merge_and_dequantize(adapted_model) -> nn.Module:
+    """The plain full-precision model that computes exactly what the QPaCA model computed.
+
+    Each quantized PaCA layer becomes an ``nn.Linear`` with ``deq(W_q) + ΔW`` (no requantization,
+    so no rounding beyond the weight dtype); other adapter layers are merged as usual, and any other
+    4-bit layer is dequantized. This is what ``paca merge`` writes for a quantized adapter: a
+    standard HF model that any tool can load.
+    """
+    from .layers.quantized_partial_connection import QuantizedPaCALinear
+    from .surgery import replace_module
+
+    base = adapted_model.base_model
+    for name, layer in list(adapted_model.adapter_layers().items()):
+        if isinstance(layer, QuantizedPaCALinear):
+            replace_module(base, name, dequantize_linear(layer.base_layer, layer.merged_weight()))
+        else:
+            replace_module(base, name, layer.unload(merge=True))
+    for name, module in list(base.named_modules()):
+        if is_quantized_linear(module):
+            replace_module(base, name, dequantize_linear(module))
+    return base
+
+
+def is_quantized_model(adapted_model) -> bool:
+    """True when any adapter layer of ``adapted_model`` sits on a 4-bit base."""
+    from .layers.quantized_partial_connection import QuantizedPaCALinear
+
+    return any(isinstance(m, QuantizedPaCALinear) for m in adapted_model.adapter_layers().values())
+
+
+def prepare_quantized_target(config, linear: nn.Module, module_name: str) -> nn.Module:
+    """The 4-bit layer a QPaCA layer wraps: ``linear`` quantized with ``config.quantize``, or ``linear``
+    itself when it already is 4-bit (then ``config.quantize`` records its kind, for checkpoints)."""
+    if not is_quantized_linear(linear):
+        return quantize_linear(linear, config.quantize)
+    kind = quantized_kind(linear)
+    if config.quantize is None:
+        config.quantize = kind
+    elif config.quantize != kind:
+        raise PacaConfigError(
+            f"{module_name} is already quantized as {kind}, but the PaCA config asks for quantize={config.quantize!r}; "
+            f"use quantize={kind!r} (or None) or start from the full-precision model."
+        )
+    return linear

