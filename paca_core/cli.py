@@ -273,7 +273,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.offload_activations:
         from .offload import offload_activations
 
-        offload_activations(paca_model.base_model, _targets(args.offload_activations) if args.offload_activations != "decoder-layers" else "decoder-layers")
+        modules = args.offload_activations
+        offload_activations(paca_model.base_model, modules if modules == "decoder-layers" else _targets(modules))
     devices.apply_graph_mode(paca_model.base_model, device, graph_mode)
     trainable, total = paca_model.parameter_counts()
     logger.info("Trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)

@@ -18,3 +18,11 @@ def select_columns(in_features: int, r: int, seed: int, module_name: str) -> tor
         raise ValueError(f"r={r} exceeds in_features={in_features} of {module_name}")
     generator = torch.Generator().manual_seed(layer_seed(seed, module_name))
     return torch.randperm(in_features, generator=generator)[:r].sort().values
+
+
+def check_columns(indices: torch.Tensor, in_features: int, module_name: str) -> None:
+    """Reject column indices read from a file that cannot be this layer's (out of range or repeated)."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= in_features):
+        raise ValueError(f"{module_name} has column indices outside [0, {in_features}).")
+    if torch.unique(indices).numel() != indices.numel():
+        raise ValueError(f"{module_name} has repeated column indices; the file is corrupt.")

@@ -21,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from backends import Backend, get_backend
 
+from ..indices import check_columns
 from .base import AdapterLayer
 
 logger = logging.getLogger(__name__)
@@ -150,10 +151,7 @@ class PaCALinear(AdapterLayer):
     @torch.no_grad()
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         indices = tensors["paca_indices"]
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.in_features):
-            raise ValueError(f"{self.module_name} has column indices outside [0, {self.in_features}).")
-        if torch.unique(indices).numel() != indices.numel():
-            raise ValueError(f"{self.module_name} has repeated column indices; the file is corrupt.")
+        check_columns(indices, self.in_features, self.module_name)
         self.restore_original()
         self.paca_indices.copy_(indices)
         self.paca_original_columns = self.base_layer.weight.detach().index_select(1, self.paca_indices).clone()

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from backends import Backend, get_backend
 
+from ..indices import check_columns
 from .base import AdapterLayer
 from .partial_connection import _autocast_dtype
 
@@ -103,10 +104,7 @@ class QuantizedPaCALinear(AdapterLayer):
     @torch.no_grad()
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         indices = tensors["paca_indices"]
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.in_features):
-            raise ValueError(f"{self.module_name} has column indices outside [0, {self.in_features}).")
-        if torch.unique(indices).numel() != indices.numel():
-            raise ValueError(f"{self.module_name} has repeated column indices; the file is corrupt.")
+        check_columns(indices, self.in_features, self.module_name)
         self.paca_indices.copy_(indices)
         self.paca_delta.copy_(tensors["paca_delta"])
 
