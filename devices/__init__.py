@@ -20,6 +20,7 @@ from .registry import (
     clip_grad_norm,
     current_stream,
     default_dtype,
+    device_name,
     make_adamw,
     memory_stats,
     new_event,
@@ -37,6 +38,7 @@ from .registry import (
 from .runtime import DeviceRuntime, DeviceUnavailableError, InvalidDeviceError, MemoryStats
 
 __all__ = [
+    "device_name",
     "init_distributed",
     "launched_world_size",
     "DEVICE_CHOICES",

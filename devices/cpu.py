@@ -24,6 +24,14 @@ class CpuRuntime(DeviceRuntime):
     type = "cpu"
     graph_modes = ("eager", "compile")
 
+    shares_host_memory = True
+
+    def device_name(self, device: torch.device) -> str:
+        import os
+        import platform
+
+        return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+
     def is_available(self) -> bool:
         return True
 

@@ -20,6 +20,12 @@ class CudaRuntime(DeviceRuntime):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
 
+    def device_name(self, device: torch.device) -> str:
+        return torch.cuda.get_device_name(device)
+
+    def ddp_device_ids(self, device: torch.device) -> list[int] | None:
+        return [device.index] if device.index is not None else None
+
     def is_available(self) -> bool:
         try:
             return torch.cuda.is_available()

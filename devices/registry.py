@@ -194,3 +194,8 @@ def make_adamw(
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, device: torch.device | str) -> torch.Tensor:
     """Clip gradients to a global L2 norm of ``max_norm`` (Habana's FusedClipNorm on HPU); returns the norm."""
     return runtime_for(torch.device(device)).clip_grad_norm(parameters, max_norm)
+
+
+def device_name(device: torch.device | str) -> str:
+    """A human-readable device name for reports (e.g. "NVIDIA H100 80GB HBM3", "2-core CPU (x86_64)")."""
+    return runtime_for(torch.device(device)).device_name(torch.device(device))

@@ -53,6 +53,17 @@ class DeviceRuntime(ABC):
     #: torch.distributed backend for collectives between processes on this device type.
     distributed_backend: str = "gloo"
 
+    #: True where "device memory" is host memory (CPU): no transfers, and peaks include the whole process.
+    shares_host_memory: bool = False
+
+    def device_name(self, device: torch.device) -> str:
+        """A human-readable name of the device for reports."""
+        return str(device)
+
+    def ddp_device_ids(self, device: torch.device) -> list[int] | None:
+        """``device_ids`` for DistributedDataParallel (None: the module's own device)."""
+        return None
+
     def rank_device(self, device: torch.device, local_rank: int) -> torch.device:
         """The device one process of a multi-process launch uses (``LOCAL_RANK`` = ``local_rank``)."""
         return device

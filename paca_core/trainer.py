@@ -368,8 +368,7 @@ def _process_group() -> tuple[int, int]:
 
 def _data_parallel(model, device: torch.device):
     """DDP over the adapted model: only trainable (adapter) parameters' gradients are all-reduced."""
-    device_ids = [device.index] if device.type == "cuda" and device.index is not None else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=devices.runtime_for(device).ddp_device_ids(device))
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

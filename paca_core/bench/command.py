@@ -121,13 +121,7 @@ def _environment(device_text: str | None) -> dict:
         except PackageNotFoundError:
             versions[package] = "not installed"
     device = devices.resolve_device(device_text)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    elif device.type == "cpu":
-        name = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
-    else:
-        name = str(device)
-    return {"device": str(device), "device_name": name, "versions": versions, "platform": platform.platform()}
+    return {"device": str(device), "device_name": devices.device_name(device), "versions": versions, "platform": platform.platform()}
 
 
 def _job_base(args: argparse.Namespace) -> dict:

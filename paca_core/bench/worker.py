@@ -285,7 +285,7 @@ def run_probe(job: dict) -> dict:
     prepared.module.train()
     ids = _random_batch(prepared, job, device)
     counted = _counted_step(prepared, ids, device)
-    if device.type == "cpu":
+    if devices.runtime_for(device).shares_host_memory:
         return {"status": "ok", "memory_bytes": counted["total_bytes"], "memory_kind": "counted", "counted": counted}
     devices.synchronize(device)
     devices.reset_peak_memory_stats(device)
