@@ -5,7 +5,6 @@ also what graph-compiled devices (HPU lazy mode, torch.compile) execute unless a
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

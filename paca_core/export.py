@@ -24,7 +24,6 @@ from .atomic import atomic_directory
 from .checkpoint import _base_model_name
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .layers import PaCALinear
     from .model import PacaModel
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from paca_core.cli import main
 from paca_core.dataset import IGNORE_INDEX, DataError, load_dataset, split_held_out
 from paca_core.trainer import Trainer, TrainingArguments
 
-from .conftest import SAMPLE_TEXT
 
 REPO = Path(__file__).resolve().parents[1]
 

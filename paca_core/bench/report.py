@@ -83,7 +83,7 @@ def speed_markdown(records: list[dict], search_kind: str | None = None) -> str:
             f"#### seq {seq} × batch {batch}, LoRA rank {rank} ({device})",
             "",
             "| method | r | trainable params | step (ms) | tokens/s | peak MiB (device) | kept for backward MiB | over floor MiB "
-            f"| weights+grads+optim MiB | step ×PEFT LoRA | step ×floor | memory ×PEFT LoRA | memory ×floor |"
+            "| weights+grads+optim MiB | step ×PEFT LoRA | step ×floor | memory ×PEFT LoRA | memory ×floor |"
             + (f" max {search_kind} under budget |" if search_kind else ""),
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if search_kind else ""),
         ]
