@@ -2,7 +2,7 @@
 
 The bottom layer: imports nothing from ``backends`` or ``paca_core``, and no vendor package at import time.
 """
-from .distributed import init_distributed, launched_world_size
+from .distributed import device_mesh, init_distributed, launched_world_size
 from .graph_modes import (
     GRAPH_MODES,
     add_graph_mode_argument,
@@ -40,6 +40,7 @@ from .runtime import DeviceRuntime, DeviceUnavailableError, InvalidDeviceError, 
 __all__ = [
     "device_name",
     "init_distributed",
+    "device_mesh",
     "launched_world_size",
     "DEVICE_CHOICES",
     "ENV_VAR",

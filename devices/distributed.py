@@ -35,3 +35,12 @@ def init_distributed(spec: str | torch.device | None = None) -> tuple[torch.devi
         dist.init_process_group(backend=runtime.distributed_backend)
     logger.info("Process %d of %d on %s (%s)", dist.get_rank(), dist.get_world_size(), device, runtime.distributed_backend)
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def device_mesh(device: torch.device | str):
+    """A one-dimensional device mesh over every process (what FSDP2 shards across)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = torch.device(device)
+    return init_device_mesh(device.type, (dist.get_world_size(),))

@@ -16,6 +16,7 @@ from ._version import __version__
 from .atomic import atomic_directory
 from .config import MethodConfig, config_from_dict, method_name
 from .errors import CheckpointError, PacaConfigError
+from .sharding import full_tensor, shard_like
 from .surgery import module_io
 
 logger = logging.getLogger(__name__)
@@ -31,11 +32,14 @@ def _base_model_name(model: nn.Module) -> str | None:
 
 
 def adapter_state(adapted_model) -> dict[str, torch.Tensor]:
-    """The tensors that define the adapter, keyed ``<module>.<tensor>`` (e.g. ``…q_proj.paca_delta``)."""
+    """The tensors that define the adapter, keyed ``<module>.<tensor>`` (e.g. ``…q_proj.paca_delta``).
+
+    Under FSDP this gathers the shards: every process must call it (in the same order).
+    """
     state = {}
     for name, layer in adapted_model.adapter_layers().items():
         for key, tensor in layer.adapter_state().items():
-            state[f"{name}.{key}"] = tensor.detach().to("cpu").contiguous()
+            state[f"{name}.{key}"] = full_tensor(tensor.detach()).to("cpu").contiguous()
     return state
 
 
@@ -46,8 +50,13 @@ def _config_index(adapted_model, layer) -> int:
     return index
 
 
-def write_adapter_files(adapted_model, directory: Path, extra_metadata: dict[str, Any] | None = None) -> None:
-    """Write the adapter's two files into an existing directory (callers make it atomic)."""
+def write_adapter_files(
+    adapted_model, directory: Path, extra_metadata: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write the adapter's two files into an existing directory (callers make it atomic).
+
+    ``tensors``: :func:`adapter_state` already gathered (FSDP: by every process, before only one writes).
+    """
     layers = adapted_model.adapter_layers()
     document = {
         "format_version": FORMAT_VERSION,
@@ -62,15 +71,24 @@ def write_adapter_files(adapted_model, directory: Path, extra_metadata: dict[str
         },
         **(extra_metadata or {}),
     }
-    save_file(adapter_state(adapted_model), str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "paca-hal"})
+    tensors = adapter_state(adapted_model) if tensors is None else tensors
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "paca-hal"})
     (directory / CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True))
 
 
-def save_adapter(adapted_model, directory: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:
-    """Write the adapter atomically; the previous checkpoint at ``directory`` survives any failure."""
+def save_adapter(
+    adapted_model, directory: str | Path, extra_metadata: dict[str, Any] | None = None, is_main_process: bool = True
+) -> Path:
+    """Write the adapter atomically; the previous checkpoint at ``directory`` survives any failure.
+
+    Under FSDP every process calls this (the shards are gathered) and only ``is_main_process`` writes.
+    """
     directory = Path(directory)
+    tensors = adapter_state(adapted_model)
+    if not is_main_process:
+        return directory
     with atomic_directory(directory) as staging:
-        write_adapter_files(adapted_model, staging, extra_metadata)
+        write_adapter_files(adapted_model, staging, extra_metadata, tensors=tensors)
     logger.info("Saved adapter (%d layers) to %s", len(adapted_model.adapter_layers()), directory)
     return directory
 
@@ -180,7 +198,9 @@ def load_adapter_tensors(adapted_model, tensors: dict[str, torch.Tensor], direct
         raise CheckpointError(f"Checkpoint {directory}: {'; '.join(wrong[:3])}.")
     for name, layer in layers.items():
         prefix = name + "."
+        current = layer.adapter_state()
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         try:
-            layer.load_adapter_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]})
+            layer.load_adapter_state({k: shard_like(v, current[k]) for k, v in own.items()})  # FSDP: each rank its rows
         except ValueError as error:
             raise CheckpointError(f"Checkpoint {directory}: {error}") from None

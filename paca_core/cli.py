@@ -97,6 +97,11 @@ def _add_train_parser(sub) -> None:
         "--on-nan", default="stop", choices=["stop", "skip"],
         help="a NaN/inf loss or gradient norm: stop (save the last good state and exit) or skip that step",
     )
+    p.add_argument(
+        "--fsdp", action="store_true",
+        help="under torchrun/accelerate launch: shard base weights and adapters across processes with FSDP2 "
+        "(default: DDP, a full copy per process)",
+    )
     p.set_defaults(handler=run_train)
 
 
@@ -250,6 +255,7 @@ def run_train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         progress=not args.no_progress,
         on_nan=args.on_nan,
+        fsdp=args.fsdp,
     )
     train_args.validate()
     device, rank, world_size = devices.init_distributed(args.device)  # torchrun: one process per device
@@ -326,8 +332,8 @@ def run_train(args: argparse.Namespace) -> int:
     eval_after = trainer.evaluate(eval_data)
     sample_after = _sample(paca_model, tokenizer, prompt_ids, args.sample_tokens) if args.sample_tokens else None
     adapter_dir = out / "adapter"
-    if rank == 0:  # all ranks hold the same adapter
-        paca_model.save_pretrained(adapter_dir, base_model=str(model_path))
+    # Every rank takes part (FSDP gathers the shards); rank 0 writes.
+    paca_model.save_pretrained(adapter_dir, is_main_process=rank == 0, base_model=str(model_path))
     metrics.update(
         held_out_loss_after=eval_after,
         held_out_perplexity_before=_safe_exp(eval_before),

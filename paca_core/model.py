@@ -203,11 +203,14 @@ class AdaptedModel(nn.Module):
                 replace_module(self.base_model, name, layer.unload(merge=merge))
         return self.base_model
 
-    def save_pretrained(self, directory: str | Path, **extra_metadata) -> Path:
-        """Write the adapter (safetensors + JSON config) atomically to ``directory``."""
+    def save_pretrained(self, directory: str | Path, is_main_process: bool = True, **extra_metadata) -> Path:
+        """Write the adapter (safetensors + JSON config) atomically to ``directory``.
+
+        Under FSDP call it on every process (the shards are gathered); only ``is_main_process`` writes.
+        """
         from .checkpoint import save_adapter
 
-        return save_adapter(self, directory, extra_metadata=extra_metadata)
+        return save_adapter(self, directory, extra_metadata=extra_metadata, is_main_process=is_main_process)
 
     @classmethod
     def from_pretrained(

@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from backends import Backend, Transfer, get_backend
 
+from .surgery import decoder_layers
+
 logger = logging.getLogger(__name__)
 
 #: Tensors smaller than this stay where they are (a copy costs more than the memory it frees).
@@ -149,8 +151,7 @@ class ActivationOffload:
 def _select_modules(model: nn.Module, modules: str | list[str]) -> list[nn.Module]:
     named = dict(model.named_modules())
     if modules == "decoder-layers":
-        blocks = [m for n, m in named.items() if isinstance(m, nn.ModuleList) and n.split(".")[-1] in ("layers", "h", "blocks")]
-        chosen = [child for block in blocks for child in block]
+        chosen = decoder_layers(model)
     elif isinstance(modules, str):
         regex = re.compile(modules)
         chosen = [m for n, m in named.items() if n and regex.fullmatch(n)]

@@ -106,3 +106,13 @@ def module_io(module: nn.Module) -> tuple[int | None, int | None]:
     except TargetModuleError:
         return None, None
     return width, width
+
+
+#: Names of the ModuleList that holds a decoder's blocks (LLaMA/Mistral/Qwen: layers; GPT-2: h; others: blocks).
+DECODER_BLOCK_LISTS = ("layers", "h", "blocks")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks, in order (the units for activation offload and FSDP)."""
+    lists = [m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.split(".")[-1] in DECODER_BLOCK_LISTS]
+    return [block for blocks in lists for block in blocks]

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 import devices
 
 from .atomic import atomic_directory, write_bytes_atomic
-from .checkpoint import load_adapter_tensors, read_adapter_config, read_adapter_tensors, write_adapter_files
+from .checkpoint import adapter_state, load_adapter_tensors, read_adapter_config, read_adapter_tensors, write_adapter_files
 from .dataset import TokenizedData
 from .errors import OOM_LEVERS, CheckpointError, NonFiniteLossError, TrainingOutOfMemoryError, is_out_of_memory
+from .sharding import full_tensor, gathered_optimizer_state, load_optimizer_state, shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class TrainingArguments:
     #: (drop that step's gradients, go on; stop after ``max_skipped_steps`` in a row).
     on_nan: str = "stop"
     max_skipped_steps: int = 10
+    #: Under a multi-process launch, shard base weights and adapters with FSDP2 instead of
+    #: replicating them with DDP (paca_core/sharding.py).
+    fsdp: bool = False
 
     def validate(self) -> None:
         problems = []
@@ -110,7 +114,16 @@ class Trainer:
         # Under torchrun/accelerate (torch.distributed initialised): DDP, and each rank takes its
         # share of every global batch of world × batch_size examples.
         self.rank, self.world_size = _process_group()
-        self.network = _data_parallel(model, device) if self.world_size > 1 else model
+        self.sharded = args.fsdp
+        if args.fsdp:
+            if not _distributed_initialized():
+                raise ValueError(
+                    "--fsdp shards the model across processes, and this is a single process: launch with "
+                    "torchrun --nproc-per-node N -m paca_core train ... (or accelerate launch), or drop --fsdp."
+                )
+            self.network = shard_model(model, device)  # in place; before the optimizer sees the (now sharded) parameters
+        else:
+            self.network = _data_parallel(model, device) if self.world_size > 1 else model
         self.global_batch = args.batch_size * self.world_size
         self.batches_per_epoch = len(train_data) // self.global_batch
         if self.batches_per_epoch == 0:
@@ -150,11 +163,17 @@ class Trainer:
     def save_checkpoint(self, directory: Path | None = None) -> Path:
         """Adapter + optimizer + scheduler + RNG + position, written atomically (the old one survives a crash)."""
         directory = Path(directory or self.checkpoint_dir)
-        if self.rank != 0:  # every rank holds the same adapter: rank 0 writes, the others wait for it
+        # FSDP: every rank takes part in gathering the shards. DDP: every rank holds the same state.
+        # Either way rank 0 writes and the others wait for it.
+        if self.sharded:
+            tensors, optimizer_state = adapter_state(self.model), gathered_optimizer_state(self.optimizer)
+        elif self.rank == 0:
+            tensors, optimizer_state = adapter_state(self.model), self.optimizer.state_dict()
+        if self.rank != 0:
             torch.distributed.barrier()
             return directory
         training_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "host_optimizer": self.model.host_optimizer_state(),  # MEFT's Adam state lives in host memory
             "scheduler": self.scheduler.state_dict(),
             "trainer": asdict(self.state),
@@ -162,7 +181,7 @@ class Trainer:
             "total_steps": self.total_steps,
         }
         with atomic_directory(directory) as staging:
-            write_adapter_files(self.model, staging)
+            write_adapter_files(self.model, staging, tensors=tensors)
             torch.save(training_state, staging / STATE_NAME)
             (staging / STATE_JSON).write_text(json.dumps({"step": self.state.step, "total_steps": self.total_steps}, indent=2))
         logger.info("Checkpoint at step %d saved to %s", self.state.step, directory)
@@ -194,7 +213,7 @@ class Trainer:
             state = torch.load(state_path, map_location="cpu", weights_only=False)
         except Exception as error:  # truncated or foreign file
             raise CheckpointError(f"{state_path} cannot be read ({error}); the checkpoint is corrupt.") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])  # re-sharded under FSDP
         self.model.load_host_optimizer_state(state.get("host_optimizer", {}))
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainerState(**state["trainer"])
@@ -352,17 +371,20 @@ class Trainer:
 def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
     check = torch.isfinite(loss)
     if grad_norm is not None:
-        check = check & torch.isfinite(grad_norm)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        check = check & torch.isfinite(full_tensor(grad_norm))  # FSDP: the norm is a DTensor
+    if _distributed_initialized():
         check = check.to(torch.int32)
         torch.distributed.all_reduce(check, op=torch.distributed.ReduceOp.MIN)  # every rank decides alike
     return bool(check)
 
 
+def _distributed_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _process_group() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+    if _distributed_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 

@@ -18,6 +18,8 @@ class AdapterLayer(nn.Module):
     attaches: bool = False
     #: Whether ΔW exists, so ``merge_and_unload`` can fold the adapter into the weights.
     mergeable: bool = True
+    #: Whether FSDP2 can shard it (its state is plain parameters; see paca_core/sharding.py).
+    shardable: bool = True
 
     def __init__(self, base_layer: nn.Linear, module_name: str = ""):
         super().__init__()

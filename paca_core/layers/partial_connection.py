@@ -7,6 +7,10 @@ eval is the plain base layer. The original columns are kept in a small ``(out, r
 disabling, unmerging and saving the base weights restore them bit for bit. The columns are
 rewritten once per optimizer step (a global optimizer post-step hook), and also whenever the
 delta's version counter shows it was changed in place some other way.
+
+Under FSDP2 the weight and the delta are DTensors sharded on dim 0 (output features) between steps:
+their row shards line up, so each rank rewrites the columns of its own rows (paca_core/sharding.py)
+and the all-gathered weight of the next forward and backward is adapted everywhere.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from backends import Backend, get_backend
 
 from ..indices import check_columns
+from ..sharding import gather_rows, is_sharded, local_rows, wrap_local
 from .base import AdapterLayer
 
 logger = logging.getLogger(__name__)
@@ -97,9 +102,10 @@ class PaCALinear(AdapterLayer):
         self.register_buffer(
             "paca_original_columns", weight.detach().index_select(1, self.paca_indices).clone(), persistent=False
         )
-        self.paca_delta._paca_layer = weakref.ref(self)  # lets the optimizer hook find this layer
         self._applied = False  # does the base weight hold original + scaling·delta right now?
         self._applied_version = -1
+        self._sharded = False  # FSDP2 manages the parameters: the post-step hook alone keeps them adapted
+        _LAYERS.add(self)  # lets the optimizer hook find this layer
         self._register_hooks()
         register_optimizer_sync_hook()
         self.apply_delta()
@@ -108,11 +114,19 @@ class PaCALinear(AdapterLayer):
     @torch.no_grad()
     def apply_delta(self) -> None:
         """Write ``original + scaling·delta`` into the selected columns of the base weight."""
-        weight = self.base_layer.weight
-        get_backend(weight.device).write_adapted_columns(
-            [weight], [self.paca_indices], [self.paca_original_columns], [self.paca_delta], [self.scaling]
-        )
-        self._mark_applied()
+        sync_layers([self])
+
+    def _local_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weight, original columns, delta) for the rows this process holds: all of them unless sharded."""
+        weight, rows = local_rows(self.base_layer.weight)
+        delta, _ = local_rows(self.paca_delta)
+        if is_sharded(self.base_layer.weight):
+            self._sharded = True
+        return weight, self.paca_original_columns[rows], delta
+
+    def mark_sharded(self) -> None:
+        """Called by :func:`paca_core.sharding.shard_model`: forwards then see all-gathered copies."""
+        self._sharded = True
 
     def _mark_applied(self) -> None:
         self._applied = True
@@ -122,7 +136,8 @@ class PaCALinear(AdapterLayer):
     def restore_original(self) -> None:
         """Put the pretrained columns back (bit-identical)."""
         if self._applied:
-            self.base_layer.weight.index_copy_(1, self.paca_indices, self.paca_original_columns)
+            weight, original, _ = self._local_parts()
+            weight.index_copy_(1, self.paca_indices, original)
             self._applied = False
 
     def _stale(self) -> bool:
@@ -130,18 +145,25 @@ class PaCALinear(AdapterLayer):
 
     def pristine_weight(self) -> torch.Tensor:
         """A copy of the base weight with the original columns (what the pretrained model had)."""
-        weight = self.base_layer.weight.detach().clone()
-        return weight.index_copy_(1, self.paca_indices, self.paca_original_columns)
+        weight, original, _ = self._local_parts()
+        pristine = weight.detach().clone().index_copy_(1, self.paca_indices, original)
+        return wrap_local(pristine, self.base_layer.weight)
+
+    def _original_columns(self) -> torch.Tensor:
+        """The selected columns of the base weight as they are now, whole (gathered when sharded)."""
+        weight, _ = local_rows(self.base_layer.weight.detach())
+        return gather_rows(weight.index_select(1, self.paca_indices), self.base_layer.weight)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) in float32: ``scaling·delta`` in the selected columns, zero elsewhere."""
         full = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.paca_delta.device)
-        return full.index_copy_(1, self.paca_indices, self.paca_delta.detach() * self.scaling)
+        delta = gather_rows(local_rows(self.paca_delta.detach())[0], self.paca_delta)
+        return full.index_copy_(1, self.paca_indices, delta * self.scaling)
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy / pickle: the copied delta must point at this copy, not at the original layer.
         super().__setstate__(state)
-        self.paca_delta._paca_layer = weakref.ref(self)
+        _LAYERS.add(self)
         register_optimizer_sync_hook()
 
     # --- checkpoint state -------------------------------------------------------------------------
@@ -154,7 +176,7 @@ class PaCALinear(AdapterLayer):
         check_columns(indices, self.in_features, self.module_name)
         self.restore_original()
         self.paca_indices.copy_(indices)
-        self.paca_original_columns = self.base_layer.weight.detach().index_select(1, self.paca_indices).clone()
+        self.paca_original_columns = self._original_columns()
         self.paca_delta.copy_(tensors["paca_delta"])
         if self.adapter_enabled:
             self.apply_delta()
@@ -178,7 +200,7 @@ class PaCALinear(AdapterLayer):
             if self._applied:
                 self.restore_original()
             return self.base_layer(x)
-        if not _is_compiling() and self._stale():
+        if not _is_compiling() and not self._sharded and self._stale():
             self.apply_delta()
         if self.merged or not self.paca_delta.requires_grad or not torch.is_grad_enabled():
             return self.base_layer(x)  # weight already adapted: inference costs nothing extra
@@ -234,14 +256,16 @@ def _before_load(module: PaCALinear, state_dict, prefix, local_metadata, strict,
 
 @torch.no_grad()
 def _after_load(module: PaCALinear, incompatible_keys) -> None:
-    weight = module.base_layer.weight
-    module.paca_original_columns = weight.detach().index_select(1, module.paca_indices).clone()
+    module.paca_original_columns = module._original_columns()
     if module.adapter_enabled:
         module.apply_delta()
 
 
 # --- one write-back per optimizer step, for every optimizer ----------------------------------------
 _HOOK_HANDLE = None
+#: Every live PaCA layer. The hook looks layers up by their delta's identity rather than tagging the
+#: parameter, because FSDP2 replaces parameters with new (sharded) ones.
+_LAYERS: "weakref.WeakSet[PaCALinear]" = weakref.WeakSet()
 
 
 def register_optimizer_sync_hook() -> None:
@@ -256,28 +280,24 @@ def register_optimizer_sync_hook() -> None:
 
 
 def _sync_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    layers = []
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            ref = getattr(param, "_paca_layer", None)
-            layer = ref() if ref is not None else None
-            if layer is not None and layer.adapter_enabled:
-                layers.append(layer)
-    sync_layers(layers)
+    stepped = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    sync_layers([layer for layer in list(_LAYERS) if layer.adapter_enabled and id(layer.paca_delta) in stepped])
 
 
+@torch.no_grad()
 def sync_layers(layers: list[PaCALinear]) -> None:
     """Rewrite the adapted columns of ``layers``, batched per device so a backend can use one launch."""
-    by_device: dict[torch.device, list[PaCALinear]] = {}
+    by_device: dict[torch.device, list[tuple[PaCALinear, tuple]]] = {}
     for layer in layers:
-        by_device.setdefault(layer.base_layer.weight.device, []).append(layer)
+        parts = layer._local_parts()
+        by_device.setdefault(parts[0].device, []).append((layer, parts))
     for device, group in by_device.items():
         get_backend(device).write_adapted_columns(
-            [layer.base_layer.weight for layer in group],
-            [layer.paca_indices for layer in group],
-            [layer.paca_original_columns for layer in group],
-            [layer.paca_delta for layer in group],
-            [layer.scaling for layer in group],
+            [weight for _, (weight, _, _) in group],
+            [layer.paca_indices for layer, _ in group],
+            [original for _, (_, original, _) in group],
+            [delta for _, (_, _, delta) in group],
+            [layer.scaling for layer, _ in group],
         )
-        for layer in group:
+        for layer, _ in group:
             layer._mark_applied()

@@ -77,6 +77,7 @@ class QuantizedPaCALinear(AdapterLayer):
     """
 
     method = "paca"
+    shardable = False  # bitsandbytes 4-bit weights are not FSDP2 parameters
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float | None, indices: torch.Tensor, module_name: str = ""):
         from ..quantization import is_quantized_linear, quantized_kind

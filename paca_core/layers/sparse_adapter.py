@@ -72,6 +72,7 @@ class SparseFFNAdapter(AdapterLayer):
     method = "meft"
     attaches = True
     mergeable = False
+    shardable = False  # host-memory rows; the router alone would shard
 
     def __init__(
         self,
