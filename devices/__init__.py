@@ -2,7 +2,7 @@
 
 The bottom layer: imports nothing from ``backends`` or ``paca_core``, and no vendor package at import time.
 """
-from .distributed import device_mesh, init_distributed, launched_world_size
+from .distributed import device_mesh, host_process_group, init_distributed, launched_world_size
 from .graph_modes import (
     GRAPH_MODES,
     add_graph_mode_argument,
@@ -41,6 +41,7 @@ __all__ = [
     "device_name",
     "init_distributed",
     "device_mesh",
+    "host_process_group",
     "launched_world_size",
     "DEVICE_CHOICES",
     "ENV_VAR",

@@ -44,3 +44,19 @@ def device_mesh(device: torch.device | str):
 
     device = torch.device(device)
     return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+_HOST_GROUP: list = []
+
+
+def host_process_group():
+    """The process group for collectives on host (CPU) tensors: the default group when it runs gloo,
+    otherwise a gloo group over the same processes, made on first use (every process must call this
+    at the same point, as with any collective)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]

@@ -1,5 +1,7 @@
-"""Under DDP (2 CPU processes, gloo) PaCA and LoRA-FA train exactly as one process does on the same
-global batch (PaCA's column rewrite follows the all-reduced gradients). VeLoRA's projection comes
+"""Under DDP (2 CPU processes, gloo) PaCA, LoRA-FA and MEFT train exactly as one process does on the
+same global batch (PaCA's column rewrite follows the all-reduced gradients; MEFT keeps one host copy
+of its rows per process and averages the used rows' gradients across processes before the host
+update). VeLoRA's projection comes
 from batch statistics, which each rank sees only part of: the ranks agree on one (averaged)
 projection and stay identical, but the run is not bit-equal to a single process."""
 import os
@@ -10,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from paca_core import LoRAConfig, LoRAFAConfig, PaCAConfig, VeLoRAConfig, prepare_model
+from paca_core import LoRAConfig, LoRAFAConfig, MEFTConfig, PaCAConfig, VeLoRAConfig, prepare_model
 
 from .conftest import tiny_llama
 
@@ -18,8 +20,10 @@ CONFIGS = {
     "paca": lambda: PaCAConfig(r=4),
     "lorafa": lambda: LoRAFAConfig(r=4),
     "lora+velora": lambda: [LoRAConfig(r=4), VeLoRAConfig(num_groups=4)],
+    # rows_per_step = num_rows: no row is dropped, in one process or two, so the runs can be equal
+    "paca+meft": lambda: [PaCAConfig(r=4), MEFTConfig(num_rows=64, top_k=4, rows_per_step=64)],
 }
-EXACT = ("paca", "lorafa")
+EXACT = ("paca", "lorafa", "paca+meft")
 STEPS, GLOBAL_BATCH, LENGTH = 3, 4, 12
 
 

@@ -407,12 +407,3 @@ def test_compiled_model_matches_eager_and_still_sends_gradients_home():
     table = model.adapter_layers()["model.layers.0.mlp"].table
     table.collect()
     assert table.touched.any() and table.grad_values.abs().sum() > 0
-
-
-def test_multi_process_training_is_refused_rather_than_silently_diverging(monkeypatch):
-    import torch.distributed as dist
-
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    with pytest.raises(RuntimeError, match="multi-process"):
-        prepare_model(Block(), MEFTConfig(num_rows=32, top_k=4), device="cpu")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+import devices
 from backends import Backend, Transfer
 
 
@@ -150,9 +151,33 @@ class HostRowTable:
         self.touched[idx] = False
 
     @torch.no_grad()
+    def average_across_processes(self, group=None) -> None:
+        """Multi-process training: every process holds the whole table and must apply the same update.
+
+        The union of the rows any process touched is agreed on first (one all-reduce of a row mask),
+        then only those rows' gradients are all-reduced and averaged — what DDP does for device
+        gradients, so N processes equal one process on the global batch.
+        """
+        import torch.distributed as dist
+
+        mask = self.touched.to(torch.int32)
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=group)
+        idx = mask.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return
+        grads = torch.cat((self.grad_keys.index_select(0, idx), self.grad_values.index_select(0, idx)), dim=1)
+        dist.all_reduce(grads, group=group)
+        grads /= dist.get_world_size(group)
+        self.grad_keys.index_copy_(0, idx, grads[:, : self.width])
+        self.grad_values.index_copy_(0, idx, grads[:, self.width :])
+        self.touched[idx] = True
+
+    @torch.no_grad()
     def apply_update(self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> int:
         """AdamW on the touched rows only; returns how many rows were updated."""
         self.collect()
+        if _multi_process():
+            self.average_across_processes(devices.host_process_group())
         idx = self.touched.nonzero().squeeze(1)
         if idx.numel() == 0:
             return 0
@@ -191,3 +216,9 @@ class HostRowTable:
         self.row_steps.copy_(state["row_steps"])
         self.exp_avg = {k.split(".", 1)[1]: v.clone() for k, v in state.items() if k.startswith("exp_avg.")}
         self.exp_avg_sq = {k.split(".", 1)[1]: v.clone() for k, v in state.items() if k.startswith("exp_avg_sq.")}
+
+
+def _multi_process() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

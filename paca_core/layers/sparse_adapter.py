@@ -72,7 +72,6 @@ class SparseFFNAdapter(AdapterLayer):
     method = "meft"
     attaches = True
     mergeable = False
-    shardable = False  # host-memory rows; the router alone would shard
 
     def __init__(
         self,
@@ -88,7 +87,6 @@ class SparseFFNAdapter(AdapterLayer):
         module_name: str = "",
     ):
         nn.Module.__init__(self)
-        _refuse_multi_process(module_name)
         self._init_adapter_fields(module_name, width, width)
         self.top_k, self.num_probe, self.capacity = top_k, num_probe, capacity
         parameter = next(target.parameters(), None)
@@ -98,7 +96,7 @@ class SparseFFNAdapter(AdapterLayer):
         with torch.no_grad():
             generator = torch.Generator().manual_seed(seed + 1)
             self.router.weight.copy_(torch.randn(num_experts, width, generator=generator) * width**-0.5)
-        self.router.weight._meft_layer = weakref.ref(self)
+        _LAYERS.add(self)  # lets the optimizer hook find this layer
         self.table = HostRowTable(num_rows, width, num_experts, key_std, seed)
         self._in_flight: _InFlight | None = None
         target.register_forward_pre_hook(self._start)
@@ -108,7 +106,7 @@ class SparseFFNAdapter(AdapterLayer):
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy / pickle: the copied router must lead the optimizer hook to this copy.
         super().__setstate__(state)
-        self.router.weight._meft_layer = weakref.ref(self)
+        _LAYERS.add(self)
         register_optimizer_update_hook()
 
     @property
@@ -206,20 +204,10 @@ class SparseFFNAdapter(AdapterLayer):
         )
 
 
-def _refuse_multi_process(module_name: str) -> None:
-    """Each process would update its own host rows from its own gradients and the copies would drift
-    apart silently; refuse instead of training wrongly."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError(
-            f"MEFT ({module_name}) does not support multi-process training yet: its host-memory rows are not "
-            "synchronised across ranks. Train MEFT in one process, or use paca/lorafa/velora under DDP/FSDP."
-        )
-
-
 # --- the optimizer hook: the host update runs when the optimizer that owns a router steps -----------
 _HOOK_HANDLE = None
+#: Every live MEFT adapter, found by its router's identity (FSDP2 replaces parameters, so no tag on them).
+_LAYERS: "weakref.WeakSet[SparseFFNAdapter]" = weakref.WeakSet()
 
 
 def register_optimizer_update_hook() -> None:
@@ -229,10 +217,12 @@ def register_optimizer_update_hook() -> None:
 
 
 def _update_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    for group in optimizer.param_groups:
+    by_router = {id(layer.router.weight): layer for layer in list(_LAYERS)}
+    if not by_router:
+        return
+    for group in optimizer.param_groups:  # the optimizer's order: the same on every process
         for param in group["params"]:
-            ref = getattr(param, "_meft_layer", None)
-            layer = ref() if ref is not None else None
+            layer = by_router.get(id(param))
             if layer is None:
                 continue
             betas = group.get("betas", (0.9, 0.999))
