@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import sys
 import time
@@ -255,7 +256,7 @@ def run_train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         progress=not args.no_progress,
         on_nan=args.on_nan,
-        fsdp=args.fsdp,
+        fsdp=args.fsdp or _accelerate_asks_for_fsdp(),
     )
     train_args.validate()
     device, rank, world_size = devices.init_distributed(args.device)  # torchrun: one process per device
@@ -350,6 +351,11 @@ def run_train(args: argparse.Namespace) -> int:
         write_metrics(out / "metrics.json", metrics)
         _print_summary(metrics)
     return 0
+
+
+def _accelerate_asks_for_fsdp() -> bool:
+    """``accelerate launch --use_fsdp`` (or an accelerate config with FSDP) sets this for the processes it starts."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 def _safe_exp(value: float) -> float:

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from paca_core import LoRAConfig, LoRAFAConfig, MEFTConfig, PaCAConfig, VeLoRAConfig, prepare_model
 
-from .conftest import tiny_llama
+from .conftest import SAMPLE_TEXT, tiny_llama
 
 CONFIGS = {
     "paca": lambda: PaCAConfig(r=4),
@@ -82,31 +82,70 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(method, tmp_pat
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_paca_train_under_torchrun_equals_one_process_with_the_global_batch(tiny_model_dir, sample_text_file, tmp_path):
-    """`torchrun --nproc-per-node 2 -m paca_core train --batch-size 2` (gloo on CPU) trains the same adapter
-    as one process with --batch-size 4; rank 0 writes the checkpoint and the adapter."""
+COMMON = ["--steps", "3", "--seq-len", "16", "--sample-tokens", "0", "--no-progress", "--device", "cpu", "--rank", "4", "--lr", "1e-2"]
+
+
+def _run(command, env):
     import subprocess
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def one_process_adapter(tiny_model_dir, tmp_path_factory):
+    """`paca train --batch-size 4` in one process: what every launch below must reproduce."""
     import sys
 
     from safetensors.torch import load_file
 
-    common = [
-        "train", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--steps", "3", "--seq-len", "16",
-        "--sample-tokens", "0", "--no-progress", "--device", "cpu", "--rank", "4", "--lr", "1e-2",
-    ]
+    out = tmp_path_factory.mktemp("one")
+    text = out / "train.txt"
+    text.write_text(SAMPLE_TEXT)
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "paca_core", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-         "-m", "paca_core", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    two = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    data = ["--model", str(tiny_model_dir), "--data", str(text)]
+    _run([sys.executable, "-m", "paca_core", "train", *data, *COMMON, "--batch-size", "4", "--out", str(out)], env)
+    return load_file(str(out / "adapter" / "adapter_model.safetensors")), data, env
+
+
+def _accelerate(mode, port):
+    return ["-m", "accelerate.commands.launch", mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port), "-m"]
+
+
+LAUNCHES = {
+    # torchrun + DDP (a full copy per process)
+    "torchrun-ddp": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"], []),
+    # torchrun + FSDP2 (weights and adapters sharded; every rank gathers, rank 0 writes)
+    "torchrun-fsdp": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534"], ["--fsdp"]),
+    # accelerate launch: its torchrun-based launchers; --use_fsdp reaches paca train as ACCELERATE_USE_FSDP
+    "accelerate-ddp": (_accelerate("--multi_gpu", 29535), []),
+    "accelerate-fsdp": (_accelerate("--use_fsdp", 29536), []),
+}
+
+
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_paca_train_launched_on_two_processes_equals_one_process_with_the_global_batch(launch, one_process_adapter, tmp_path):
+    """Two processes with --batch-size 2 train the same adapter as one process with --batch-size 4;
+    rank 0 writes the checkpoint and the adapter, which load like any other."""
+    import json
+    import sys
+
+    from safetensors.torch import load_file
+
+    one, data, env = one_process_adapter
+    launcher, extra = LAUNCHES[launch]
+    if launch.startswith("accelerate"):
+        pytest.importorskip("accelerate")
+        command = [sys.executable, *launcher, "paca_core", "train"]
+    else:
+        command = [sys.executable, *launcher, "-m", "paca_core", "train"]
+    _run([*command, *data, *COMMON, *extra, "--batch-size", "2", "--out", str(tmp_path)], env)
+    two = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
-    assert (tmp_path / "two" / "checkpoint" / "trainer_state.pt").is_file()
+    assert (tmp_path / "checkpoint" / "trainer_state.pt").is_file()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["training"]["fsdp"] == ("fsdp" in launch)
