@@ -45,10 +45,17 @@ def adapted_model(model: torch.nn.Module | None) -> AdaptedModel | None:
 
 class PacaCallback(TrainerCallback):
     """Saves what lives outside the model's parameters (MEFT's host rows' optimizer state) with every
-    checkpoint; :class:`PacaTrainerMixin` loads it back on resume."""
+    checkpoint; :class:`PacaTrainerMixin` loads it back on resume.
+
+    ``adapted``: the AdaptedModel, for trainers that were handed its inner transformers model
+    (:class:`~paca_core.integrations.trl.PacaSFTTrainer`).
+    """
+
+    def __init__(self, adapted: AdaptedModel | None = None):
+        self.adapted = adapted
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        adapted = adapted_model(model)
+        adapted = adapted_model(model) or self.adapted
         if adapted is None or not state.is_world_process_zero:
             return
         host_state = adapted.host_optimizer_state()
@@ -61,6 +68,11 @@ class PacaCallback(TrainerCallback):
 class PacaTrainerMixin:
     """Trainer overrides for a prepared model: adapter-only checkpoints, resume, and column names."""
 
+    def _adapted(self, model: torch.nn.Module | None = None) -> AdaptedModel | None:
+        """The AdaptedModel being trained: inside ``model`` (default: the trainer's), or the one a subclass
+        handed over as ``self._paca_model`` when the trainer itself holds the inner transformers model."""
+        return adapted_model(model if model is not None else self.model) or getattr(self, "_paca_model", None)
+
     def _paca_init(self) -> None:
         adapted = adapted_model(self.model)
         if adapted is not None and self.args.label_names is None:
@@ -68,7 +80,7 @@ class PacaTrainerMixin:
             self.label_names = [name for name in ("labels",) if name in forward]
             self.can_return_loss = "return_loss" in forward or bool(self.label_names)
         if not any(isinstance(c, PacaCallback) for c in self.callback_handler.callbacks):
-            self.add_callback(PacaCallback())
+            self.add_callback(PacaCallback(self._adapted()))
 
     def _set_signature_columns_if_needed(self):
         adapted = adapted_model(self.model)
@@ -78,7 +90,7 @@ class PacaTrainerMixin:
         self._signature_columns = list(dict.fromkeys(columns + ["label", "label_ids"] + list(self.label_names)))
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        adapted = adapted_model(self.model)
+        adapted = self._adapted()
         if adapted is None:
             return super()._save(output_dir, state_dict)
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
@@ -94,13 +106,13 @@ class PacaTrainerMixin:
         """Subclasses save what their trainer adds (GaudiTrainer: the Gaudi config)."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        adapted = adapted_model(model if model is not None else self.model)
+        adapted = self._adapted(model)
         if adapted is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         _load_paca_checkpoint(adapted, resume_from_checkpoint)
 
     def _load_best_model(self):
-        adapted = adapted_model(self.model)
+        adapted = self._adapted()
         if adapted is None:
             return super()._load_best_model()
         _load_paca_checkpoint(adapted, self.state.best_model_checkpoint)
