@@ -56,3 +56,29 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(config, tmp_pat
     loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, straight(input_ids=ids).logits)
+
+
+def test_trainer_under_torchrun_ddp_equals_one_process_on_the_global_batch(tmp_path):
+    """`torchrun --nproc-per-node 2` (DDP, gloo) with 2 examples per process trains the adapter one process
+    trains with 4; rank 0 writes the adapter checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "hf_trainer_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {
+        "one": [sys.executable, script, str(tmp_path / "one"), "4"],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+                script, str(tmp_path / "two"), "2"],
+    }
+    for command in runs.values():
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "checkpoint-3" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "checkpoint-3" / "adapter_model.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -74,6 +74,12 @@ class PacaTrainerMixin:
         return adapted_model(model if model is not None else self.model) or getattr(self, "_paca_model", None)
 
     def _paca_init(self) -> None:
+        if getattr(self, "is_fsdp_enabled", False):
+            raise NotImplementedError(
+                "paca-hal adapters under the Hugging Face Trainer's own FSDP are not supported yet (its checkpoints "
+                "gather a full model state dict, not our adapter). Use this trainer with DDP (torchrun/accelerate "
+                "launch without FSDP), or FSDP2 through `paca train --fsdp` / paca_core.sharding.shard_model."
+            )
         adapted = adapted_model(self.model)
         if adapted is not None and self.args.label_names is None:
             forward = inspect.signature(adapted.base_model.forward).parameters
