@@ -109,19 +109,27 @@ def one_process_adapter(tiny_model_dir, tmp_path_factory):
     return load_file(str(out / "adapter" / "adapter_model.safetensors")), data, env
 
 
-def _accelerate(mode, port):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _accelerate(mode):
     return ["-m", "accelerate.commands.launch", mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(port), "-m"]
+            "--dynamo_backend", "no", "--main_process_port", "{port}", "-m"]
 
 
 LAUNCHES = {
     # torchrun + DDP (a full copy per process)
-    "torchrun-ddp": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"], []),
+    "torchrun-ddp": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"], []),
     # torchrun + FSDP2 (weights and adapters sharded; every rank gathers, rank 0 writes)
-    "torchrun-fsdp": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534"], ["--fsdp"]),
+    "torchrun-fsdp": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"], ["--fsdp"]),
     # accelerate launch: its torchrun-based launchers; --use_fsdp reaches paca train as ACCELERATE_USE_FSDP
-    "accelerate-ddp": (_accelerate("--multi_gpu", 29535), []),
-    "accelerate-fsdp": (_accelerate("--use_fsdp", 29536), []),
+    "accelerate-ddp": (_accelerate("--multi_gpu"), []),
+    "accelerate-fsdp": (_accelerate("--use_fsdp"), []),
 }
 
 
@@ -138,7 +146,8 @@ def test_paca_train_launched_on_two_processes_equals_one_process_with_the_global
     launcher, extra = LAUNCHES[launch]
     if launch.startswith("accelerate"):
         pytest.importorskip("accelerate")
-        command = [sys.executable, *launcher, "paca_core", "train"]
+        port = str(_free_port())
+        command = [sys.executable, *(port if part == "{port}" else part for part in launcher), "paca_core", "train"]
     else:
         command = [sys.executable, *launcher, "-m", "paca_core", "train"]
     _run([*command, *data, *COMMON, *extra, "--batch-size", "2", "--out", str(tmp_path)], env)

@@ -71,7 +71,7 @@ def test_trainer_under_torchrun_ddp_equals_one_process_on_the_global_batch(tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {
         "one": [sys.executable, script, str(tmp_path / "one"), "4"],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                 script, str(tmp_path / "two"), "2"],
     }
     for command in runs.values():
