@@ -8,18 +8,7 @@ from paca_core import MEFTConfig, PaCAConfig, PacaModel, prepare_model
 from paca_core.integrations.transformers import HOST_STATE_NAME, PacaTrainer
 
 from .conftest import tiny_llama
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, n=16, length=12):
-        gen = torch.Generator().manual_seed(0)
-        self.rows = [torch.randint(0, 100, (length,), generator=gen) for _ in range(n)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i], "attention_mask": torch.ones_like(self.rows[i]), "labels": self.rows[i]}
+from .scripts.hf_trainer_run import Rows
 
 
 def _args(out, steps):
@@ -32,7 +21,7 @@ def _args(out, steps):
 
 def _train(config, out, steps, resume=None):
     model = prepare_model(tiny_llama(seed=0), config, device="cpu")
-    trainer = PacaTrainer(model=model, args=_args(out, steps), train_dataset=_Rows(), eval_dataset=_Rows(8))
+    trainer = PacaTrainer(model=model, args=_args(out, steps), train_dataset=Rows(), eval_dataset=Rows(8))
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer
 
