@@ -2,7 +2,7 @@
 
 The bottom layer: imports nothing from ``backends`` or ``paca_core``, and no vendor package at import time.
 """
-from .distributed import device_mesh, host_process_group, init_distributed, launched_world_size
+from .distributed import device_mesh, host_process_group, init_distributed, launched_world_size, world_size
 from .graph_modes import (
     GRAPH_MODES,
     add_graph_mode_argument,
@@ -42,6 +42,7 @@ __all__ = [
     "init_distributed",
     "device_mesh",
     "host_process_group",
+    "world_size",
     "launched_world_size",
     "DEVICE_CHOICES",
     "ENV_VAR",

@@ -17,6 +17,13 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def world_size() -> int:
+    """Processes in the initialised process group (1 when there is none)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def init_distributed(spec: str | torch.device | None = None) -> tuple[torch.device, int, int]:
     """Resolve this process's device and, under a multi-process launch, join the process group.
 

@@ -176,7 +176,7 @@ class HostRowTable:
     def apply_update(self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> int:
         """AdamW on the touched rows only; returns how many rows were updated."""
         self.collect()
-        if _multi_process():
+        if devices.world_size() > 1:
             self.average_across_processes(devices.host_process_group())
         idx = self.touched.nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -217,8 +217,3 @@ class HostRowTable:
         self.exp_avg = {k.split(".", 1)[1]: v.clone() for k, v in state.items() if k.startswith("exp_avg.")}
         self.exp_avg_sq = {k.split(".", 1)[1]: v.clone() for k, v in state.items() if k.startswith("exp_avg_sq.")}
 
-
-def _multi_process() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

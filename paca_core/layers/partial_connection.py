@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from backends import Backend, get_backend
 
 from ..indices import check_columns
-from ..sharding import gather_rows, is_sharded, local_rows, wrap_local
+from ..sharding import full_tensor, gather_rows, is_sharded, local_rows, wrap_local
 from .base import AdapterLayer
 
 logger = logging.getLogger(__name__)
@@ -157,11 +157,11 @@ class PaCALinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) in float32: ``scaling·delta`` in the selected columns, zero elsewhere."""
         full = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.paca_delta.device)
-        delta = gather_rows(local_rows(self.paca_delta.detach())[0], self.paca_delta)
+        delta = full_tensor(self.paca_delta.detach())  # FSDP: gathered (every rank calls this)
         return full.index_copy_(1, self.paca_indices, delta * self.scaling)
 
     def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy / pickle: the copied delta must point at this copy, not at the original layer.
+        # copy.deepcopy / pickle: register the copy so the optimizer hook keeps it adapted too.
         super().__setstate__(state)
         _LAYERS.add(self)
         register_optimizer_sync_hook()

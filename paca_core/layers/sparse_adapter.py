@@ -104,7 +104,7 @@ class SparseFFNAdapter(AdapterLayer):
         register_optimizer_update_hook()
 
     def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy / pickle: the copied router must lead the optimizer hook to this copy.
+        # copy.deepcopy / pickle: register the copy so the optimizer hook updates its host rows too.
         super().__setstate__(state)
         _LAYERS.add(self)
         register_optimizer_update_hook()
