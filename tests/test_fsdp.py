@@ -69,8 +69,8 @@ def _fsdp_worker(rank, world, init_file, method, out_dir):
         dist.destroy_process_group()
 
 
-def _spawn(worker, *args):
-    init_file = tempfile.mktemp()
+def _spawn(worker, directory, *args):
+    init_file = tempfile.mktemp(dir=directory)  # a fresh rendezvous file in the test's own folder
     mp.start_processes(worker, args=(2, init_file, *args), nprocs=2, join=True, start_method="spawn")
 
 
@@ -81,7 +81,7 @@ def test_fsdp_two_processes_equal_one_process_and_the_saved_adapter_loads_in_one
     _train(single)
     want_adapters, want_weights = _snapshot(single)
 
-    _spawn(_fsdp_worker, method, str(tmp_path))
+    _spawn(_fsdp_worker, tmp_path, method, str(tmp_path))
     got = torch.load(tmp_path / "rank0.pt", weights_only=False)
     other = torch.load(tmp_path / "rank1.pt", weights_only=False)
     for key, tensor in got["adapters"].items():  # gathered views agree on both ranks
@@ -133,7 +133,7 @@ def test_trainer_under_fsdp_checkpoints_and_resumes_exactly(tmp_path):
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 100, (16, LENGTH), generator=gen)
     data = TokenizedData(input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids), source="random")
-    _spawn(_trainer_worker, data, str(tmp_path))
+    _spawn(_trainer_worker, tmp_path, data, str(tmp_path))
     result = torch.load(tmp_path / "trainer0.pt", weights_only=False)
     for key, tensor in result["straight"].items():
         assert torch.equal(result["resumed"][key], tensor), key
