@@ -17,6 +17,7 @@ the DTensors, and this module is where they do it:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -31,6 +32,7 @@ from .surgery import decoder_layers
 logger = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=None)
 def _dtensor_class():
     try:
         from torch.distributed.tensor import DTensor  # torch >= 2.5
