@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import devices
 
+from . import bnb4bit
 from .base import Backend, PartialConnectionGrads, Tolerance, Transfer
 
 #: Upper bound on the float32 temporary made when upcasting half-precision GEMM operands.
@@ -196,16 +197,13 @@ class TorchBackend(Backend):
         return Transfer(out, done.synchronize, nbytes=tensor.numel() * tensor.element_size())
 
     # --- partial connection on a 4-bit quantized base (QPaCA) ------------------------------------
-    # bitsandbytes is imported here, lazily: it is an optional extra, and its own dispatch picks the
-    # CPU, CUDA, XPU or Gaudi kernels from the tensors' device.
+    # bitsandbytes (an optional extra) is reached through backends.bnb4bit, which dequantizes the same,
+    # correct weight on every kernel bitsandbytes may pick for the tensors' device.
     def quantized_partial_connection_forward(self, x, weight_4bit, quant_state, bias, delta, indices, scaling):
-        import bitsandbytes
-
-        self._check_unpacked(quant_state)
         if bias is not None:
             bias = bias.to(x.dtype)
         with torch.no_grad():  # a kernel: the caller's autograd.Function owns the backward
-            output = bitsandbytes.matmul_4bit(x, weight_4bit, quant_state=quant_state, bias=bias)
+            output = F.linear(x, bnb4bit.dequantize(weight_4bit, quant_state).to(x.dtype), bias)
         x_selected = x.index_select(-1, indices)
         if delta is not None:
             flat = output.view(-1, output.shape[-1])
@@ -216,13 +214,10 @@ class TorchBackend(Backend):
         self, grad_output, x_selected, weight_4bit, quant_state, delta, indices, scaling,
         need_input_grad, need_delta_grad, need_bias_grad,
     ):
-        from bitsandbytes.functional import dequantize_4bit
-
-        self._check_unpacked(quant_state)
         grad_input = grad_delta = grad_bias = None
         if need_input_grad:
             # The full-precision weight exists only for this GEMM (as in QLoRA's backward).
-            grad_input = grad_output.matmul(dequantize_4bit(weight_4bit, quant_state).to(grad_output.dtype))
+            grad_input = grad_output.matmul(bnb4bit.dequantize(weight_4bit, quant_state).to(grad_output.dtype))
             skinny = grad_output.matmul(delta.to(grad_output.dtype))
             grad_input.index_add_(-1, indices, skinny, alpha=float(scaling))
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
@@ -231,11 +226,3 @@ class TorchBackend(Backend):
         if need_bias_grad:
             grad_bias = grad_2d.sum(0)
         return PartialConnectionGrads(grad_input, grad_delta, grad_bias)
-
-    @staticmethod
-    def _check_unpacked(quant_state) -> None:
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            raise RuntimeError(
-                "This 4-bit weight was repacked by bitsandbytes for CPU inference (a Linear4bit forward in eval "
-                "mode); QPaCA needs the standard layout. Quantize the base again (paca_core.quantization.quantize_base)."
-            )

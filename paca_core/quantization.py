@@ -18,6 +18,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from backends import bnb4bit
+
 from .config import LLAMA_PROJECTIONS
 from .errors import PacaConfigError
 
@@ -68,12 +70,18 @@ def quantized_kind(linear: nn.Module) -> str:
 
 
 def quantize_linear(
-    linear: nn.Linear, kind: str, compute_dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    linear: nn.Linear,
+    kind: str,
+    compute_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    module_name: str = "",
 ) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` holding ``linear``'s weight in 4 bits (bias kept as it is).
 
     Quantized on ``device`` (default: where the weight is); only the packed weight and its small
-    quantization state stay alive afterwards.
+    quantization state stay alive afterwards. The layer keeps bitsandbytes' standard layout: its
+    CPU-inference repacking (AVX512-BF16 CPUs, eval mode) is switched off, because a repacked weight
+    has no backward and fails every other bitsandbytes function (``backends.bnb4bit``).
     """
     bnb = import_bitsandbytes()
     kind = check_kind(kind)
@@ -96,7 +104,25 @@ def quantize_linear(
     if has_bias:
         quantized.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
     quantized.train(linear.training)
+    bnb4bit.keep_standard_layout(quantized)
+    _warn_if_cpu_kernels_misread(linear, device, module_name)
     return quantized
+
+
+def _warn_if_cpu_kernels_misread(linear: nn.Linear, device: torch.device, module_name: str) -> None:
+    """Say so when bitsandbytes' own AVX-512 CPU kernels will compute this layer with wrong block scales.
+
+    QPaCA reads every layer correctly (``backends.bnb4bit.dequantize``); other users of the same
+    4-bit base (PEFT QLoRA, ``Linear4bit.forward``) go through bitsandbytes' kernels.
+    """
+    if device.type != "cpu" or linear.in_features % BLOCKSIZE == 0 or not bnb4bit.cpu_has_avx512f():
+        return
+    logger.warning(
+        "%s: in_features=%d is not a multiple of the 4-bit block size %d. On this CPU (AVX-512) bitsandbytes' "
+        "own CPU kernels dequantize such a layer with the wrong block scales; QPaCA is not affected, but PEFT "
+        "QLoRA or Linear4bit.forward on this base will compute wrong outputs here.",
+        module_name or "a linear layer", linear.in_features, BLOCKSIZE,
+    )
 
 
 def quantize_base(
@@ -113,7 +139,10 @@ def quantize_base(
     (names, a regex, or ``"all-linear"``, which leaves the output head alone); ``compute_dtype``
     defaults to each weight's own dtype. Layers are quantized one at a time on ``device`` (default:
     where each weight is), so a full-precision copy of the model never has to fit on an accelerator.
-    Returns ``model`` (marked ``is_loaded_in_4bit`` as transformers does). Both QPaCA (``prepare_model(model, PaCAConfig(...))`` then wraps the 4-bit
+    Returns ``model`` (marked ``is_loaded_in_4bit`` as transformers does). The layers keep
+    bitsandbytes' standard layout on every CPU (see :func:`quantize_linear`), so training after an
+    evaluation works; ``backends.bnb4bit.allow_cpu_repacking(layer)`` gives an inference-only layer
+    back bitsandbytes' packed CPU path. Both QPaCA (``prepare_model(model, PaCAConfig(...))`` then wraps the 4-bit
     layers) and PEFT QLoRA (``peft.get_peft_model``) accept the result.
     """
     from .surgery import find_targets, replace_module
@@ -122,7 +151,7 @@ def quantize_base(
     kind = check_kind(kind)
     targets = [(n, m) for n, m in find_targets(model, target_modules, exclude_modules) if not is_quantized_linear(m)]
     for name, linear in targets:
-        replace_module(model, name, quantize_linear(linear, kind, compute_dtype, device))
+        replace_module(model, name, quantize_linear(linear, kind, compute_dtype, device, module_name=name))
     # The flag transformers sets for load_in_4bit models: PEFT then wraps these layers with its
     # bitsandbytes LoRA layers (QLoRA) instead of the generic ones.
     model.is_loaded_in_4bit = True
@@ -131,10 +160,12 @@ def quantize_base(
 
 
 def dequantize_weight(linear: nn.Module) -> torch.Tensor:
-    """The full-precision weight a 4-bit layer represents (a new tensor in the original dtype)."""
-    from bitsandbytes.functional import dequantize_4bit
+    """The full-precision weight a 4-bit layer represents (a new tensor in the original dtype).
 
-    return dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+    A weight bitsandbytes repacked for CPU inference is brought back to the standard layout first.
+    """
+    bnb4bit.restore_standard_layout(linear)
+    return bnb4bit.dequantize(linear.weight.data, linear.weight.quant_state)
 
 
 @dataclass
@@ -149,6 +180,7 @@ def requantize(linear: nn.Module, weight: torch.Tensor) -> RequantizationError:
     """Put ``weight`` (full precision) into the 4-bit layer ``linear`` in place, with its own kind and
     block settings; returns how much the rounding changed it."""
     bnb = import_bitsandbytes()
+    bnb4bit.restore_standard_layout(linear)
     old = linear.weight
     state = old.quant_state
     linear.weight = bnb.nn.Params4bit(
@@ -212,7 +244,8 @@ def prepare_quantized_target(config, linear: nn.Module, module_name: str) -> nn.
     """The 4-bit layer a QPaCA layer wraps: ``linear`` quantized with ``config.quantize``, or ``linear``
     itself when it already is 4-bit (then ``config.quantize`` records its kind, for checkpoints)."""
     if not is_quantized_linear(linear):
-        return quantize_linear(linear, config.quantize)
+        return quantize_linear(linear, config.quantize, module_name=module_name)
+    bnb4bit.restore_standard_layout(linear, module_name)  # e.g. the user evaluated the 4-bit base first
     kind = quantized_kind(linear)
     if config.quantize is None:
         config.quantize = kind

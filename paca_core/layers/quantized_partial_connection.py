@@ -19,7 +19,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from backends import Backend, get_backend
+from backends import Backend, bnb4bit, get_backend
 
 from ..indices import check_columns
 from .base import AdapterLayer
@@ -91,6 +91,8 @@ class QuantizedPaCALinear(AdapterLayer):
         if indices.shape != (r,):
             raise ValueError(f"{module_name}: expected {r} column indices, got shape {tuple(indices.shape)}.")
         base_layer.weight.requires_grad_(False)
+        bnb4bit.restore_standard_layout(base_layer, module_name)
+        bnb4bit.keep_standard_layout(base_layer)  # its eval forward is ours; a repacked weight has no backward
         device = base_layer.weight.device
         self.r = r
         self.alpha = float(alpha if alpha is not None else r)
@@ -126,6 +128,8 @@ class QuantizedPaCALinear(AdapterLayer):
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bnb4bit.is_repacked(self.base_layer.weight.quant_state):  # someone ran the base layer on its own
+            bnb4bit.restore_standard_layout(self.base_layer, self.module_name)
         weight = self.base_layer.weight
         delta = self.paca_delta if self.adapter_enabled else None
         backend = get_backend(x.device)
@@ -173,6 +177,7 @@ class QuantizedPaCALinear(AdapterLayer):
                 "export it with `paca export-peft`, or merge to full precision (merge_and_dequantize).",
                 self.module_name, self.quant_type, self.merge_error.max_abs, self.merge_error.relative,
             )
+        bnb4bit.allow_cpu_repacking(self.base_layer)  # a plain bitsandbytes layer again: its own inference path
         return self.base_layer
 
     def extra_repr(self) -> str:
