@@ -41,7 +41,7 @@ def _import_peft():
         import peft
     except ImportError as error:
         raise ImportError(
-            "Exporting a PaCA adapter as a PEFT LoRA adapter needs the 'peft' package: pip install peft"
+            "Exporting a PaCA adapter as a PEFT LoRA adapter needs the 'peft' package: pip install 'paca-hal[peft]'"
         ) from error
     return peft
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import devices
 
+from .. import extras
 from ..errors import PacaConfigError
 from . import report
 from .models import MODEL_HELP, parse_model
 from .search import parse_bytes, search_max
-from .specs import DEFAULT_METHODS, OPTIONAL_METHODS, PEER_METHODS, MethodSpec, parse_method_list
+from .specs import DEFAULT_METHODS, OPTIONAL_METHODS, PEER_METHODS, MethodSpec, parse_method_list, required_packages
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     specs = parse_method_list(args.methods)
+    extras.require(required_packages(specs))  # before any work: a missing extra is named, nothing is run
+    plots = extras.installed("matplotlib")
     seq_lens, batches = _int_list(args.seq_len, "--seq-len"), _int_list(args.batch_size, "--batch-size")
     ranks = _int_list(args.rank, "--rank")
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
@@ -212,12 +215,14 @@ def run_bench(args: argparse.Namespace) -> int:
     outputs = [out / "bench.json", out / "bench.md"]
     report.write_json(outputs[0], document)
     outputs[1].write_text(report.markdown_report(document))
-    if speed_records:
+    if plots and speed_records:
         outputs += report.plot_speed(speed_records, out)
-    if accuracy_records:
+    if plots and accuracy_records:
         outputs.append(report.plot_loss_curves(accuracy_records, out))
     print(report.markdown_report(document))
     print("Wrote " + ", ".join(str(p) for p in outputs))
+    if not plots:
+        print(f"No PNG plots: matplotlib is not installed ({extras.install_hint('matplotlib')}).")
     failed = [r for r in speed_records + accuracy_records if r.get("status") == "error"]
     return 1 if failed else 0
 

@@ -94,6 +94,17 @@ def parse_method_spec(text: str) -> MethodSpec:
     )
 
 
+def required_packages(specs: list[MethodSpec]) -> dict[str, str]:
+    """``{module: which entry needs it}`` for the optional packages these entries import."""
+    needs: dict[str, str] = {}
+    for spec in specs:
+        if spec.name.startswith("peft-"):
+            needs.setdefault("peft", f"the PEFT peer '{spec.name}'")
+        if spec.kind == "quantized":
+            needs.setdefault("bitsandbytes", f"the 4-bit entry '{spec.name}'")
+    return needs
+
+
 def parse_method_list(text: str) -> list[MethodSpec]:
     """Comma-separated --methods into specs (duplicates are an error, so tables stay unambiguous)."""
     names = [t.strip() for t in text.split(",") if t.strip()]

@@ -20,7 +20,7 @@ from .transformers import PacaTrainerMixin, adapted_model
 try:
     from trl import SFTTrainer
 except ImportError as error:  # pragma: no cover - exercised only without trl
-    raise ImportError(f"paca_core.integrations.trl needs TRL: pip install trl ({error}).") from None
+    raise ImportError(f"paca_core.integrations.trl needs TRL: pip install 'paca-hal[trl]' ({error}).") from None
 
 
 class PacaSFTTrainer(PacaTrainerMixin, SFTTrainer):
