@@ -448,6 +448,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             logger.error("%s", error)
         return 2
+    except ImportError as error:
+        from .extras import install_hint, missing_optional_module
+
+        module = missing_optional_module(error)
+        if module is None:
+            raise  # not an optional extra: a real bug, keep its traceback
+        if "paca-hal[" in str(error):  # already says what to install
+            logger.error("%s", error)
+        else:
+            logger.error("%s needs the optional package '%s', which is not installed: %s", args.command, module, install_hint(module))
+        return 2
     except KeyboardInterrupt:
         return 130
 
