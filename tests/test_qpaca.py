@@ -3,6 +3,7 @@ import copy
 import importlib.util
 import json
 import logging
+import math
 import sys
 
 import pytest
@@ -330,6 +331,48 @@ def test_peft_lora_export_on_the_same_4bit_base_is_exact(tmp_path):
     ids = torch.randint(0, 128, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, qpaca(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def row_indexed_cpu_dequantization():
+    """A stand-in for bitsandbytes 0.50's AVX-512 CPU dequantization kernel on CPUs without AVX-512: the same
+    nibble order and the same per-row scale lookup, ``absmax[row * (n // blocksize) + col // blocksize]``."""
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    kernel = torch.ops.bitsandbytes.dequantize_4bit.default
+
+    def row_indexed(A, absmax, blocksize, quant_type, shape, dtype):
+        rows, n = math.prod(shape[:-1]), shape[-1]
+        if n % 16 or blocksize < 16:  # the AVX-512 kernel's own condition; otherwise it falls back to scalar code
+            return kernel(A, absmax, blocksize, quant_type, shape, dtype)
+        packed = A.view(torch.uint8).reshape(rows, n // 2)
+        nibbles = torch.stack([packed >> 4, packed & 0xF], -1).reshape(rows, n).long()
+        scale_index = torch.arange(rows)[:, None] * (n // blocksize) + (torch.arange(n) // blocksize)[None, :]
+        return (_get_4bit_code(quant_type, A.device).float()[nibbles] * absmax.float()[scale_index]).to(dtype).reshape(shape)
+
+    library = torch.library.Library("bitsandbytes", "IMPL")
+    library.impl("dequantize_4bit", row_indexed, "CPU")
+    yield
+    library._destroy()
+
+
+def test_qpaca_is_right_where_bitsandbytes_reads_block_scales_per_row(row_indexed_cpu_dequantization):
+    # The stand-in is active: bitsandbytes' own 2-D dequantization of a 32-wide weight is now wrong...
+    weight = torch.randn(48, 32) * 0.02
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=BLOCKSIZE, quant_type="nf4")
+    assert not torch.allclose(bnb.functional.dequantize_4bit(packed, state), _reference_dequantize(packed, state))
+    # ...while QPaCA's reading, its gradients (32-wide projections) and its merge error stay what the format says.
+    torch.testing.assert_close(bnb4bit.dequantize(packed, state), _reference_dequantize(packed, state), rtol=1e-6, atol=1e-9)
+    test_gradients_match_dense_autograd_on_dequantized_weight("nf4", None)
+    qpaca = prepare_model(tiny_llama(), PaCAConfig(r=4, quantize="nf4"), device="cpu")
+    _randomise(qpaca, scale=0.2)
+    layers = qpaca.adapter_layers()
+    targets = {name: layer.merged_weight().float() for name, layer in layers.items()}
+    qpaca.merge_and_unload()
+    for name, layer in layers.items():
+        expected, _ = _reference_requantization(targets[name], layer.base_layer.weight.quant_state)
+        relative = float((expected - targets[name]).norm() / targets[name].norm())
+        assert layer.merge_error.relative == pytest.approx(relative, rel=1e-3, abs=1e-6), name
 
 
 def _repack_with_bitsandbytes_conversion(model):
