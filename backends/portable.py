@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import devices
 
-from . import bnb4bit
+from .bnb4bit import dequantize as dequantize_4bit
 from .base import Backend, PartialConnectionGrads, Tolerance, Transfer
 
 #: Upper bound on the float32 temporary made when upcasting half-precision GEMM operands.
@@ -203,7 +203,7 @@ class TorchBackend(Backend):
         if bias is not None:
             bias = bias.to(x.dtype)
         with torch.no_grad():  # a kernel: the caller's autograd.Function owns the backward
-            output = F.linear(x, bnb4bit.dequantize(weight_4bit, quant_state).to(x.dtype), bias)
+            output = F.linear(x, dequantize_4bit(weight_4bit, quant_state).to(x.dtype), bias)
         x_selected = x.index_select(-1, indices)
         if delta is not None:
             flat = output.view(-1, output.shape[-1])
@@ -217,7 +217,7 @@ class TorchBackend(Backend):
         grad_input = grad_delta = grad_bias = None
         if need_input_grad:
             # The full-precision weight exists only for this GEMM (as in QLoRA's backward).
-            grad_input = grad_output.matmul(bnb4bit.dequantize(weight_4bit, quant_state).to(grad_output.dtype))
+            grad_input = grad_output.matmul(dequantize_4bit(weight_4bit, quant_state).to(grad_output.dtype))
             skinny = grad_output.matmul(delta.to(grad_output.dtype))
             grad_input.index_add_(-1, indices, skinny, alpha=float(scaling))
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
