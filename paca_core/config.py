@@ -59,6 +59,11 @@ class MethodConfig:
         """The adapter layer that replaces ``linear``."""
         raise NotImplementedError
 
+    def offloaded_weight_problem(self, module: nn.Module) -> str | None:
+        """Why this method cannot adapt ``module`` while accelerate offloads its weights (meta, loaded for each
+        forward), or None when it can. Refuses by default: a method opts in once it is tested that way."""
+        return f"{self.method} has not been made to work with offloaded weights."
+
 
 @dataclass
 class PaCAConfig(MethodConfig):
@@ -106,6 +111,14 @@ class PaCAConfig(MethodConfig):
             return QuantizedPaCALinear(linear, self.r, self.alpha, indices, module_name=module_name)
         return PaCALinear(linear, self.r, self.alpha, indices, module_name=module_name)
 
+    def offloaded_weight_problem(self, module: nn.Module) -> str | None:
+        if self.quantize is not None or _is_quantized(module):
+            return "QPaCA quantizes the weight once and runs its 4-bit GEMM on it directly, so it must stay resident."
+        return (
+            "PaCA writes its trained columns into the weight in place, but accelerate reloads an offloaded weight "
+            "from its offload copy for every forward, so the training would be lost."
+        )
+
 
 def _is_quantized(linear: nn.Module) -> bool:
     from .quantization import is_quantized_linear
@@ -136,6 +149,9 @@ class LoRAConfig(MethodConfig):
 
         return LoRALinear(linear, self.r, self.alpha, self.dropout, freeze_a=self.freeze_a, seed=self.seed, module_name=module_name)
 
+    def offloaded_weight_problem(self, module: nn.Module) -> str | None:
+        return None  # the base layer runs through accelerate's hook; A and B live on its execution device
+
     freeze_a: ClassVar[bool] = False
 
 
@@ -157,6 +173,12 @@ class FullConfig(MethodConfig):
         from .layers.lora import FullLinear
 
         return FullLinear(linear, module_name=module_name)
+
+    def offloaded_weight_problem(self, module: nn.Module) -> str | None:
+        return (
+            "Full fine-tuning updates the weight itself, but accelerate reloads an offloaded weight from its offload "
+            "copy for every forward, so the updates would be lost."
+        )
 
 
 @dataclass
@@ -199,7 +221,9 @@ class VeLoRAConfig(MethodConfig):
     def create_compressor(self, layer: nn.Module) -> nn.Module:
         from .layers.compression import ActivationCompressor
 
-        device = layer.base_layer.weight.device
+        from .placement import adapter_device
+
+        device = adapter_device(layer.base_layer, layer.module_name)  # offloaded base: where accelerate runs it
         return ActivationCompressor(layer.in_features, self.num_groups, self.scale, self.init_type, self.ema_decay, device=device)
 
 
@@ -280,6 +304,9 @@ class MEFTConfig(MethodConfig):
         )
         setattr(module, ATTRIBUTE, adapter)
         return adapter
+
+    def offloaded_weight_problem(self, module: nn.Module) -> str | None:
+        return None  # attaches beside the block: its router lives where accelerate runs the block
 
 
 #: method name → config class; the CLI's ``--method`` and checkpoints use these names.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,7 @@ from .config import ALL_LINEAR, MethodConfig, method_name
 from .errors import PacaConfigError
 from .layers import AdapterLayer, sync_layers
 from .layers.partial_connection import PaCALinear
+from .placement import check_mergeable, check_targets_placement, move_model
 from .surgery import find_targets, freeze, replace_module
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,16 @@ def _as_list(configs: MethodConfig | Sequence[MethodConfig]) -> list[MethodConfi
 def prepare_model(
     model: nn.Module, configs: MethodConfig | Sequence[MethodConfig], device: str | torch.device | None = None
 ) -> "AdaptedModel":
-    """Freeze ``model``, move it to ``device`` (``auto``/``cpu``/``cuda[:N]``/``hpu[:N]``; ``$PACA_DEVICE``
-    when None) and replace its targeted ``nn.Linear`` modules with the methods' adapter layers."""
+    """Freeze ``model`` and replace its targeted modules with the methods' adapter layers, in place.
+
+    ``device=None`` (default) moves nothing: every adapter is created beside the weight it adapts, so the
+    Trainer, accelerate, torchrun, DeepSpeed or a ``device_map`` that runs the script places the model, as
+    with PEFT's ``get_peft_model``. An explicit ``device`` (``auto``/``cpu``/``cuda[:N]``/``hpu[:N]``)
+    moves the whole model there first.
+    """
     if isinstance(model, AdaptedModel):
         raise ValueError("This model is already prepared; call prepare_model on the base model once.")
     configs = _as_list(configs)
-    target_device = resolve_device(device)
     primaries = [c for c in configs if not c.modifier]
     modifiers = [c for c in configs if c.modifier]
     if not primaries:
@@ -60,7 +65,9 @@ def prepare_model(
             f"r={narrow[0][1].r} exceeds the input width of {listed}; choose r <= "
             f"{min(m.in_features for _, _, m in narrow)} or exclude those modules."
         )
-    model.to(target_device)
+    if device is not None:
+        move_model(model, resolve_device(device))  # refused for offloaded or device_map-dispatched models
+    check_targets_placement(plan)  # before any surgery: methods that cannot use an offloaded weight say so
     freeze(model)
     created = {}
     for name, (config, module) in sorted(plan.items(), key=lambda item: -item[0].count(".")):  # deepest first
@@ -70,8 +77,14 @@ def prepare_model(
             replace_module(model, name, created[name])
     for modifier in modifiers:
         _apply_modifier(model, modifier, created)
-    logger.info("%s: adapted %d modules on %s", method_name(configs), len(plan), target_device)
+    logger.info("%s: adapted %d modules on %s", method_name(configs), len(plan), _devices_text(created.values()))
     return AdaptedModel(model, configs)
+
+
+def _devices_text(layers: Iterable[AdapterLayer]) -> str:
+    """The devices adapter tensors ended up on, for the log line (several under a device_map)."""
+    found = {t.device for layer in layers for t in layer.adapter_state().values() if isinstance(t, torch.Tensor)}
+    return ", ".join(sorted(str(d) for d in found)) or "no device"
 
 
 def _apply_modifier(model: nn.Module, modifier: MethodConfig, created: dict[str, AdapterLayer]) -> None:
@@ -196,6 +209,8 @@ class AdaptedModel(nn.Module):
                 f"{', '.join(blocked)} adds a nonlinear branch that cannot be folded into the weights; keep the adapted "
                 "model (save_pretrained / from_pretrained) or call unload() to drop the adapter."
             )
+        if merge:
+            check_mergeable([(name, layer) for name, layer in layers if not layer.attaches])
         for name, layer in layers:
             if layer.attaches:
                 layer.detach(self.base_model.get_submodule(name))
@@ -216,7 +231,8 @@ class AdaptedModel(nn.Module):
     def from_pretrained(
         cls, model: nn.Module, directory: str | Path, device: str | torch.device | None = None, is_trainable: bool = False
     ) -> "AdaptedModel":
-        """Prepare ``model`` as the checkpoint describes and load its adapter tensors into it."""
+        """Prepare ``model`` as the checkpoint describes and load its adapter tensors into it (``device`` as in
+        :func:`prepare_model`: None keeps the model where it is, adapters beside their weights)."""
         from .checkpoint import load_adapter
 
         return load_adapter(model, directory, device=device, is_trainable=is_trainable)

@@ -160,6 +160,19 @@ def _fully_shard():
     return fully_shard
 
 
+def _refuse_device_map(model: nn.Module) -> None:
+    """FSDP distributes a model each process holds whole; accelerate's device_map placement contradicts that."""
+    from .placement import PlacementError, dispatched_devices
+
+    offloaded = [n for n, p in model.named_parameters() if p.is_meta]
+    if offloaded or dispatched_devices(model):
+        raise PlacementError(
+            "FSDP cannot shard a model loaded with a device_map (accelerate hooks"
+            f"{', offloaded parameters such as ' + offloaded[0] if offloaded else ''}): FSDP places every shard "
+            "itself. Load the model without device_map in each process, then prepare_model and shard_model."
+        )
+
+
 def shard_model(adapted_model: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> nn.Module:
     """Shard ``adapted_model`` with FSDP2 over all processes: each decoder layer is one unit, the rest
     (embeddings, head) the root. Frozen base weights and adapters are sharded alike; only adapter
@@ -167,6 +180,7 @@ def shard_model(adapted_model: nn.Module, device: torch.device, reshard_after_fo
     """
     import torch.distributed as dist
 
+    _refuse_device_map(adapted_model)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("FSDP needs a process group: launch with torchrun (or accelerate launch) and call devices.init_distributed first.")
     refusing = sorted({type(layer).__name__ for layer in adapted_model.adapter_layers().values() if not layer.shardable})

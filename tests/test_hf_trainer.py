@@ -49,7 +49,9 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(config, tmp_pat
 
 def test_trainer_under_torchrun_ddp_equals_one_process_on_the_global_batch(tmp_path):
     """`torchrun --nproc-per-node 2` (DDP, gloo) with 2 examples per process trains the adapter one process
-    trains with 4; rank 0 writes the adapter checkpoint."""
+    trains with 4; rank 0 writes the adapter checkpoint. Each rank prepares its model without device= and
+    the Trainer, not prepare_model, places it on that rank's device."""
+    import json
     import os
     import subprocess
     import sys
@@ -66,8 +68,38 @@ def test_trainer_under_torchrun_ddp_equals_one_process_on_the_global_batch(tmp_p
     for command in runs.values():
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        _assert_placed_by_the_trainer(json.loads((tmp_path / "two" / f"placement-rank{rank}.json").read_text()))
     one = load_file(str(tmp_path / "one" / "checkpoint-3" / "adapter_model.safetensors"))
     two = load_file(str(tmp_path / "two" / "checkpoint-3" / "adapter_model.safetensors"))
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _assert_placed_by_the_trainer(report: dict) -> None:
+    """prepare_model moved nothing (no Module.to call, every tensor the same object on the same device, each
+    adapter beside its weight); the Trainer moved the model to the rank's device and everything is there."""
+    assert report["prepare_moves"] == [] and report["changed_by_prepare"] == []
+    assert report["adapter_devices"] and all(delta == weight for delta, weight in report["adapter_devices"].values())
+    assert ["AdaptedModel", [report["args_device"]], {}] in report["trainer_moves"], report["trainer_moves"]
+    assert report["devices_after_trainer"] == [report["rank_device"]]
+
+
+def test_model_card_names_paca_hal_and_the_method(tmp_path):
+    """The README.md the Trainer writes (and pushes to the Hub) says library_name paca-hal, tags the
+    methods, and tells how to load the adapter; writing it twice does not repeat anything."""
+    from huggingface_hub import ModelCard
+
+    from paca_core import LoRAConfig, VeLoRAConfig
+
+    model = prepare_model(tiny_llama(seed=0), [LoRAConfig(r=4), VeLoRAConfig(num_groups=4)])
+    trainer = PacaTrainer(model=model, args=_args(tmp_path, 1), train_dataset=Rows())
+    trainer.create_model_card(model_name="tiny")
+    trainer.create_model_card(model_name="tiny", tags=["mine"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "paca-hal"
+    assert {"paca-hal", "lora", "velora", "mine"} <= set(card.data.tags)
+    assert len(card.data.tags) == len(set(card.data.tags))
+    assert card.text.count("## paca-hal adapter") == 1 and "`lora+velora`" in card.text
+    assert "PacaModel.from_pretrained" in card.text

@@ -2,6 +2,7 @@
 layers, checkpoints hold only the adapter (plus MEFT's host state), and resuming is exact."""
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -43,6 +44,8 @@ def test_sft_trainer_trains_checkpoints_the_adapter_and_resumes_exactly(config, 
     assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "adapter_config.json").is_file()
     assert not (checkpoint / "model.safetensors").exists()  # not the whole model
     assert (checkpoint / HOST_STATE_NAME).is_file() == isinstance(config, MEFTConfig)
+    card = ModelCard.load(tmp_path / "run" / "README.md")  # TRL writes it with every checkpoint
+    assert card.data.library_name == "paca-hal" and {"paca-hal", config.method} <= set(card.data.tags)
 
     resumed = _model(tokenizer, config)
     _trainer(resumed, tokenizer, tmp_path / "run", steps=4).train(resume_from_checkpoint=str(checkpoint))

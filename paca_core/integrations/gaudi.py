@@ -53,7 +53,7 @@ def prepare_for_gaudi_trainer(
     """Prepare ``model`` with paca-hal methods for a GaudiTrainer (replaces ``get_peft_model``).
 
     ``args`` (GaudiTrainingArguments) picks the device: ``hpu`` with ``use_habana``, else ``cpu``;
-    ``device`` overrides it. A lazy-mode request that contradicts ``PT_HPU_LAZY_MODE`` is an error,
+    ``device`` overrides it. With neither, the model stays where it is and the GaudiTrainer places it. A lazy-mode request that contradicts ``PT_HPU_LAZY_MODE`` is an error,
     because the bridge reads the variable once at start-up and optimum-habana does not set it.
     """
     use_habana = bool(getattr(args, "use_habana", False))

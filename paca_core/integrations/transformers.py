@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .._version import __version__
 from ..checkpoint import load_adapter_tensors, read_adapter_tensors, write_adapter_files
 from ..model import AdaptedModel
 
@@ -34,6 +35,20 @@ logger = logging.getLogger(__name__)
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name for the saved TrainingArguments
 HOST_STATE_NAME = "paca_host_optimizer.pt"  # MEFT's host-memory AdamW state, beside the adapter
+MODEL_CARD_NAME = "README.md"  # where transformers and TRL write the model card
+LIBRARY_NAME = "paca-hal"
+MODEL_CARD_HEADING = "## paca-hal adapter"
+MODEL_CARD_USAGE = MODEL_CARD_HEADING + """
+
+Method: `{method}` (paca-hal {version}). The checkpoint holds only the adapter (`adapter_model.safetensors`,
+`adapter_config.json`); load it onto the base model it was trained on:
+
+```python
+from paca_core import PacaModel
+
+model = PacaModel.from_pretrained(base_model, "path/to/this/folder")
+```
+"""
 
 
 def adapted_model(model: torch.nn.Module | None) -> AdaptedModel | None:
@@ -88,6 +103,16 @@ class PacaTrainerMixin:
         if not any(isinstance(c, PacaCallback) for c in self.callback_handler.callbacks):
             self.add_callback(PacaCallback(self._adapted()))
 
+    def create_model_card(self, *args, **kwargs):
+        """The card the trainer writes (``README.md`` in ``output_dir``, also pushed to the Hub), naming
+        paca-hal and the method: the base trainer calls it a transformers model and says nothing of how to
+        load an adapter-only checkpoint. Takes the base trainer's arguments (Trainer's, or TRL's)."""
+        result = super().create_model_card(*args, **kwargs)
+        adapted = self._adapted()
+        if adapted is not None and self.is_world_process_zero():
+            mark_model_card(Path(self.args.output_dir) / MODEL_CARD_NAME, adapted)
+        return result
+
     def _set_signature_columns_if_needed(self):
         adapted = adapted_model(self.model)
         if adapted is None or self._signature_columns is not None:
@@ -130,6 +155,25 @@ def _load_paca_checkpoint(adapted: AdaptedModel, directory) -> None:
     if host_state.is_file():
         adapted.load_host_optimizer_state(torch.load(host_state, map_location="cpu", weights_only=False))
     logger.info("Loaded paca-hal adapter from %s", directory)
+
+
+def model_card_tags(adapted: AdaptedModel) -> list[str]:
+    """``paca-hal`` and each method of the adapter (``lora+velora`` → ``lora``, ``velora``), for Hub search."""
+    return [LIBRARY_NAME, *dict.fromkeys(adapted.method.split("+"))]
+
+
+def mark_model_card(path: Path, adapted: AdaptedModel) -> None:
+    """Rewrite the card at ``path``: ``library_name: paca-hal``, the method's tags, and how to load it."""
+    from huggingface_hub import ModelCard
+
+    if not path.is_file():
+        return
+    card = ModelCard.load(path)
+    card.data.library_name = LIBRARY_NAME
+    card.data.tags = list(dict.fromkeys(list(card.data.tags or []) + model_card_tags(adapted)))
+    if MODEL_CARD_HEADING not in card.text:
+        card.text = card.text.rstrip() + "\n\n" + MODEL_CARD_USAGE.format(method=adapted.method, version=__version__)
+    card.save(path)
 
 
 class PacaTrainer(PacaTrainerMixin, Trainer):

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..indices import layer_seed
+from ..placement import adapter_device
 from .base import AdapterLayer
 from .compression import ActivationCompressor, CompressibleInput
 
@@ -25,7 +26,7 @@ class LoRALinear(CompressibleInput, AdapterLayer):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float | None, dropout: float, freeze_a: bool, seed: int, module_name: str = ""):
         super().__init__(base_layer, module_name)
         base_layer.weight.requires_grad_(False)
-        device = base_layer.weight.device
+        device = adapter_device(base_layer, module_name)  # beside the weight (offloaded: where accelerate runs it)
         self.r, self.alpha = r, float(alpha if alpha is not None else r)
         self.scaling = self.alpha / r
         lora_a = torch.empty(r, self.in_features, dtype=torch.float32)

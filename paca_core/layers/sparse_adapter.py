@@ -24,6 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from backends import Backend, Transfer, get_backend
 
+from ..placement import adapter_device
 from .base import AdapterLayer
 from .host_rows import HostRowTable
 
@@ -90,7 +91,7 @@ class SparseFFNAdapter(AdapterLayer):
         self._init_adapter_fields(module_name, width, width)
         self.top_k, self.num_probe, self.capacity = top_k, num_probe, capacity
         parameter = next(target.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
+        device = adapter_device(target, module_name)  # beside the block (offloaded: where accelerate runs it)
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
         self.router = nn.Linear(width, num_experts, bias=False, device=device, dtype=dtype)
         with torch.no_grad():
@@ -122,7 +123,8 @@ class SparseFFNAdapter(AdapterLayer):
             raise ValueError(
                 f"MEFT adapter on {self.module_name} expects inputs of width {self.in_features}, got {tuple(hidden.shape)}."
             )
-        x = hidden.reshape(-1, self.in_features)
+        # the router's device: where the block runs (accelerate's hook moves the block's own input after this hook)
+        x = hidden.reshape(-1, self.in_features).to(self.router.weight.device)
         logits = self.router(x.to(self.router.weight.dtype))
         top_logits, experts = logits.topk(self.num_probe, dim=-1)
         gates = torch.softmax(top_logits.float(), dim=-1)
@@ -140,7 +142,7 @@ class SparseFFNAdapter(AdapterLayer):
                 f"{self.module_name} returned {type(output).__name__}. Target the MLP block (e.g. 'mlp')."
             )
         adapter_out = self._adapter(flight)
-        return output + adapter_out.view(output.shape).to(output.dtype)
+        return output + adapter_out.view(output.shape).to(output.device, output.dtype)
 
     @_compiler_disable
     def _retrieve(self, flight: _InFlight) -> tuple[torch.Tensor, ...]:
