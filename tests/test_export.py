@@ -123,7 +123,7 @@ def test_export_replaces_previous_directory_and_needs_peft(tmp_path, monkeypatch
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_peft)
-    with pytest.raises(ImportError, match="pip install peft"):
+    with pytest.raises(ImportError, match=r"pip install .paca-hal\[peft\]."):
         export_peft_lora(paca, tmp_path / "other")
     assert not (tmp_path / "other").exists()
 
