@@ -90,6 +90,11 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds column choice, data order and torch")
     p.add_argument("--out", default="runs/paca", help="output folder: adapter/, checkpoint/, metrics.json")
     p.add_argument("--resume", default=None, help="continue from a checkpoint folder (<out>/checkpoint or <out>)")
+    p.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="with --resume: you trust who made the checkpoint, so an old (0.1.0) trainer_state.pt that cannot be read "
+        "safely may be unpickled in full (which can run code from it). Never needed for checkpoints from this version",
+    )
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end / on Ctrl-C)")
     p.add_argument("--log-every", type=int, default=5, help="steps per progress/metrics record")
     p.add_argument("--sample-tokens", type=int, default=40, help="tokens generated for the before/after sample (0: skip)")
@@ -287,7 +292,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     trainer = Trainer(paca_model, train_args, train_data, device)
     if args.resume:
-        trainer.resume_from(args.resume)
+        trainer.resume_from(args.resume, trust_checkpoint=args.trust_checkpoint)
     prompt_ids = eval_data.input_ids[:1, : min(24, args.seq_len // 2)].to(device)
     eval_before = trainer.evaluate(eval_data)
     sample_before = _sample(paca_model, tokenizer, prompt_ids, args.sample_tokens) if args.sample_tokens else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,11 +21,20 @@ from .checkpoint import adapter_state, load_adapter_tensors, read_adapter_config
 from .dataset import TokenizedData
 from .errors import OOM_LEVERS, CheckpointError, NonFiniteLossError, TrainingOutOfMemoryError, is_out_of_memory
 from .sharding import full_tensor, gathered_optimizer_state, load_optimizer_state, shard_model
+from .training_state import (  # noqa: F401 - STATE_NAME, STATE_JSON, LEGACY_STATE_NAME: the file names, re-exported
+    LEGACY_STATE_NAME,
+    STATE_JSON,
+    STATE_NAME,
+    has_training_state,
+    numpy_rng_state,
+    python_rng_state,
+    read_training_state,
+    restore_numpy_rng,
+    restore_python_rng,
+    write_training_state,
+)
 
 logger = logging.getLogger(__name__)
-
-STATE_NAME = "trainer_state.pt"
-STATE_JSON = "trainer_state.json"
 
 
 @dataclass
@@ -177,25 +185,45 @@ class Trainer:
             "host_optimizer": self.model.host_optimizer_state(),  # MEFT's Adam state lives in host memory
             "scheduler": self.scheduler.state_dict(),
             "trainer": asdict(self.state),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            # Plain data only (safetensors + JSON): loading a checkpoint must never run code from it.
+            "rng": {"torch": torch.get_rng_state(), "python": python_rng_state(), "numpy": numpy_rng_state()},
             "total_steps": self.total_steps,
         }
         with atomic_directory(directory) as staging:
             write_adapter_files(self.model, staging, tensors=tensors)
-            torch.save(training_state, staging / STATE_NAME)
-            (staging / STATE_JSON).write_text(json.dumps({"step": self.state.step, "total_steps": self.total_steps}, indent=2))
+            write_training_state(staging, training_state, summary={"step": self.state.step, "total_steps": self.total_steps})
         logger.info("Checkpoint at step %d saved to %s", self.state.step, directory)
         if self.world_size > 1:
             torch.distributed.barrier()
         return directory
 
-    def resume_from(self, directory: str | Path) -> None:
+    def resume_from(self, directory: str | Path, trust_checkpoint: bool = False) -> None:
+        """Continue exactly where the checkpoint in ``directory`` (``<out>/checkpoint`` or ``<out>``) stopped.
+
+        Nothing in the folder can run code: the state is safetensors + JSON. ``trust_checkpoint``: the user
+        vouches for the folder, so an old (paca-hal 0.1.0) ``trainer_state.pt`` that needs unrestricted
+        unpickling may be loaded (the CLI's ``--trust-checkpoint``); without it such a file is refused.
+        """
         directory = Path(directory)
-        if (directory / "checkpoint" / STATE_NAME).is_file():
+        if has_training_state(directory / "checkpoint"):
             directory = directory / "checkpoint"
-        state_path = directory / STATE_NAME
-        if not state_path.is_file():
-            raise CheckpointError(f"{directory} has no {STATE_NAME}: it is not a resumable checkpoint (expected <out>/checkpoint).")
+        if not has_training_state(directory):
+            raise CheckpointError(
+                f"{directory} has no {STATE_NAME} (or 0.1.0's {LEGACY_STATE_NAME}): it is not a resumable checkpoint "
+                "(expected <out>/checkpoint)."
+            )
+        self._check_same_adapter(directory)
+        # Read (and vet) the state before anything in the model or optimizer changes.
+        state = read_training_state(directory, trust_checkpoint)
+        load_adapter_tensors(self.model, read_adapter_tensors(directory), directory)
+        try:
+            self._apply_state(state)
+        except (KeyError, TypeError) as error:
+            raise CheckpointError(f"The training state in {directory} is incomplete ({type(error).__name__}: {error}); the checkpoint is corrupt.") from None
+        logger.info("Resumed from %s at step %d", directory, self.state.step)
+
+    def _check_same_adapter(self, directory: Path) -> None:
+        """A checkpoint resumes only into the adapter configuration that wrote it."""
         document = read_adapter_config(directory)
         saved_configs, current_configs = document["configs"], [c.to_dict() for c in self.model.configs]
         differences = []
@@ -208,20 +236,18 @@ class Trainer:
                 ]
         if differences:
             raise CheckpointError(f"Cannot resume from {directory}: the adapter config differs ({'; '.join(differences)}).")
-        load_adapter_tensors(self.model, read_adapter_tensors(directory), directory)
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-        except Exception as error:  # truncated or foreign file
-            raise CheckpointError(f"{state_path} cannot be read ({error}); the checkpoint is corrupt.") from None
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        """Optimizer, host optimizer, scheduler, counters and RNGs from a read checkpoint state."""
         load_optimizer_state(self.optimizer, state["optimizer"])  # re-sharded under FSDP
-        self.model.load_host_optimizer_state(state.get("host_optimizer", {}))
+        self.model.load_host_optimizer_state(state.get("host_optimizer") or {})
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainerState(**state["trainer"])
         torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        restore_python_rng(state["rng"]["python"])
+        restore_numpy_rng(state["rng"].get("numpy"))  # absent in 0.1.0 checkpoints
         if state.get("total_steps") != self.total_steps:
             logger.warning("Total steps changed from %s to %s; the learning-rate schedule follows the new total.", state.get("total_steps"), self.total_steps)
-        logger.info("Resumed from %s at step %d", directory, self.state.step)
 
     # --- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()

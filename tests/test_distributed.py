@@ -155,6 +155,6 @@ def test_paca_train_launched_on_two_processes_equals_one_process_with_the_global
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
-    assert (tmp_path / "checkpoint" / "trainer_state.pt").is_file()
+    assert (tmp_path / "checkpoint" / "trainer_state.safetensors").is_file()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["training"]["fsdp"] == ("fsdp" in launch)

@@ -15,6 +15,7 @@ from paca_core.cli import main
 from paca_core.dataset import load_dataset, split_held_out
 from paca_core.errors import NonFiniteLossError, TrainingOutOfMemoryError
 from paca_core.trainer import STATE_NAME, Trainer, TrainingArguments
+from paca_core.training_state import read_training_state
 
 
 def _trainer(model_dir, text_file, out, steps=4, **overrides):
@@ -55,7 +56,7 @@ def test_nan_loss_stops_with_the_last_good_state_saved(tiny_model_dir, sample_te
     with pytest.raises(NonFiniteLossError, match="Step 3.*no update was applied.*--on-nan skip"):
         trainer.train()
     assert trainer.state.step == 2
-    saved = torch.load(tmp_path / "run" / "checkpoint" / STATE_NAME, weights_only=False)
+    saved = read_training_state(tmp_path / "run" / "checkpoint")
     assert saved["trainer"]["step"] == 2
     assert all(torch.isfinite(d).all() for d in _deltas(trainer).values())
 
@@ -100,7 +101,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tiny_model_dir, sam
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer_module.torch, "save", full_disk)
+    monkeypatch.setattr(trainer_module, "write_training_state", full_disk)
     with pytest.raises(OSError, match="No space left"):
         trainer.train()
     monkeypatch.undo()
@@ -129,12 +130,12 @@ def test_killed_process_resumes_from_the_last_checkpoint(tiny_model_dir, sample_
     process.send_signal(signal.SIGKILL)  # no handler can run: like a machine crash
     process.wait()
     assert state.exists()
-    saved_step = torch.load(state, weights_only=False)["trainer"]["step"]
+    saved_step = read_training_state(state.parent)["trainer"]["step"]
     assert saved_step >= 2
     resume = flags[3:]
     resume[resume.index("200")] = str(saved_step + 2)
     assert main(resume + ["--resume", str(out)]) == 0
-    assert torch.load(state, weights_only=False)["trainer"]["step"] == saved_step + 2
+    assert read_training_state(state.parent)["trainer"]["step"] == saved_step + 2
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ import torch
 from paca_core import CheckpointError, PaCAConfig, PacaModel, prepare_model
 from paca_core.cli import main
 from paca_core.dataset import IGNORE_INDEX, DataError, load_dataset, split_held_out
-from paca_core.trainer import Trainer, TrainingArguments
+from paca_core.trainer import STATE_NAME, Trainer, TrainingArguments
+from paca_core.training_state import read_training_state
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def test_cli_train_writes_adapter_metrics_and_learns(tiny_model_dir, sample_text
     assert metrics["sample_before"] is not None and metrics["sample_after"] is not None
     assert len(metrics["history"]) == 12 and all(r["tokens_per_s"] > 0 for r in metrics["history"])
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert (out / "checkpoint" / "trainer_state.pt").is_file()
+    assert (out / "checkpoint" / STATE_NAME).is_file()
 
     # The saved adapter reproduces the trained model's outputs in a fresh process-like load.
     model, _ = _load(tiny_model_dir)
@@ -136,7 +137,7 @@ def test_sigint_saves_checkpoint_and_exits_130(tiny_model_dir, sample_text_file,
     _, rest = process.communicate(timeout=120)
     assert process.returncode == 130, "".join(lines) + rest
     assert "checkpoint saved" in rest
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = read_training_state(out / "checkpoint")
     assert state["trainer"]["step"] >= 1
 
 
@@ -149,11 +150,11 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_model_dir, sample_text_
     def broken_save(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(trainer_module.torch, "save", broken_save)
+    monkeypatch.setattr(trainer_module, "write_training_state", broken_save)
     with pytest.raises(OSError):
         trainer.save_checkpoint()
     assert (trainer.checkpoint_dir / "adapter_model.safetensors").read_bytes() == before
-    assert (trainer.checkpoint_dir / "trainer_state.pt").is_file()
+    assert (trainer.checkpoint_dir / STATE_NAME).is_file()
     assert not [p for p in trainer.checkpoint_dir.parent.iterdir() if p.name.startswith(".checkpoint")]
 
 

@@ -29,12 +29,15 @@ from transformers import Trainer, TrainerCallback
 
 from .._version import __version__
 from ..checkpoint import load_adapter_tensors, read_adapter_tensors, write_adapter_files
+from ..training_state import check_host_state, read_host_state, read_legacy_pickle, write_host_state
 from ..model import AdaptedModel
 
 logger = logging.getLogger(__name__)
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name for the saved TrainingArguments
-HOST_STATE_NAME = "paca_host_optimizer.pt"  # MEFT's host-memory AdamW state, beside the adapter
+HOST_STATE_NAME = "paca_host_optimizer.safetensors"  # MEFT's host-memory AdamW state, beside the adapter
+LEGACY_HOST_STATE_NAME = "paca_host_optimizer.pt"  # the same as a torch.save pickle (paca-hal 0.1.0)
+TRUST_HINT = "`trainer.train(resume_from_checkpoint=..., trust_checkpoint=True)`"
 MODEL_CARD_NAME = "README.md"  # where transformers and TRL write the model card
 LIBRARY_NAME = "paca-hal"
 MODEL_CARD_HEADING = "## paca-hal adapter"
@@ -76,8 +79,7 @@ class PacaCallback(TrainerCallback):
         host_state = adapted.host_optimizer_state()
         if host_state:
             directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            directory.mkdir(parents=True, exist_ok=True)
-            torch.save(host_state, directory / HOST_STATE_NAME)
+            write_host_state(directory / HOST_STATE_NAME, host_state)  # safetensors: loading it runs nothing
 
 
 class PacaTrainerMixin:
@@ -130,31 +132,53 @@ class PacaTrainerMixin:
         if getattr(self, "processing_class", None) is not None:
             self.processing_class.save_pretrained(str(output_dir))
         self._save_extra(output_dir)
+        # A pickle, as transformers writes it, for users' reference. Neither transformers' resume path nor
+        # paca-hal ever reads it back (unpickling it could run code): do not torch.load one you did not write.
         torch.save(self.args, output_dir / TRAINING_ARGS_NAME)
         logger.info("Saved paca-hal adapter (%s) to %s", adapted.method, output_dir)
 
     def _save_extra(self, output_dir: Path) -> None:
         """Subclasses save what their trainer adds (GaudiTrainer: the Gaudi config)."""
 
+    def train(self, *args, trust_checkpoint: bool = False, **kwargs):
+        """The base trainer's ``train``. ``trust_checkpoint=True``: you vouch for ``resume_from_checkpoint``, so
+        paca-hal 0.1.0 host-state pickles that the restricted loader refuses may be unpickled in full."""
+        self._paca_trust_checkpoint = trust_checkpoint
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._paca_trust_checkpoint = False
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         adapted = self._adapted(model)
         if adapted is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        _load_paca_checkpoint(adapted, resume_from_checkpoint)
+        _load_paca_checkpoint(adapted, resume_from_checkpoint, getattr(self, "_paca_trust_checkpoint", False))
 
     def _load_best_model(self):
         adapted = self._adapted()
         if adapted is None:
             return super()._load_best_model()
-        _load_paca_checkpoint(adapted, self.state.best_model_checkpoint)
+        _load_paca_checkpoint(adapted, self.state.best_model_checkpoint, getattr(self, "_paca_trust_checkpoint", False))
 
 
-def _load_paca_checkpoint(adapted: AdaptedModel, directory) -> None:
+def _load_paca_checkpoint(adapted: AdaptedModel, directory, trust_checkpoint: bool = False) -> None:
+    """Adapter tensors and MEFT's host optimizer state; the host state is read (and vetted) first."""
+    host_state = _read_host_state(Path(directory), trust_checkpoint)
     load_adapter_tensors(adapted, read_adapter_tensors(directory), directory)
-    host_state = Path(directory) / HOST_STATE_NAME
-    if host_state.is_file():
-        adapted.load_host_optimizer_state(torch.load(host_state, map_location="cpu", weights_only=False))
+    if host_state is not None:
+        adapted.load_host_optimizer_state(host_state)
     logger.info("Loaded paca-hal adapter from %s", directory)
+
+
+def _read_host_state(directory: Path, trust_checkpoint: bool) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The safetensors host state, or a 0.1.0 pickle read safely (refused unless trusted when that is not enough)."""
+    if (directory / HOST_STATE_NAME).is_file():
+        return read_host_state(directory / HOST_STATE_NAME)
+    legacy = directory / LEGACY_HOST_STATE_NAME
+    if legacy.is_file():
+        return check_host_state(read_legacy_pickle(legacy, trust_checkpoint, TRUST_HINT), legacy)
+    return None
 
 
 def model_card_tags(adapted: AdaptedModel) -> list[str]:
