@@ -1,24 +1,28 @@
-"""backends: how primitives run on each device — one :class:`Backend` interface, one file per device.
+"""backends: how primitives run on each device — one :class:`Backend` interface, implemented once in
+portable PyTorch (:class:`TorchBackend`) and overridden per device only where a device runs faster code.
 
 Depends on ``devices`` (never the reverse) and knows nothing about models or methods.
 """
-from .base import Backend, PartialConnectionGrads, Tolerance, Transfer
-from .cpu import CpuBackend
+from .base import Backend, PartialConnectionGrads, Tolerance
 from .cuda import CudaBackend
 from .hpu import HpuBackend
-from .portable import TorchBackend, matmul_t_fp32
-from .registry import BACKEND_CLASSES, get_backend
+from .portable import TorchBackend
+from .registry import BACKEND_CLASSES, get_backend, overridden_primitives, register_backend, unregister_backend
 
 __all__ = [
     "BACKEND_CLASSES",
     "Backend",
-    "CpuBackend",
     "CudaBackend",
     "HpuBackend",
     "PartialConnectionGrads",
     "Tolerance",
     "TorchBackend",
-    "Transfer",
     "get_backend",
-    "matmul_t_fp32",
+    "overridden_primitives",
+    "register_backend",
+    "unregister_backend",
 ]
+
+# The built-in device backends; every other device type (cpu included) runs TorchBackend.
+register_backend(CudaBackend)
+register_backend(HpuBackend)

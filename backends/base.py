@@ -26,21 +26,36 @@ class PartialConnectionGrads:
 
 
 class Backend(ABC):
-    """Primitives that the device-agnostic methods call.
+    """The primitives the device-agnostic methods call, grouped by what they compute.
 
-    A device backend usually subclasses :class:`backends.portable.TorchBackend` and overrides only
-    what it does faster; the shared conformance suite (tests/test_backend_conformance.py) runs the
-    same test bodies against every backend, with the tolerances each backend declares.
+    :class:`backends.portable.TorchBackend` implements all of them in plain PyTorch and serves any
+    device type without a backend of its own. A device backend subclasses it and overrides only what
+    its device does faster (CUDA: :meth:`skinny_grad_fp32`); the shared conformance suite
+    (tests/test_backend_conformance.py) runs each override against float64 references with the
+    tolerances the backend declares. Host<->device copies are not here: they are stream plumbing
+    (``devices.copy_to_device`` / ``devices.copy_to_host``).
     """
 
-    #: Device type this backend serves ("cpu", "cuda", "hpu").
+    #: Device type this backend serves ("cpu", "cuda", "hpu", ...).
     device_type: str = ""
     #: Human-readable name used in logs and test ids.
     name: str = ""
     tolerances: dict[torch.dtype, Tolerance] = {}
 
+    def __init__(self, device_type: str | None = None) -> None:
+        if device_type is not None:
+            self.device_type = device_type
+
     def tolerance(self, dtype: torch.dtype) -> Tolerance:
         return self.tolerances[dtype]
+
+    # --- GEMM with a long token dimension (every weight gradient below) ----------------------------
+    @abstractmethod
+    def skinny_grad_fp32(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``aᵀ · b`` for 2-D ``a`` (N, m) and ``b`` (N, k), accumulated and returned in at least
+        float32: a weight gradient ``gradᵀ · x`` summed over N tokens, where m or k is usually a
+        rank r (PaCA's and QPaCA's (out, r) delta, LoRA's A under VeLoRA). Half-precision inputs
+        must not lose the sum to half-precision accumulation."""
 
     # --- partial connection (PaCA) ---------------------------------------------------------------
     @abstractmethod
@@ -63,7 +78,7 @@ class Backend(ABC):
         need_bias_grad: bool,
     ) -> PartialConnectionGrads:
         """Grad input with one full GEMM (``grad_output @ weight``) and the (out, r) delta gradient
-        ``grad_outputᵀ · x_selected`` accumulated in (at least) float32."""
+        ``grad_outputᵀ · x_selected`` through :meth:`skinny_grad_fp32`."""
 
     @abstractmethod
     def write_adapted_columns(
@@ -120,22 +135,6 @@ class Backend(ABC):
         """Gradients ``(x, keys, values, gates)`` of :meth:`sparse_rows_forward`; the row gradients are
         (R, d) float32, summed over every token that used a row."""
 
-    # --- host memory and transfers (offload) ------------------------------------------------------
-    @abstractmethod
-    def host_tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """A zeroed host tensor that this device copies from and to asynchronously (pinned where it
-        supports page-locked memory)."""
-
-    @abstractmethod
-    def copy_to_device(self, host: torch.Tensor, device: torch.device) -> "Transfer":
-        """Start copying ``host`` to ``device`` on a side stream; ``.wait()`` makes the current stream
-        wait for it and returns the device tensor. On a host-only device this is free (no copy)."""
-
-    @abstractmethod
-    def copy_to_host(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> "Transfer":
-        """Start copying a device tensor into host memory (into ``out`` when given) after the work that
-        produced it; ``.wait()`` blocks the host until the bytes are there and returns the host tensor."""
-
     # --- partial connection on a 4-bit quantized base (QPaCA) ------------------------------------
     @abstractmethod
     def quantized_partial_connection_forward(
@@ -169,20 +168,6 @@ class Backend(ABC):
     ) -> PartialConnectionGrads:
         """Gradients of :meth:`quantized_partial_connection_forward`: grad input through the 4-bit
         weight (``grad_output · deq(W_q)``) plus the skinny ``scaling · grad_output Δ`` added into the
-        selected columns; the delta gradient ``scaling · grad_outputᵀ x_selected`` in (at least) float32."""
+        selected columns; the delta gradient ``scaling · grad_outputᵀ x_selected`` through
+        :meth:`skinny_grad_fp32`."""
 
-
-class Transfer:
-    """A copy in flight. ``wait()`` returns its destination once it may be used."""
-
-    def __init__(self, result: torch.Tensor, wait_fn=None, nbytes: int = 0):
-        self._result = result
-        self._wait_fn = wait_fn
-        #: Bytes that crossed between host and device (0 when nothing was copied).
-        self.nbytes = nbytes
-
-    def wait(self) -> torch.Tensor:
-        if self._wait_fn is not None:
-            self._wait_fn()
-            self._wait_fn = None
-        return self._result

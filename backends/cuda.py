@@ -1,30 +1,38 @@
-"""CUDA backend: portable primitives plus what cuBLAS does faster.
+"""CUDA backend: the portable primitives plus what cuBLAS does faster.
 
-The delta gradient uses cuBLAS's float32-output GEMM for half-precision inputs when this torch
-build has it (``torch.mm(..., out_dtype=torch.float32)``), which avoids the upcast copy.
+:meth:`CudaBackend.skinny_grad_fp32` multiplies half-precision operands with cuBLAS's float32-output
+GEMM (``torch.mm(..., out_dtype=torch.float32)``) instead of upcasting them in chunks: no float32
+copies of the operands, one kernel. Where that GEMM does not exist (an older torch, a device type
+without the kernel, e.g. CPU tensors) it falls back to the portable version, decided once per device type.
 """
 from __future__ import annotations
 
 import torch
 
-from .portable import TorchBackend, matmul_t_fp32
+from .portable import TorchBackend
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class CudaBackend(TorchBackend):
     device_type = "cuda"
     name = "cuda"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._mm_out_dtype_works: bool | None = None
+    def __init__(self, device_type: str | None = None) -> None:
+        super().__init__(device_type)
+        #: device type -> whether torch.mm(..., out_dtype=float32) runs there (learnt on first use).
+        self._fp32_output_gemm: dict[str, bool] = {}
 
-    def _delta_grad(self, grad_2d: torch.Tensor, x_selected_2d: torch.Tensor) -> torch.Tensor:
-        half = grad_2d.dtype in (torch.float16, torch.bfloat16) and grad_2d.dtype == x_selected_2d.dtype
-        if half and grad_2d.is_cuda and self._mm_out_dtype_works is not False:
+    def skinny_grad_fp32(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        kind = a.device.type
+        if a.dtype in _HALF and a.dtype == b.dtype and self._fp32_output_gemm.get(kind, True):
             try:
-                result = torch.mm(grad_2d.t(), x_selected_2d, out_dtype=torch.float32)
-                self._mm_out_dtype_works = True
-                return result
+                result = torch.mm(a.t(), b, out_dtype=torch.float32)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except (TypeError, RuntimeError, NotImplementedError):
-                self._mm_out_dtype_works = False  # older torch: fall back to the chunked upcast
-        return matmul_t_fp32(grad_2d, x_selected_2d)
+                self._fp32_output_gemm[kind] = False  # no such kernel here: the portable chunked upcast
+            else:
+                self._fp32_output_gemm[kind] = True
+                return result
+        return super().skinny_grad_fp32(a, b)

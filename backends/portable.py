@@ -1,42 +1,21 @@
 """The reference implementation of every primitive in plain PyTorch ops.
 
 It runs on any device PyTorch supports, with static shapes and no host synchronisation, so it is
-also what graph-compiled devices (HPU lazy mode, torch.compile) execute unless a backend overrides it.
+also what graph-compiled devices (HPU lazy mode, torch.compile) execute unless a backend overrides
+it, and what ``get_backend`` gives a device type that has no backend of its own.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
 
-import devices
-
+from .base import Backend, PartialConnectionGrads, Tolerance
 from .bnb4bit import dequantize as dequantize_4bit
-from .base import Backend, PartialConnectionGrads, Tolerance, Transfer
 
 #: Upper bound on the float32 temporary made when upcasting half-precision GEMM operands.
 _FP32_CHUNK_BYTES = 64 * 2**20
 #: Upper bound on the (tokens, k, d) row gathers of the sparse adapter, so big models never blow up.
 _GATHER_CHUNK_BYTES = 64 * 2**20
-
-
-def matmul_t_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``aᵀ @ b`` for 2-D ``a`` (N, m) and ``b`` (N, k), accumulated and returned in at least float32.
-
-    Half-precision operands are upcast in row chunks so the float32 copy stays small; float32 and
-    float64 operands are multiplied as they are.
-    """
-    if a.dtype not in (torch.float16, torch.bfloat16) and a.dtype == b.dtype:
-        return a.t().mm(b)
-    rows = a.shape[0]
-    width = a.shape[1] + b.shape[1]
-    chunk = max(1, min(rows, _FP32_CHUNK_BYTES // max(1, 4 * width)))
-    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
-    for start in range(0, rows, chunk):  # static trip count for a given shape: graph friendly
-        a_part = a[start : start + chunk].float()
-        b_part = b[start : start + chunk].float()
-        out.addmm_(a_part.t(), b_part)
-    return out
 
 
 class TorchBackend(Backend):
@@ -50,15 +29,22 @@ class TorchBackend(Backend):
         torch.float16: Tolerance(5e-3, 5e-3),
     }
 
-    def __init__(self) -> None:
-        self._copy_streams: dict[torch.device, object] = {}  # one side stream per device, for copies
+    def skinny_grad_fp32(self, a, b):
+        # Half-precision operands are upcast in row chunks so the float32 copy stays small; float32
+        # and float64 operands are multiplied as they are.
+        if a.dtype not in (torch.float16, torch.bfloat16) and a.dtype == b.dtype:
+            return a.t().mm(b)
+        rows = a.shape[0]
+        width = a.shape[1] + b.shape[1]
+        chunk = max(1, min(rows, _FP32_CHUNK_BYTES // max(1, 4 * width)))
+        out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
+        for start in range(0, rows, chunk):  # static trip count for a given shape: graph friendly
+            out.addmm_(a[start : start + chunk].float().t(), b[start : start + chunk].float())
+        return out
 
     def partial_connection_forward(self, x, weight, bias, indices):
         output = F.linear(x, weight, bias)
         return output, x.index_select(-1, indices)
-
-    def _delta_grad(self, grad_2d: torch.Tensor, x_selected_2d: torch.Tensor) -> torch.Tensor:
-        return matmul_t_fp32(grad_2d, x_selected_2d)
 
     def partial_connection_backward(
         self, grad_output, x_selected, weight, need_input_grad, need_delta_grad, need_bias_grad
@@ -67,7 +53,7 @@ class TorchBackend(Backend):
         grad_delta = None
         if need_delta_grad:
             grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
-            grad_delta = self._delta_grad(grad_2d, x_selected.reshape(-1, x_selected.shape[-1]))
+            grad_delta = self.skinny_grad_fp32(grad_2d, x_selected.reshape(-1, x_selected.shape[-1]))
         grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0) if need_bias_grad else None
         return PartialConnectionGrads(grad_input, grad_delta, grad_bias)
 
@@ -152,50 +138,6 @@ class TorchBackend(Backend):
             grad_values.addmm_(zeros.scatter_add_(1, rows, active * gate).t(), g_out)
         return grad_x, grad_keys, grad_values, grad_gates
 
-    # --- host memory and transfers (offload) ------------------------------------------------------
-    def _copy_stream(self, device: torch.device):
-        stream = self._copy_streams.get(device)
-        if stream is None:
-            stream = self._copy_streams[device] = devices.new_stream(device)
-        return stream
-
-    def host_tensor(self, shape, dtype):
-        tensor = torch.zeros(tuple(shape), dtype=dtype)
-        return devices.pin_memory(tensor, torch.device(self.device_type)) if self.device_type != "cpu" else tensor
-
-    def copy_to_device(self, host, device):
-        device = torch.device(device)
-        if device.type == "cpu":
-            return Transfer(host)
-        main = devices.current_stream(device)
-        stream = self._copy_stream(device)
-        with devices.stream_context(device, stream):
-            moved = host.to(device, non_blocking=True)
-            done = stream.record_event()
-
-        def wait() -> None:
-            main.wait_event(done)
-            devices.record_stream(moved, main)
-
-        return Transfer(moved, wait, nbytes=host.numel() * host.element_size())
-
-    def copy_to_host(self, tensor, out=None):
-        if tensor.device.type == "cpu":
-            if out is None:
-                return Transfer(tensor)
-            out.copy_(tensor)
-            return Transfer(out)
-        device = tensor.device
-        stream = self._copy_stream(device)
-        stream.wait_stream(devices.current_stream(device))  # copy only what the main stream has produced
-        if out is None:
-            out = self.host_tensor(tensor.shape, tensor.dtype)
-        with devices.stream_context(device, stream):
-            out.copy_(tensor, non_blocking=True)
-            done = stream.record_event()
-        devices.record_stream(tensor, stream)  # the device memory stays alive until the copy ran
-        return Transfer(out, done.synchronize, nbytes=tensor.numel() * tensor.element_size())
-
     # --- partial connection on a 4-bit quantized base (QPaCA) ------------------------------------
     # bitsandbytes (an optional extra) is reached through backends.bnb4bit, which dequantizes the same,
     # correct weight on every kernel bitsandbytes may pick for the tensors' device.
@@ -222,7 +164,7 @@ class TorchBackend(Backend):
             grad_input.index_add_(-1, indices, skinny, alpha=float(scaling))
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
         if need_delta_grad:
-            grad_delta = matmul_t_fp32(grad_2d, x_selected.reshape(-1, x_selected.shape[-1])).mul_(float(scaling))
+            grad_delta = self.skinny_grad_fp32(grad_2d, x_selected.reshape(-1, x_selected.shape[-1])).mul_(float(scaling))
         if need_bias_grad:
             grad_bias = grad_2d.sum(0)
         return PartialConnectionGrads(grad_input, grad_delta, grad_bias)

@@ -1,25 +1,33 @@
-"""devices: what hardware is there — detection, ``--device`` parsing, memory stats, graph modes.
+"""devices: what hardware is there — detection, ``--device`` parsing, memory stats, graph modes, transfers.
 
 The bottom layer: imports nothing from ``backends`` or ``paca_core``, and no vendor package at import time.
+A device is one :class:`DeviceRuntime` subclass, made known by :func:`register_runtime`; the built-in
+ones are registered at the end of this file.
 """
+from typing import Any
+
+from .cpu import CpuRuntime
+from .cuda import CudaRuntime
 from .distributed import device_mesh, host_process_group, init_distributed, launched_world_size, world_size
 from .graph_modes import (
-    GRAPH_MODES,
     add_graph_mode_argument,
     apply_graph_mode,
     compile_backend,
+    graph_mode_choices,
     graph_mode_of,
     keeps_grad_buffers,
     resolve_graph_mode,
 )
+from .hpu import HpuRuntime
 from .registry import (
-    DEVICE_CHOICES,
     ENV_VAR,
     add_device_argument,
+    auto_order,
     available_device_types,
     clip_grad_norm,
     current_stream,
     default_dtype,
+    device_choices,
     device_name,
     make_adamw,
     memory_stats,
@@ -28,39 +36,53 @@ from .registry import (
     pin_memory,
     pin_memory_supported,
     record_stream,
+    register_runtime,
+    registered_runtimes,
     reset_peak_memory_stats,
     resolve_device,
     runtime_for,
+    shares_host_memory,
     step_boundary,
     stream_context,
     synchronize,
+    unregister_runtime,
 )
-from .runtime import DeviceRuntime, DeviceUnavailableError, InvalidDeviceError, MemoryStats
+from .runtime import COMPILE, EAGER, DeviceRuntime, DeviceUnavailableError, GraphMode, InvalidDeviceError, MemoryStats
+from .transfers import Transfer, copy_to_device, copy_to_host, host_tensor
 
 __all__ = [
-    "device_name",
-    "init_distributed",
-    "device_mesh",
-    "host_process_group",
-    "world_size",
-    "launched_world_size",
+    "COMPILE",
     "DEVICE_CHOICES",
+    "EAGER",
     "ENV_VAR",
     "GRAPH_MODES",
     "DeviceRuntime",
     "DeviceUnavailableError",
+    "GraphMode",
     "InvalidDeviceError",
     "MemoryStats",
+    "Transfer",
     "add_device_argument",
     "add_graph_mode_argument",
     "apply_graph_mode",
+    "auto_order",
     "available_device_types",
     "clip_grad_norm",
     "compile_backend",
-    "graph_mode_of",
-    "keeps_grad_buffers",
+    "copy_to_device",
+    "copy_to_host",
     "current_stream",
     "default_dtype",
+    "device_choices",
+    "device_mesh",
+    "device_name",
+    "graph_mode_choices",
+    "graph_mode_of",
+    "host_process_group",
+    "host_tensor",
+    "init_distributed",
+    "keeps_grad_buffers",
+    "launched_world_size",
     "make_adamw",
     "memory_stats",
     "new_event",
@@ -68,11 +90,32 @@ __all__ = [
     "pin_memory",
     "pin_memory_supported",
     "record_stream",
+    "register_runtime",
+    "registered_runtimes",
     "reset_peak_memory_stats",
     "resolve_device",
     "resolve_graph_mode",
     "runtime_for",
+    "shares_host_memory",
     "step_boundary",
     "stream_context",
     "synchronize",
+    "unregister_runtime",
+    "world_size",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Both follow the registered runtimes on every access (PEP 562), so a runtime registered later
+    # appears in them; `from devices import DEVICE_CHOICES` takes the value at that moment.
+    if name == "DEVICE_CHOICES":
+        return device_choices()
+    if name == "GRAPH_MODES":
+        return graph_mode_choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The built-in devices, registered like any other (registration order = the order --device lists them).
+register_runtime(CpuRuntime())
+register_runtime(CudaRuntime())
+register_runtime(HpuRuntime())

@@ -6,7 +6,7 @@ import resource
 
 import torch
 
-from .runtime import DeviceRuntime, MemoryStats
+from .runtime import COMPILE, EAGER, DeviceRuntime, MemoryStats
 
 
 def _read_status_kib(field: str) -> int | None:
@@ -21,13 +21,14 @@ def _read_status_kib(field: str) -> int | None:
 
 
 class CpuRuntime(DeviceRuntime):
-    type = "cpu"
-    graph_modes = ("eager", "compile")
+    name = "cpu"
+    auto_priority = 0  # always there: the last resort of ``auto``
+    indexed = False
+    graph_modes = (EAGER, COMPILE)
 
     shares_host_memory = True
 
     def device_name(self, device: torch.device) -> str:
-        import os
         import platform
 
         return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"

@@ -5,16 +5,26 @@ import logging
 
 import torch
 
-from .runtime import DeviceRuntime, MemoryStats
+from .runtime import COMPILE, EAGER, DeviceRuntime, GraphMode, MemoryStats
 
 logger = logging.getLogger(__name__)
 
 
+#: CUDA graphs through torch.compile's ``reduce-overhead`` mode (inductor's CUDA-graph trees).
+CUDA_GRAPHS = GraphMode("cuda-graphs", "torch.compile mode='reduce-overhead'", captured=True)
+
+
 class CudaRuntime(DeviceRuntime):
-    type = "cuda"
+    name = "cuda"
+    auto_priority = 10
     default_dtype = torch.bfloat16
-    graph_modes = ("eager", "compile", "cuda-graphs")
+    graph_modes = (EAGER, COMPILE, CUDA_GRAPHS)
     distributed_backend = "nccl"
+
+    def capture_graphs(self, module: torch.nn.Module, training: bool, max_graphs: int | None = None) -> torch.nn.Module:
+        """CUDA graphs as torch.compile records them (``mode="reduce-overhead"``), in place."""
+        module.compile(backend="inductor", mode="reduce-overhead")
+        return module
 
     def rank_device(self, device: torch.device, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .runtime import DeviceRuntime, DeviceUnavailableError, MemoryStats
+from .runtime import COMPILE, EAGER, DeviceRuntime, DeviceUnavailableError, GraphMode, MemoryStats
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +34,28 @@ def lazy_mode_enabled() -> bool:
     return os.environ.get("PT_HPU_LAZY_MODE", "0") == "1"
 
 
+LAZY = GraphMode("lazy", "graphs built lazily and cut at step boundaries", needs_lazy=True)
+#: Captured graphs hold gradient tensors by address, so gradients are zeroed in place, never freed.
+HPU_GRAPHS = GraphMode("hpu-graphs", "captured HPU graphs", captured=True, needs_lazy=True, keeps_grad_buffers=True)
+
+
 class HpuRuntime(DeviceRuntime):
-    type = "hpu"
+    name = "hpu"
+    auto_priority = 20
     default_dtype = torch.bfloat16
-    graph_modes = ("lazy", "eager", "compile", "hpu-graphs")
+    graph_modes = (LAZY, EAGER, COMPILE, HPU_GRAPHS)
+    compile_backend = "hpu_backend"  # registered by the Gaudi bridge
     distributed_backend = "hccl"
+
+    def lazy_mode(self) -> bool:
+        """The bridge fixes lazy versus eager once, when it loads, from ``PT_HPU_LAZY_MODE``."""
+        return lazy_mode_enabled()
+
+    def lazy_mode_requirement(self, enabled: bool) -> str:
+        return (
+            f"PT_HPU_LAZY_MODE={int(enabled)} set before Python starts "
+            f"(it is {os.environ.get('PT_HPU_LAZY_MODE', 'unset')})"
+        )
 
     def rank_device(self, device: torch.device, local_rank: int) -> torch.device:
         # Each process owns one card (the hccl import maps LOCAL_RANK to it): always plain "hpu".
@@ -169,10 +186,10 @@ class HpuRuntime(DeviceRuntime):
         and backward, replayed per input shape), ``wrap_in_hpu_graph`` for inference. Lazy mode only.
 
         Captured graphs hold gradient tensors by address, so the training loop must zero gradients in
-        place (``zero_grad(set_to_none=False)``); see ``devices.graph_modes.keeps_grad_buffers``.
+        place (``zero_grad(set_to_none=False)``): ``HPU_GRAPHS.keeps_grad_buffers`` says so.
         """
-        if not lazy_mode_enabled():
-            raise DeviceUnavailableError("HPU graphs need lazy mode: set PT_HPU_LAZY_MODE=1 before Python starts.")
+        if not self.lazy_mode():
+            raise DeviceUnavailableError(f"HPU graphs need lazy mode: {self.lazy_mode_requirement(True)}.")
         hthpu = self._hthpu()
         limit = {} if max_graphs is None else {"max_graphs": max_graphs}
         if training:

@@ -1,4 +1,9 @@
-"""Device detection and ``--device`` parsing. Nothing here imports vendor software at import time."""
+"""The registered device runtimes, and everything derived from them: ``--device`` parsing, ``auto``,
+``DEVICE_CHOICES`` and the device-dispatching helpers (memory stats, streams, optimizers, ...).
+
+A device is known here only through :func:`register_runtime`; nothing in this file names one.
+Nothing here imports vendor software at import time.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,38 +14,89 @@ from typing import Any, ContextManager, Iterable
 
 import torch
 
-from .cpu import CpuRuntime
-from .cuda import CudaRuntime
-from .hpu import HpuRuntime
 from .runtime import DeviceRuntime, DeviceUnavailableError, InvalidDeviceError, MemoryStats
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "PACA_DEVICE"
-#: Preference order for ``auto``.
-AUTO_ORDER = ("hpu", "cuda", "cpu")
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "hpu", "hpu:N")
 
-_RUNTIMES: dict[str, DeviceRuntime] = {"cpu": CpuRuntime(), "cuda": CudaRuntime(), "hpu": HpuRuntime()}
-_SPEC = re.compile(r"^(?P<type>auto|cpu|cuda|hpu)(?::(?P<index>\d+))?$")
+#: name -> runtime, in registration order (the order ``DEVICE_CHOICES`` lists them).
+_RUNTIMES: dict[str, DeviceRuntime] = {}
+_SPEC = re.compile(r"^(?P<type>[a-z][a-z0-9_]*)(?::(?P<index>\d+))?$")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register_runtime(runtime: DeviceRuntime, *, replace: bool = False) -> DeviceRuntime:
+    """Make ``runtime``'s device usable everywhere (``--device``, ``auto``, graph modes, backends).
+
+    ``runtime.name`` must be a device type torch can parse; registering a name twice is an error
+    unless ``replace`` is set. Returns ``runtime``.
+    """
+    name = runtime.name
+    if name == "auto" or not _NAME.match(name or ""):
+        raise ValueError(f"A device runtime needs a lower-case device type as its name, got {name!r}.")
+    try:
+        torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"{name!r} is not a device type PyTorch knows ({error}).") from None
+    if name in _RUNTIMES and not replace:
+        raise ValueError(f"A runtime for {name!r} is already registered; pass replace=True to swap it.")
+    _RUNTIMES[name] = runtime
+    return runtime
+
+
+def unregister_runtime(name: str) -> DeviceRuntime:
+    """Forget the runtime of device type ``name`` (tests, plug-ins); returns it."""
+    try:
+        return _RUNTIMES.pop(name)
+    except KeyError:
+        raise KeyError(f"No runtime is registered for {name!r}.") from None
+
+
+def registered_runtimes() -> tuple[DeviceRuntime, ...]:
+    """Every registered runtime, in registration order."""
+    return tuple(_RUNTIMES.values())
+
+
+def auto_order() -> tuple[str, ...]:
+    """Device types ``auto`` tries, most preferred first (runtimes with an ``auto_priority``)."""
+    ranked = [r for r in _RUNTIMES.values() if r.auto_priority is not None]
+    return tuple(r.name for r in sorted(ranked, key=lambda r: -r.auto_priority))
+
+
+def device_choices() -> tuple[str, ...]:
+    """What ``--device`` accepts: ``auto`` and every registered type (``type:N`` where indexed)."""
+    choices = ["auto"]
+    for runtime in _RUNTIMES.values():
+        choices += [runtime.name, f"{runtime.name}:N"] if runtime.indexed else [runtime.name]
+    return tuple(choices)
+
+
+def __getattr__(name: str) -> Any:
+    # DEVICE_CHOICES is derived from the registered runtimes on every access (PEP 562), so a runtime
+    # registered later shows up in it too.
+    if name == "DEVICE_CHOICES":
+        return device_choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def runtime_for(device: torch.device | str) -> DeviceRuntime:
-    """The runtime object of a device type; raises for types we do not support."""
-    device_type = torch.device(device).type if not isinstance(device, torch.device) else device.type
+    """The runtime object of a device type; raises for types without a registered runtime."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     try:
         return _RUNTIMES[device_type]
     except KeyError:
         raise InvalidDeviceError(
-            f"Device type {device_type!r} is not supported; valid devices: {', '.join(DEVICE_CHOICES)}."
+            f"Device type {device_type!r} is not supported; valid devices: {', '.join(device_choices())}."
         ) from None
 
 
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:
-    """Turn ``auto``/``cpu``/``cuda[:N]``/``hpu[:N]`` (or ``$PACA_DEVICE`` when ``spec`` is None) into a usable device.
+    """Turn ``auto`` or ``type[:N]`` (or ``$PACA_DEVICE`` when ``spec`` is None) into a usable device.
 
-    ``auto`` prefers hpu, then cuda, then cpu, and logs what it chose. Explicit requests for a
-    missing device raise :class:`DeviceUnavailableError` with what to do, never fall back silently.
+    ``auto`` takes the available runtime with the highest ``auto_priority`` (hpu, then cuda, then
+    cpu for the built-in ones) and logs what it chose. Explicit requests for a missing device raise
+    :class:`DeviceUnavailableError` with what to do, never fall back silently.
     """
     if isinstance(spec, torch.device):
         spec = str(spec)
@@ -48,51 +104,70 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     if spec is None or spec == "":
         spec, source = os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}" if ENV_VAR in os.environ else "default"
     text = spec.strip().lower()
+    valid = ", ".join(device_choices())
     match = _SPEC.match(text)
     if match is None:
-        raise InvalidDeviceError(
-            f"Unknown device {spec!r} (from {source}); valid devices: {', '.join(DEVICE_CHOICES)} (N is a device index)."
-        )
+        raise InvalidDeviceError(f"Unknown device {spec!r} (from {source}); valid devices: {valid} (N is a device index).")
     device_type, index = match.group("type"), match.group("index")
     if device_type == "auto":
         if index is not None:
-            raise InvalidDeviceError(f"'auto' takes no index (got {spec!r}); valid devices: {', '.join(DEVICE_CHOICES)}.")
-        for candidate in AUTO_ORDER:
+            raise InvalidDeviceError(f"'auto' takes no index (got {spec!r}); valid devices: {valid}.")
+        for candidate in auto_order():
             if _RUNTIMES[candidate].is_available():
-                device = _finish(candidate, None)
+                device = _finish(_RUNTIMES[candidate], None)
                 logger.info("Selected device %s (auto detect)", device)
                 return device
-    return _finish(device_type, None if index is None else int(index))
+        raise DeviceUnavailableError(f"'auto' found no available device among {', '.join(auto_order()) or 'none'}.")
+    runtime = _RUNTIMES.get(device_type)
+    if runtime is None:
+        if _torch_knows(device_type):
+            raise InvalidDeviceError(
+                f"PyTorch knows device type {device_type!r} (from {source}), but paca-hal has no runtime for it; "
+                f"valid devices: {valid}. To add one, register a DeviceRuntime with devices.register_runtime "
+                "(docs/ARCHITECTURE.md, 'How to add a device')."
+            )
+        raise InvalidDeviceError(f"Unknown device {spec!r} (from {source}); valid devices: {valid} (N is a device index).")
+    return _finish(runtime, None if index is None else int(index))
 
 
-def _finish(device_type: str, index: int | None) -> torch.device:
-    runtime = _RUNTIMES[device_type]
+def _torch_knows(device_type: str) -> bool:
+    try:
+        torch.device(device_type)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _finish(runtime: DeviceRuntime, index: int | None) -> torch.device:
     if not runtime.is_available():
         raise DeviceUnavailableError(runtime.unavailable_reason())
     runtime.prepare()
-    if device_type == "cpu":
+    name = runtime.name
+    if not runtime.indexed:
         if index not in (None, 0):
-            raise InvalidDeviceError(f"cpu has a single device; use 'cpu' (got cpu:{index}).")
-        return torch.device("cpu")
+            raise InvalidDeviceError(f"{name} has a single device; use {name!r} (got {name}:{index}).")
+        return torch.device(name)
     count = runtime.device_count()
     if index is None:
         index = 0
     if index >= count:
         raise DeviceUnavailableError(
-            f"{device_type}:{index} does not exist: this machine has {count} {device_type} device(s), "
+            f"{name}:{index} does not exist: this machine has {count} {name} device(s), "
             f"valid indices are 0..{count - 1}."
         )
-    return torch.device(device_type, index)
+    return torch.device(name, index)
 
 
 def add_device_argument(parser: argparse.ArgumentParser, default: str | None = None) -> argparse.ArgumentParser:
     """Add ``--device`` to any argparse parser; parse the value later with :func:`resolve_device`."""
+    order = list(auto_order())
+    prefers = order[0] if len(order) == 1 else ", then ".join(order)
     parser.add_argument(
         "--device",
         default=default,
         metavar="DEVICE",
         help=(
-            f"where to run: {', '.join(DEVICE_CHOICES)}. 'auto' prefers hpu, then cuda, then cpu. "
+            f"where to run: {', '.join(device_choices())}. 'auto' prefers {prefers}. "
             f"Default: ${ENV_VAR} if set, else auto."
         ),
     )
@@ -118,13 +193,22 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def available_device_types() -> list[str]:
-    """Device types usable in this process, in ``auto`` preference order."""
-    return [name for name in AUTO_ORDER if _RUNTIMES[name].is_available()]
+    """Device types usable in this process: ``auto``'s candidates in its order, then the others."""
+    ranked = auto_order()
+    names = list(ranked) + [name for name in _RUNTIMES if name not in ranked]
+    return [name for name in names if _RUNTIMES[name].is_available()]
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype to train in on ``device`` when the user does not choose (bf16 on accelerators, fp32 on CPU)."""
     return runtime_for(torch.device(device)).default_dtype
+
+
+def shares_host_memory(device: torch.device | str) -> bool:
+    """Whether ``device``'s memory is host memory (CPU): copies there are free and peaks count the
+    whole process. Device types without a registered runtime are taken to have their own memory."""
+    runtime = _RUNTIMES.get(torch.device(device).type)
+    return bool(runtime is not None and runtime.shares_host_memory)
 
 
 def step_boundary(device: torch.device | str) -> None:

@@ -42,12 +42,50 @@ class MemoryStats:
         }
 
 
-class DeviceRuntime(ABC):
-    """One device type (cpu, cuda, hpu). Implementations import vendor packages lazily."""
+@dataclass(frozen=True)
+class GraphMode:
+    """One way a device can execute the model; runtimes list the ones they support in ``graph_modes``.
 
-    type: str = ""
-    #: Graph modes this device can run, first one is the default.
-    graph_modes: tuple[str, ...] = ("eager",)
+    The flags say what :mod:`devices.graph_modes` must do with it, so that module never asks which
+    device it is talking to.
+    """
+
+    name: str
+    #: Shown in ``--graph-mode`` help.
+    help: str = ""
+    #: Traced with ``torch.compile(backend=runtime.compile_backend)``.
+    compiled: bool = False
+    #: Recorded once and replayed: applied by ``runtime.capture_graphs``.
+    captured: bool = False
+    #: Runs only while the device's lazy mode is on (``runtime.lazy_mode()``); other modes need it off.
+    needs_lazy: bool = False
+    #: Replays read and write gradient tensors by address: zero them in place, never free them.
+    keeps_grad_buffers: bool = False
+
+
+EAGER = GraphMode("eager", "op by op")
+COMPILE = GraphMode("compile", "torch.compile", compiled=True)
+
+
+class DeviceRuntime(ABC):
+    """One device type (cpu, cuda, hpu, ...): everything paca-hal needs to know about it, declared here.
+
+    Register an instance with :func:`devices.register_runtime`; ``--device`` parsing and help,
+    ``auto``, ``DEVICE_CHOICES``, graph modes and transfers all follow from these declarations (and
+    ``backends.get_backend`` serves the type, with the portable backend unless one is registered).
+    Implementations import vendor packages lazily (never at module import).
+    """
+
+    #: The torch device type this runtime serves (``torch.device(name)`` must parse).
+    name: str = ""
+    #: Preference of ``auto`` (highest available wins); None: ``auto`` never picks this device.
+    auto_priority: int | None = None
+    #: Whether specs take an index (``cuda:1``); a device without one accepts only ``name`` (or ``name:0``).
+    indexed: bool = True
+    #: Graph modes this device can run (see :class:`GraphMode`).
+    graph_modes: tuple[GraphMode, ...] = (EAGER,)
+    #: ``torch.compile`` backend for graph mode ``compile``.
+    compile_backend: str = "inductor"
     #: The dtype models train in by default here (``--dtype auto``).
     default_dtype: torch.dtype = torch.float32
     #: torch.distributed backend for collectives between processes on this device type.
@@ -55,6 +93,31 @@ class DeviceRuntime(ABC):
 
     #: True where "device memory" is host memory (CPU): no transfers, and peaks include the whole process.
     shares_host_memory: bool = False
+
+    # --- graph modes --------------------------------------------------------------------------------
+
+    def lazy_mode(self) -> bool | None:
+        """Whether the device's lazy (deferred-graph) mode is on in this process; None: it has none."""
+        return None
+
+    def lazy_mode_requirement(self, enabled: bool) -> str:
+        """What the user must set for lazy mode to be on (``enabled``) or off, for error messages."""
+        return f"lazy mode {'on' if enabled else 'off'} on {self.name}"
+
+    def default_graph_mode(self) -> str:
+        """The mode ``--graph-mode auto`` picks: the first supported mode that the lazy setting allows."""
+        lazy = bool(self.lazy_mode())
+        for mode in self.graph_modes:
+            if mode.needs_lazy == lazy:
+                return mode.name
+        return self.graph_modes[0].name
+
+    def graph_mode_problem(self, mode: GraphMode) -> str | None:
+        """Why ``mode`` cannot run in this process although the device supports it (None: it can)."""
+        lazy = self.lazy_mode()
+        if lazy is None or mode.needs_lazy == lazy:
+            return None
+        return f"Graph mode {mode.name!r} needs {self.lazy_mode_requirement(mode.needs_lazy)}."
 
     def device_name(self, device: torch.device) -> str:
         """A human-readable name of the device for reports."""
@@ -81,7 +144,7 @@ class DeviceRuntime(ABC):
 
     def unavailable_reason(self) -> str:
         """A sentence telling the user why the device is missing and what to do."""
-        return f"No {self.type} device is available."
+        return f"No {self.name} device is available."
 
     @abstractmethod
     def memory_stats(self, device: torch.device) -> MemoryStats:
@@ -150,8 +213,8 @@ class DeviceRuntime(ABC):
         return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
 
     def capture_graphs(self, module: torch.nn.Module, training: bool, max_graphs: int | None = None) -> torch.nn.Module:
-        """Record ``module``'s device work once and replay it (graph mode ``hpu-graphs``)."""
-        raise DeviceUnavailableError(f"Captured graphs (hpu-graphs) are not available on {self.type}.")
+        """Record ``module``'s device work once and replay it (the runtime's ``captured`` graph mode)."""
+        raise DeviceUnavailableError(f"Captured graphs are not available on {self.name}.")
 
 
 class HostEvent:

@@ -1,13 +1,13 @@
 """Activation offload: what autograd saves inside chosen modules goes to host memory during the
 forward and comes back for the backward, one module ahead of when it is needed.
 
-Each saved tensor is copied to host on the backend's copy stream as soon as it is saved, so the
-device memory is released once the copy has run (the forward goes on meanwhile). In backward, when
+Each saved tensor is copied to host on the device's copy stream (``devices.copy_to_host``) as soon
+as it is saved, so the device memory is released once the copy has run (the forward goes on meanwhile). In backward, when
 the first tensor of module i is needed, module i-1's tensors (the next to be needed, since backward
 runs in reverse) start coming back, so their copy overlaps module i's backward.
 
-On a host-only device (CPU) there is nothing to move: the backend's copies are free no-ops, and the
-offload is a pass-through (a warning says so).
+On a host-only device (CPU) there is nothing to move: the copies are free no-ops, and the offload is
+a pass-through (a warning says so).
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from backends import Backend, Transfer, get_backend
+import devices
+from devices import Transfer
 
 from .surgery import decoder_layers
 
@@ -48,13 +49,13 @@ class _Group:
     handles: list = field(default_factory=list)  # weak references to _Offloaded
     prefetched: bool = False
 
-    def prefetch(self, backend: Backend) -> None:
+    def prefetch(self) -> None:
         if not self.prefetched:
             self.prefetched = True
             for ref in self.handles:
                 handle = ref()
                 if handle is not None:
-                    handle.prefetch(backend)
+                    handle.prefetch()
 
 
 class _Offloaded:
@@ -64,12 +65,12 @@ class _Offloaded:
         self.to_host, self.device, self.group = to_host, device, group
         self._to_device: Transfer | None = None
 
-    def prefetch(self, backend: Backend) -> None:
+    def prefetch(self) -> None:
         if self._to_device is None:
-            self._to_device = backend.copy_to_device(self.to_host.wait(), self.device)
+            self._to_device = devices.copy_to_device(self.to_host.wait(), self.device)
 
-    def fetch(self, backend: Backend) -> torch.Tensor:
-        self.prefetch(backend)
+    def fetch(self) -> torch.Tensor:
+        self.prefetch()
         return self._to_device.wait()
 
 
@@ -94,8 +95,7 @@ class ActivationOffload:
             self._handles.append(module.register_forward_pre_hook(self._enter))
             self._handles.append(module.register_forward_hook(self._exit))
         device = next(model.parameters()).device
-        self.backend = get_backend(device)
-        if self.backend.copy_to_host(torch.zeros(1, device=device)).nbytes == 0:
+        if devices.shares_host_memory(device):
             logger.warning("Activation offload on %s moves nothing: activations already live in host memory.", device)
         logger.info("Offloading saved activations of %d modules to host memory", len(chosen))
 
@@ -123,7 +123,7 @@ class ActivationOffload:
         if nbytes < self.min_bytes or tensor.untyped_storage().data_ptr() in self._weights:
             self.stats.kept_tensors += 1
             return tensor
-        to_host = self.backend.copy_to_host(tensor)
+        to_host = devices.copy_to_host(tensor)
         if to_host.nbytes == 0:  # already in host memory: nothing moved
             self.stats.kept_tensors += 1
             return tensor
@@ -139,11 +139,11 @@ class ActivationOffload:
             return packed
         group = packed.group
         if not group.prefetched:
-            group.prefetch(self.backend)
+            group.prefetch()
             previous = self._groups.get(group.index - 1)  # the next one backward will need
             if previous is not None:
-                previous.prefetch(self.backend)
-        tensor = packed.fetch(self.backend)
+                previous.prefetch()
+        tensor = packed.fetch()
         self.stats.reloaded_bytes += tensor.numel() * tensor.element_size()
         return tensor
 

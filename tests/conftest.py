@@ -1,11 +1,13 @@
 """Shared fixtures: tiny random LLaMA models and the backends available on this machine."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import pytest
 import torch
 
-from backends import CpuBackend, CudaBackend, HpuBackend
-from devices import available_device_types
+from backends import BACKEND_CLASSES, Backend, get_backend, overridden_primitives
+from devices import available_device_types, registered_runtimes
 
 
 def tiny_llama_config(**overrides):
@@ -46,25 +48,54 @@ def make_tiny_llama():
     return tiny_llama
 
 
-_AVAILABLE = set(available_device_types())
-
-# (test id, backend class, device the tensors live on). The *-kernels@cpu entries run a device
-# backend's own code on CPU tensors, so its overrides are checked even where the device is absent.
-BACKEND_CASES = [
-    pytest.param((CpuBackend, "cpu"), id="cpu"),
-    pytest.param((CudaBackend, "cpu"), id="cuda-kernels@cpu"),
-    pytest.param((HpuBackend, "cpu"), id="hpu-kernels@cpu"),
-    pytest.param(
-        (CudaBackend, "cuda"), id="cuda", marks=pytest.mark.skipif("cuda" not in _AVAILABLE, reason="no CUDA device")
-    ),
-    pytest.param((HpuBackend, "hpu"), id="hpu", marks=pytest.mark.skipif("hpu" not in _AVAILABLE, reason="no Gaudi (HPU) device")),
-]
+PRIMITIVES = frozenset(Backend.__abstractmethods__)
 
 
-@pytest.fixture(params=BACKEND_CASES)
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "primitives(*names): the Backend primitives a backend_and_device test exercises (default: all)"
+    )
+
+
+def backend_cases(primitives: Sequence[str]) -> list:
+    """Conformance cases for a test of ``primitives``, generated from the registries.
+
+    * every registered device runtime's own device, with the backend ``get_backend`` gives it
+      (``cpu`` always; ``cuda``, ``hpu``, ... skipped where absent);
+    * ``<backend>-kernels@cpu`` for each registered backend class that overrides one of
+      ``primitives``: its own code on CPU tensors, so an override is checked where its device is absent.
+
+    A backend that overrides none of them runs the portable code, which the ``cpu`` case checks.
+    """
+    unknown = set(primitives) - PRIMITIVES
+    if unknown:
+        raise ValueError(f"Not Backend primitives: {sorted(unknown)}; known: {sorted(PRIMITIVES)}")
+    available = set(available_device_types())
+    cases = []
+    for runtime in registered_runtimes():
+        name = runtime.name
+        marks = [] if name in available else [pytest.mark.skip(reason=f"no {name} device here")]
+        cases.append(pytest.param((None, name), id=name, marks=marks))
+    for backend_cls in BACKEND_CLASSES.values():
+        if set(overridden_primitives(backend_cls)) & set(primitives):
+            cases.append(pytest.param((backend_cls, "cpu"), id=f"{backend_cls.name}-kernels@cpu"))
+    return cases
+
+
+def pytest_generate_tests(metafunc):
+    if "backend_and_device" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("primitives")
+        primitives = marker.args if marker is not None else tuple(PRIMITIVES)
+        metafunc.parametrize("backend_and_device", backend_cases(primitives), indirect=True)
+
+
+@pytest.fixture
 def backend_and_device(request):
+    """``(backend, device)``: a fresh instance of a device backend's class on CPU tensors, or the
+    backend ``get_backend`` serves for a real device."""
     backend_cls, device = request.param
-    return backend_cls(), torch.device(device)
+    device = torch.device(device)
+    return (backend_cls() if backend_cls is not None else get_backend(device)), device
 
 
 SAMPLE_TEXT = (

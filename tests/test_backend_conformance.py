@@ -1,9 +1,13 @@
-"""One test body per primitive, run against every backend available here (see conftest.BACKEND_CASES)."""
+"""One test body per primitive, run where a backend runs different code (cases: conftest.backend_cases).
+
+Each test names the primitives it exercises (``@pytest.mark.primitives``); it runs on every registered
+device present (CPU always) and, on CPU tensors, on every device backend that overrides one of them.
+"""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from backends import get_backend, matmul_t_fp32
+from backends import CudaBackend, HpuBackend, TorchBackend, get_backend, overridden_primitives
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -18,13 +22,36 @@ def _reference(x, weight, bias, indices, grad_output):
     return out, x64.grad, w64.grad[:, indices], (b64.grad if b64 is not None else None)
 
 
+@pytest.mark.primitives("skinny_grad_fp32")
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+def test_skinny_grad_fp32_matches_float64(backend_and_device, dtype, tokens):
+    backend, device = backend_and_device
+    gen = torch.Generator().manual_seed(tokens)
+    a = torch.randn(tokens, 6, generator=gen).to(device, dtype)
+    b = torch.randn(tokens, 3, generator=gen).to(device, dtype)
+    result = backend.skinny_grad_fp32(a, b)
+    assert result.shape == (6, 3)
+    assert result.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = backend.tolerance(dtype)
+    torch.testing.assert_close(result.double(), a.double().t() @ b.double(), rtol=tol.rtol, atol=tol.atol * tokens)
+
+
+@pytest.mark.primitives("skinny_grad_fp32")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_skinny_grad_fp32_keeps_sums_half_precision_would_lose(backend_and_device, dtype):
+    """4096 ones: a bf16 running sum stops at 256, an fp16 one at 2048; float32 accumulation is exact."""
+    backend, device = backend_and_device
+    ones = torch.ones(4096, 2, dtype=dtype, device=device)
+    assert torch.equal(backend.skinny_grad_fp32(ones, ones).cpu(), torch.full((2, 2), 4096.0))
+
+
+@pytest.mark.primitives("partial_connection_forward", "partial_connection_backward", "skinny_grad_fp32")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("shape", [(3, 5, 24), (7, 24), (2, 2, 3, 24)])
 def test_partial_connection_matches_dense_autograd(backend_and_device, dtype, with_bias, shape):
     backend, device = backend_and_device
-    if dtype == torch.float16 and device.type == "cpu" and backend.name == "hpu":
-        pytest.skip("Gaudi does not use fp16 training")
     gen = torch.Generator().manual_seed(1234)
     out_features, r = 16, 5
     x = torch.randn(*shape, generator=gen).to(device, dtype)
@@ -51,6 +78,7 @@ def test_partial_connection_matches_dense_autograd(backend_and_device, dtype, wi
         assert grads.bias is None
 
 
+@pytest.mark.primitives("partial_connection_forward", "partial_connection_backward", "skinny_grad_fp32")
 def test_backward_skips_unneeded_grads(backend_and_device):
     backend, device = backend_and_device
     x = torch.randn(4, 8, device=device)
@@ -61,6 +89,7 @@ def test_backward_skips_unneeded_grads(backend_and_device):
     assert grads.input is None and grads.bias is None and grads.delta.shape == (6, 2)
 
 
+@pytest.mark.primitives("write_adapted_columns")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_write_adapted_columns(backend_and_device, dtype):
     backend, device = backend_and_device
@@ -84,23 +113,58 @@ def test_write_adapted_columns(backend_and_device, dtype):
         assert torch.equal(w[:, untouched], w0[:, untouched])
 
 
-def test_fp32_accumulation_helper_handles_chunks(monkeypatch):
+def test_portable_skinny_grad_upcasts_in_chunks(monkeypatch):
     import backends.portable as portable
 
     monkeypatch.setattr(portable, "_FP32_CHUNK_BYTES", 64)  # force many chunks
     a = torch.randn(37, 5, dtype=torch.bfloat16)
     b = torch.randn(37, 3, dtype=torch.bfloat16)
     expected = a.double().t() @ b.double()
-    torch.testing.assert_close(matmul_t_fp32(a, b).double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(TorchBackend("cpu").skinny_grad_fp32(a, b).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_skinny_grad_takes_the_fp32_output_gemm_where_torch_has_it(monkeypatch):
+    """CudaBackend's fast path, checked without a GPU: meta tensors run the schema of
+    ``torch.mm(..., out_dtype=float32)`` (shape and dtype rules); CPU has no such kernel, so the
+    override falls back to the portable chunked upcast (and learns that once per device type)."""
+    fallbacks = []
+    portable = TorchBackend.skinny_grad_fp32
+    monkeypatch.setattr(TorchBackend, "skinny_grad_fp32", lambda self, a, b: fallbacks.append(a.device.type) or portable(self, a, b))
+    backend = CudaBackend()
+    meta = backend.skinny_grad_fp32(torch.empty(64, 8, dtype=torch.bfloat16, device="meta"), torch.empty(64, 3, dtype=torch.bfloat16, device="meta"))
+    assert meta.shape == (8, 3) and meta.dtype == torch.float32 and fallbacks == []
+    a, b = torch.randn(64, 8, dtype=torch.bfloat16), torch.randn(64, 3, dtype=torch.bfloat16)
+    for _ in range(2):
+        torch.testing.assert_close(backend.skinny_grad_fp32(a, b), a.float().t() @ b.float(), rtol=1e-5, atol=1e-4)
+    assert fallbacks == ["cpu", "cpu"]
+    backend.skinny_grad_fp32(a.float(), b.float())  # fp32 operands: nothing to gain, the portable GEMM
+    assert fallbacks == ["cpu", "cpu", "cpu"]
+
+
+def test_overrides_are_what_the_backends_declare():
+    assert overridden_primitives(CudaBackend) == ("skinny_grad_fp32",)
+    assert overridden_primitives(HpuBackend) == ()  # tolerances only: runs the portable code
+    assert overridden_primitives(TorchBackend) == ()
 
 
 def test_get_backend_registry():
     assert get_backend("cpu").device_type == "cpu"
     assert get_backend(torch.device("cpu")) is get_backend("cpu")
-    with pytest.raises(ValueError, match="supported"):
+    assert type(get_backend("cpu")) is TorchBackend
+    assert type(get_backend(torch.device("hpu"))) is HpuBackend
+    assert type(get_backend(torch.device("cuda", 1))) is CudaBackend
+    with pytest.raises(ValueError, match="holds no data"):
         get_backend(torch.device("meta"))
 
 
+@pytest.mark.parametrize("device_type", ["xpu", "mps"])
+def test_device_types_without_a_backend_get_the_portable_one(device_type):
+    backend = get_backend(torch.device(device_type))
+    assert type(backend) is TorchBackend and backend.device_type == device_type
+    assert get_backend(device_type) is backend  # no runtime here: the string is not resolved, just parsed
+
+
+@pytest.mark.primitives("compress", "decompress", "subtoken_mean_direction")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d, groups", [(32, 4), (30, 4), (7, 7)])
 def test_compress_decompress_and_projection(backend_and_device, dtype, d, groups):
@@ -128,6 +192,7 @@ def test_compress_decompress_and_projection(backend_and_device, dtype, d, groups
     torch.testing.assert_close(rebuilt.double(), expected_rebuilt, rtol=tol.rtol, atol=tol.atol)
 
 
+@pytest.mark.primitives("subtoken_mean_direction")
 def test_projection_of_all_zero_input_is_a_unit_vector(backend_and_device):
     backend, device = backend_and_device
     direction = backend.subtoken_mean_direction(torch.zeros(4, 12, device=device), 3)

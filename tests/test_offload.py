@@ -1,23 +1,26 @@
 """Activation offload: saved tensors leave for host memory in forward and return, one module ahead,
 in backward. CPU is a host-only device (its copies are free no-ops), so the mechanism is exercised
-with a recording stand-in backend whose "host" copies are real, separate tensors."""
+with recording stand-ins for ``devices.copy_to_host``/``copy_to_device`` whose copies are real,
+separate tensors. (The transfer code itself, streams and events included, is tested in
+tests/test_transfers.py, also under this offload.)"""
 import pytest
 import torch
 
-from backends import Transfer
-from backends.cpu import CpuBackend
+import devices
+from devices import Transfer
 from paca_core import LoRAConfig, prepare_model
 from paca_core.offload import offload_activations
 
 from .conftest import tiny_llama
 
 
-class CopyingBackend(CpuBackend):
+class CopyingTransfers:
     """Stand-in for a device with its own memory: copies are real clones, and every one is logged."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, monkeypatch):
         self.log = []
+        monkeypatch.setattr(devices, "copy_to_host", self.copy_to_host)
+        monkeypatch.setattr(devices, "copy_to_device", self.copy_to_device)
 
     def copy_to_host(self, tensor, out=None):
         self.log.append(("to_host", tuple(tensor.shape)))
@@ -35,41 +38,40 @@ def _loss_and_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_offloaded_training_step_matches_and_moves_what_autograd_saves():
+def test_offloaded_training_step_matches_and_moves_what_autograd_saves(monkeypatch):
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     model = prepare_model(tiny_llama(seed=0), LoRAConfig(r=4), device="cpu")
     reference_loss, reference_grads = _loss_and_grads(model, ids)
 
     handle = offload_activations(model, "decoder-layers", min_bytes=1)
-    backend = CopyingBackend()
-    handle.backend = backend
+    transfers = CopyingTransfers(monkeypatch)
     loss, grads = _loss_and_grads(model, ids)
     torch.testing.assert_close(loss, reference_loss, rtol=0, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=0, atol=0, msg=name)
     stats = handle.stats
     assert stats.offloaded_tensors > 0 and stats.offloaded_bytes == stats.reloaded_bytes
-    to_host = [e for e in backend.log if e[0] == "to_host"]
-    to_device = [e for e in backend.log if e[0] == "to_device"]
+    to_host = [e for e in transfers.log if e[0] == "to_host"]
+    to_device = [e for e in transfers.log if e[0] == "to_device"]
     assert len(to_host) == len(to_device) == stats.offloaded_tensors  # each saved tensor left once and came back once
     handle.remove()
-    backend.log.clear()
+    transfers.log.clear()
     _loss_and_grads(model, ids)
-    assert backend.log == []
+    assert transfers.log == []
 
 
-def test_backward_prefetches_the_previous_layer_before_it_is_needed():
+def test_backward_prefetches_the_previous_layer_before_it_is_needed(monkeypatch):
     ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(1))
     model = prepare_model(tiny_llama(seed=0), LoRAConfig(r=4), device="cpu")
     handle = offload_activations(model, "decoder-layers", min_bytes=1)
     events = []
 
-    class Recording(CopyingBackend):
+    class Recording(CopyingTransfers):
         def copy_to_device(self, host, device):
             events.append("copy")
             return super().copy_to_device(host, device)
 
-    handle.backend = Recording()
+    Recording(monkeypatch)
     layers = model.base_model.model.layers
     for i, layer in enumerate(layers):
         layer.register_full_backward_pre_hook(lambda module, grad, i=i: events.append(f"backward {i}"))

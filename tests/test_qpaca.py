@@ -103,6 +103,7 @@ def test_single_layer_gradcheck_style_reference_with_bias():
     torch.testing.assert_close(layer.paca_delta.grad, delta.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.primitives("quantized_partial_connection_forward", "quantized_partial_connection_backward", "skinny_grad_fp32")
 def test_backend_primitive_matches_dense_reference(backend_and_device):
     backend, device = backend_and_device
     torch.manual_seed(2)

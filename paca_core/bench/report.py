@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import devices
+
 MIB = 2**20
 
 
@@ -14,7 +16,7 @@ def headline_memory(record: dict) -> int | None:
     interpreter and libraries), the allocator peak on accelerators."""
     if record.get("status") != "ok":
         return None
-    if record.get("device", "cpu").startswith("cpu"):
+    if devices.shares_host_memory(record.get("device", "cpu")):
         return record["counted"]["total_bytes"]
     return record.get("peak_memory_bytes")
 
@@ -78,7 +80,7 @@ def speed_markdown(records: list[dict], search_kind: str | None = None) -> str:
     lines = []
     for (seq, batch, rank), group in speed_groups(records).items():
         device = next((r.get("device") for r in group if r.get("device")), "?")
-        memory_kind = "counted bytes" if str(device).startswith("cpu") else "device peak"
+        memory_kind = "counted bytes" if device != "?" and devices.shares_host_memory(device) else "device peak"
         lines += [
             f"#### seq {seq} × batch {batch}, LoRA rank {rank} ({device})",
             "",

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 import devices
-from devices.hpu import lazy_mode_enabled
 
 from ..config import MethodConfig
 from ..model import AdaptedModel, prepare_model
@@ -57,10 +55,11 @@ def prepare_for_gaudi_trainer(
     because the bridge reads the variable once at start-up and optimum-habana does not set it.
     """
     use_habana = bool(getattr(args, "use_habana", False))
-    if use_habana and getattr(args, "use_lazy_mode", False) and not lazy_mode_enabled():
+    hpu = devices.runtime_for("hpu")
+    if use_habana and getattr(args, "use_lazy_mode", False) and not hpu.lazy_mode():
         raise devices.DeviceUnavailableError(
-            "GaudiTrainingArguments(use_lazy_mode=True) needs PT_HPU_LAZY_MODE=1 exported before Python starts "
-            f"(it is {os.environ.get('PT_HPU_LAZY_MODE', 'unset')}); or pass use_lazy_mode=False with torch_compile."
+            f"GaudiTrainingArguments(use_lazy_mode=True) needs {hpu.lazy_mode_requirement(True)}; "
+            "or pass use_lazy_mode=False with torch_compile."
         )
     if device is None:
         device = "hpu" if use_habana else ("cpu" if args is not None else None)

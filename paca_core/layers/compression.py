@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backends import Backend, get_backend, matmul_t_fp32
+from backends import Backend, get_backend
 
 INIT_TYPES = ("batch_average_once", "batch_average", "ema")
 
@@ -37,7 +37,7 @@ class _CompressedInputLinear(torch.autograd.Function):
             grad_input = grad_2d.matmul(weight.to(grad_2d.dtype)).reshape(ctx.input_shape).to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
             rebuilt = ctx.backend.decompress(coefficients, projection, weight.shape[1]).to(grad_2d.dtype)
-            grad_weight = matmul_t_fp32(grad_2d, rebuilt).mul_(ctx.scale).to(weight.dtype)
+            grad_weight = ctx.backend.skinny_grad_fp32(grad_2d, rebuilt).mul_(ctx.scale).to(weight.dtype)
         if ctx.needs_input_grad[2] and ctx.has_bias:
             grad_bias = grad_2d.sum(0)
         return grad_input, grad_weight, grad_bias, None, None, None, None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import devices
-from backends import Backend, Transfer
+from devices import Transfer
 
 
 @dataclass
@@ -111,10 +111,10 @@ class HostRowTable:
             slot_of = torch.arange(selected)
         return RowSelection(unique_rows, slot_of[inverse], positions, selected, max(0, selected - capacity))
 
-    def gather(self, selection: RowSelection, capacity: int, dtype: torch.dtype, backend: Backend) -> torch.Tensor:
+    def gather(self, selection: RowSelection, capacity: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(2, capacity + 1, d) host buffer [keys; values] of the selected rows, in ``dtype``; rows past
         the selection (and the last, padding slot) are zero."""
-        buffer = backend.host_tensor((2, capacity + 1, self.width), dtype)
+        buffer = devices.host_tensor((2, capacity + 1, self.width), dtype, device)
         count = selection.rows.numel()
         buffer[0, :count] = self.keys.index_select(0, selection.rows)
         buffer[1, :count] = self.values.index_select(0, selection.rows)

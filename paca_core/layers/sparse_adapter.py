@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from backends import Backend, Transfer, get_backend
+import devices
+from backends import Backend, get_backend
+from devices import Transfer
 
 from ..placement import adapter_device
 from .base import AdapterLayer
@@ -54,7 +56,7 @@ class _SparseRows(torch.autograd.Function):
         grad_x, grad_keys, grad_values, grad_gates = ctx.backend.sparse_rows_backward(
             grad_output.contiguous(), x, keys, values, slots, gates, scores
         )
-        ctx.table.receive_gradients(ctx.rows, ctx.backend.copy_to_host(torch.stack((grad_keys, grad_values))))
+        ctx.table.receive_gradients(ctx.rows, devices.copy_to_host(torch.stack((grad_keys, grad_values))))
         return grad_x, grad_gates.to(gates.dtype), None, None, None, None, None, None
 
 
@@ -128,8 +130,7 @@ class SparseFFNAdapter(AdapterLayer):
         logits = self.router(x.to(self.router.weight.dtype))
         top_logits, experts = logits.topk(self.num_probe, dim=-1)
         gates = torch.softmax(top_logits.float(), dim=-1)
-        backend = self.backend
-        to_host = (backend.copy_to_host(x.detach()), backend.copy_to_host(experts), backend.copy_to_host(gates.detach()))
+        to_host = (devices.copy_to_host(x.detach()), devices.copy_to_host(experts), devices.copy_to_host(gates.detach()))
         self._in_flight = _InFlight(x, gates, to_host)
 
     def _finish(self, module: nn.Module, args: tuple, output):
@@ -148,17 +149,17 @@ class SparseFFNAdapter(AdapterLayer):
     def _retrieve(self, flight: _InFlight) -> tuple[torch.Tensor, ...]:
         """Host part: wait for the inputs, pick rows, send them over (outside any compiled graph)."""
         x_host, experts_host, gates_host = (t.wait() for t in flight.to_host)
-        table, backend, device = self.table, self.backend, flight.x.device
+        table, device = self.table, flight.x.device
         table.traffic["copied_to_host_bytes"] += sum(t.nbytes for t in flight.to_host)
         # A batch of T tokens uses at most T·k rows: small batches (generation) get a smaller buffer,
         # still a pure function of the input shape.
         capacity = min(self.capacity, x_host.shape[0] * self.top_k)
         selection = table.select(x_host, experts_host, gates_host, self.top_k, capacity)
-        rows_buffer = table.gather(selection, capacity, flight.x.dtype, backend)
-        index_buffer = backend.host_tensor((2,) + tuple(selection.slots.shape), torch.int64)
+        rows_buffer = table.gather(selection, capacity, flight.x.dtype, device)
+        index_buffer = devices.host_tensor((2,) + tuple(selection.slots.shape), torch.int64, device)
         index_buffer[0].copy_(selection.slots)
         index_buffer[1].copy_(selection.positions)
-        rows_in, index_in = backend.copy_to_device(rows_buffer, device), backend.copy_to_device(index_buffer, device)
+        rows_in, index_in = devices.copy_to_device(rows_buffer, device), devices.copy_to_device(index_buffer, device)
         table.traffic["copied_to_device_bytes"] += rows_in.nbytes + index_in.nbytes
         rows_dev, index_dev = rows_in.wait(), index_in.wait()
         return rows_dev[0], rows_dev[1], index_dev[0], index_dev[1], selection.rows
