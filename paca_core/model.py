@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from devices import resolve_device
 
-from .config import ALL_LINEAR, MethodConfig, method_name
+from .base_config import ALL_LINEAR, MethodConfig, method_name
 from .errors import PacaConfigError
 from .layers import AdapterLayer, sync_layers
 from .layers.partial_connection import PaCALinear

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .errors import PacaConfigError
 
 if TYPE_CHECKING:
-    from .config import MethodConfig
+    from .base_config import MethodConfig
 
 logger = logging.getLogger(__name__)
 

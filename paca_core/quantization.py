@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from backends import bnb4bit
 
-from .config import LLAMA_PROJECTIONS
+from .base_config import LLAMA_PROJECTIONS
 from .errors import PacaConfigError
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
-from .config import ALL_LINEAR
+from .base_config import ALL_LINEAR
 from .errors import TargetModuleError
 
 #: Output heads are never adapted by "all-linear" (their gradient is huge and the vocab dimension wide).

@@ -16,6 +16,7 @@ import devices
 
 from .. import extras
 from ..errors import PacaConfigError
+from ..methods import external_method_modules
 from . import report
 from .models import MODEL_HELP, parse_model
 from .search import parse_bytes, search_max
@@ -127,7 +128,11 @@ def _environment(device_text: str | None) -> dict:
 
 def _job_base(args: argparse.Namespace) -> dict:
     options = {"target_modules": args.target_modules, "full_modules": args.full_modules, "velora_groups": args.velora_groups}
-    return {"device": args.device, "graph_mode": args.graph_mode, "dtype": args.dtype, "seed": args.seed, "options": options}
+    job = {"device": args.device, "graph_mode": args.graph_mode, "dtype": args.dtype, "seed": args.seed, "options": options}
+    modules = external_method_modules()  # methods registered from outside paca_core: the worker registers them too
+    if modules:
+        job["method_modules"] = modules
+    return job
 
 
 def _lr(spec: MethodSpec, args: argparse.Namespace) -> float:

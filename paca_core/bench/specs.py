@@ -1,7 +1,9 @@
 """What a ``paca bench --methods`` entry means.
 
 Our own methods use exactly the strings ``paca train --method`` accepts (parsed by the train
-parser and :func:`paca_core.cli.build_configs`, so a method added there is benchmarkable at once).
+flags and :func:`paca_core.train_options.build_configs`, so a registered method is benchmarkable at
+once). Ranks, match factors, default learning rates and which method a peer stands for come from
+the method registry (``paca_core/methods/``).
 Peers are the baselines users would otherwise pick: the frozen-backbone floor, full fine-tuning,
 and Hugging Face PEFT's LoRA, LoRA + VeLoRA and LoRA-FA; ``qpaca`` and ``peft-qlora`` put the
 same methods on a 4-bit NF4 base (bitsandbytes) and run only when asked for.
@@ -12,6 +14,8 @@ import argparse
 from dataclasses import dataclass
 
 from ..errors import PacaConfigError
+from ..methods import learning_rate, parse_combination, primary_method, registered_methods
+from ..train_options import build_configs, train_parser
 
 #: Peers: frozen floor (nothing trainable, backward to the input), full fine-tuning, HF PEFT variants.
 PEER_METHODS = ("floor", "full", "peft-lora", "peft-lora+velora", "peft-lorafa")
@@ -20,21 +24,13 @@ OPTIONAL_METHODS = ("qpaca", "peft-qlora")
 #: What ``paca bench`` measures when --methods is not given.
 DEFAULT_METHODS = PEER_METHODS + ("lora", "lorafa", "velora", "paca", "paca+full+velora", "meft")
 
-#: Methods whose trainable state is r·out per adapted layer (LoRA trains r·(in + out)): with
-#: --match-params they get FACTOR × r so their trainable parameters are close to LoRA's at r.
-HALF_STATE_PRIMARIES = ("paca", "lorafa")
-#: Modules trained in full by '+full' methods unless --full-modules says otherwise.
+#: Modules trained in full by '+full' methods unless --full-modules says otherwise (the full method's bench default).
 DEFAULT_FULL_MODULES = "down_proj"
-MATCH_FACTOR = 2
-#: The ``paca train`` method each peer corresponds to (for its default learning rate).
-PEER_EQUIVALENT = {
-    "full": "full",
-    "peft-lora": "lora",
-    "peft-lora+velora": "lora",
-    "peft-lorafa": "lorafa",
-    "qpaca": "paca",
-    "peft-qlora": "lora",
-}
+
+
+def peer_equivalents() -> dict[str, str]:
+    """The ``paca train`` method each peer stands for (each method declares its ``bench_peers``)."""
+    return {peer: method.name for method in registered_methods() for peer in method.bench_peers}
 
 
 @dataclass(frozen=True)
@@ -58,12 +54,15 @@ class MethodSpec:
         return lora_rank * (self.match_factor if match_params else 1)
 
     def default_lr(self) -> float:
-        from ..cli import DEFAULT_LR, _primary_method
-
         if self.kind == "floor":
             return 0.0
-        parts = self.equivalent.split("+")
-        return DEFAULT_LR[_primary_method(["lora", "velora"] if parts == ["velora"] else parts)]
+        return learning_rate(primary_method(parse_combination(self.equivalent)))
+
+
+def _peer_kind(name: str) -> str:
+    if name in ("floor", "full"):
+        return name
+    return "quantized" if name in OPTIONAL_METHODS else "peft"
 
 
 def parse_method_spec(text: str) -> MethodSpec:
@@ -71,27 +70,13 @@ def parse_method_spec(text: str) -> MethodSpec:
     name = text.strip().lower()
     if name == "floor":
         return MethodSpec(name, "floor", "floor", uses_rank=False, match_factor=1)
-    if name == "full":
-        return MethodSpec(name, "full", "full", uses_rank=False, match_factor=1)
-    if name in ("peft-lora", "peft-lora+velora", "peft-qlora"):
-        kind = "quantized" if name == "peft-qlora" else "peft"
-        return MethodSpec(name, kind, PEER_EQUIVALENT[name], uses_rank=True, match_factor=1)
-    if name == "peft-lorafa":
-        return MethodSpec(name, "peft", "lorafa", uses_rank=True, match_factor=MATCH_FACTOR)
-    if name == "qpaca":
-        return MethodSpec(name, "quantized", "paca", uses_rank=True, match_factor=MATCH_FACTOR)
-    from ..cli import _primary_method
-
-    configs = build_our_configs(name, rank=8)  # validates the string exactly as `paca train` does
-    parts = [c.method for c in configs]
-    primary = _primary_method(parts)
-    return MethodSpec(
-        name,
-        "ours",
-        name,
-        uses_rank=primary not in ("meft", "full"),
-        match_factor=MATCH_FACTOR if primary in HALF_STATE_PRIMARIES else 1,
-    )
+    equivalents = peer_equivalents()
+    if name in equivalents and name in PEER_METHODS + OPTIONAL_METHODS:
+        primary = primary_method(parse_combination(equivalents[name]))
+        return MethodSpec(name, _peer_kind(name), equivalents[name], uses_rank=primary.uses_rank, match_factor=primary.match_factor)
+    build_our_configs(name, rank=8)  # validates the string exactly as `paca train` does
+    primary = primary_method(parse_combination(name))
+    return MethodSpec(name, "ours", name, uses_rank=primary.uses_rank, match_factor=primary.match_factor)
 
 
 def required_packages(specs: list[MethodSpec]) -> dict[str, str]:
@@ -130,23 +115,27 @@ def train_namespace(method: str, rank: int, options: dict | None = None) -> argp
     ``options`` maps train flags without dashes (``{"target_modules": "q_proj,v_proj"}``) to values;
     None values are left at the train parser's default.
     """
-    from ..cli import build_parser
-
-    argv = ["train", "--method", method, "--rank", str(rank)]
+    argv = ["--method", method, "--rank", str(rank)]
     for key, value in (options or {}).items():
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
-    return build_parser().parse_args(argv)
+    return train_parser().parse_args(argv)
 
 
 def build_our_configs(method: str, rank: int, options: dict | None = None) -> list:
-    """Method configs for a ``paca train --method`` string, through the train CLI's own parser."""
-    from ..cli import build_configs
+    """Method configs for a ``paca train --method`` string, through the train CLI's own flags.
 
+    Options that belong to a method outside the combination are dropped; a method in it gets its
+    ``bench_options`` defaults (``+full``: --full-modules down_proj).
+    """
     options = dict(options or {})
-    parts = method.split("+")
-    if "full" not in parts:
-        options.pop("full_modules", None)  # --full-modules belongs only to '+full' methods
-    elif not options.get("full_modules"):
-        options["full_modules"] = DEFAULT_FULL_MODULES
+    methods = parse_combination(method)
+    for other in registered_methods():
+        if other.name not in {m.name for m in methods}:
+            for key in other.options:
+                options.pop(key, None)
+    for member in methods:
+        for key, value in member.bench_options.items():
+            if not options.get(key):
+                options[key] = value
     return build_configs(train_namespace(method, rank, options))

@@ -28,7 +28,9 @@ import torch.nn as nn
 
 import devices
 
+from ..base_config import LLAMA_PROJECTIONS, parse_targets
 from ..measure import count_saved_tensors
+from ..methods import import_method_modules
 from .models import ModelChoice, build_model, parse_model, vocab_size
 from .specs import MethodSpec, build_our_configs, parse_method_spec
 
@@ -105,10 +107,7 @@ def _peft_lora_config(rank: int, options: dict, velora: bool):
 
 
 def _target_list(text: str | None) -> list[str] | str:
-    from ..cli import _targets
-    from ..config import LLAMA_PROJECTIONS
-
-    return _targets(text) if text else list(LLAMA_PROJECTIONS)
+    return parse_targets(text) if text else list(LLAMA_PROJECTIONS)
 
 
 def _import_peft():
@@ -382,6 +381,7 @@ MODES = {"speed": run_speed, "probe": run_probe, "accuracy": run_accuracy}
 def run_job(job: dict) -> dict:
     """Run one job and return its result; failures become ``status`` fields, never exceptions."""
     try:
+        import_method_modules(job.get("method_modules", ()))  # methods the parent registered from outside paca_core
         return MODES[job["mode"]](dict(job))
     except Unavailable as error:
         return {"status": "unavailable", "reason": str(error)}

@@ -20,6 +20,8 @@ class AdapterLayer(nn.Module):
     mergeable: bool = True
     #: Whether FSDP2 can shard it (its state is plain parameters; see paca_core/sharding.py).
     shardable: bool = True
+    #: The rank, for methods that have one (None otherwise).
+    r: int | None = None
 
     def __init__(self, base_layer: nn.Linear, module_name: str = ""):
         super().__init__()

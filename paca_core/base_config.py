@@ -1,0 +1,89 @@
+"""What every method config shares: the :class:`MethodConfig` base, target-module names and checks.
+
+Low in the package: layers, surgery and placement may import it; it imports nothing of ours but
+``errors``. Each method's own config class lives in its method module (``paca_core/methods/``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch.nn as nn
+
+from .errors import PacaConfigError
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
+
+
+def _check_targets(value: Any) -> list[str] | str:
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(t, str) and t for t in value):
+            raise PacaConfigError("target_modules must be a non-empty list of module names, a regex, or 'all-linear'.")
+        return list(value)
+    if not isinstance(value, str) or not value:
+        raise PacaConfigError("target_modules must be a non-empty list of module names, a regex, or 'all-linear'.")
+    return value
+
+
+def check_rank(config: Any) -> None:
+    """``config.r`` a positive int, ``config.alpha`` None or a positive number."""
+    if not isinstance(config.r, int) or isinstance(config.r, bool) or config.r < 1:
+        raise PacaConfigError(f"r must be a positive integer, got {config.r!r}.")
+    if config.alpha is not None and not (isinstance(config.alpha, (int, float)) and config.alpha > 0):
+        raise PacaConfigError(f"alpha must be a positive number or None (= r), got {config.alpha!r}.")
+
+
+_check_rank = check_rank  # the old private name
+
+
+def parse_targets(text: str) -> list[str] | str:
+    """A ``--target-modules``-style flag: comma-separated names, or a regex / ``all-linear`` as it is."""
+    if text == ALL_LINEAR or any(ch in text for ch in "*()[]|\\^$"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares. ``target_modules``: module names (suffix match, e.g. ``"q_proj"``),
+    a list of them, a regular expression matched against full names, or ``"all-linear"`` (every
+    ``nn.Linear`` except the output head). ``exclude_modules``: names never adapted."""
+
+    method: ClassVar[str] = ""
+    #: True for methods that modify layers other methods create (VeLoRA) instead of creating their own.
+    modifier: ClassVar[bool] = False
+    #: Module types this method's ``target_modules`` may select.
+    target_types: ClassVar[tuple[type, ...]] = (nn.Linear,)
+    target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    exclude_modules: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.target_modules = _check_targets(self.target_modules)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise PacaConfigError(f"seed must be a non-negative integer, got {self.seed!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **asdict(self)}
+
+    def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
+        """The adapter layer that replaces ``linear`` (or attaches to it)."""
+        raise NotImplementedError
+
+    def create_compressor(self, layer: nn.Module) -> nn.Module:
+        """Modifiers (``modifier = True``): what they attach to each adapted layer they apply to."""
+        raise NotImplementedError
+
+    def offloaded_weight_problem(self, module: nn.Module) -> str | None:
+        """Why this method cannot adapt ``module`` while accelerate offloads its weights (meta, loaded for each
+        forward), or None when it can. Refuses by default: a method opts in once it is tested that way."""
+        return f"{self.method} has not been made to work with offloaded weights."
+
+
+def method_name(configs: list[MethodConfig]) -> str:
+    """``"lora+velora"``-style name of a combination."""
+    return "+".join(c.method for c in configs)

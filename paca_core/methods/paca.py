@@ -1,0 +1,123 @@
+"""PaCA (and QPaCA on a 4-bit base): train ``r`` fixed, randomly chosen input columns of each target linear."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..base_config import MethodConfig, check_rank
+from ..errors import PacaConfigError
+from ..indices import select_columns
+from ..layers.partial_connection import PaCALinear
+from ..layers.quantized_partial_connection import QuantizedPaCALinear
+from ..quantization import check_kind, import_bitsandbytes, is_quantized_linear, prepare_quantized_target
+from .registry import CommonOptions, Method, register_method
+
+
+@dataclass
+class PaCAConfig(MethodConfig):
+    """Partial connection adaptation: train ``r`` fixed, randomly chosen input columns of each target linear.
+
+    Args:
+        r: columns trained per layer (the delta is ``(out_features, r)``).
+        alpha: the update is ``alpha / r · delta``; ``None`` means ``alpha = r`` (scaling 1), so the
+            learning rate is the per-weight step size.
+        seed: per-layer column choices derive from this seed and the module name, so they are
+            reproducible and different across layers.
+        quantize: ``"nf4"`` or ``"fp4"`` for QPaCA: each target becomes a frozen bitsandbytes 4-bit
+            layer and the delta is added beside it (needs ``paca-hal[quant]``). Targets that already
+            are 4-bit layers (``quantization.quantize_base``) are used as they are and set this field,
+            so checkpoints record the quantization and loading re-quantizes the base the same way.
+    """
+
+    method: ClassVar[str] = "paca"
+    r: int = 8
+    alpha: float | None = None
+    quantize: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check_rank(self)
+        if self.quantize is not None:
+            self.quantize = check_kind(self.quantize)
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.r) / self.r
+
+    def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
+        indices = select_columns(linear.in_features, self.r, self.seed, module_name)
+        if self.quantize is not None or is_quantized_linear(linear):
+            linear = prepare_quantized_target(self, linear, module_name)
+            return QuantizedPaCALinear(linear, self.r, self.alpha, indices, module_name=module_name)
+        return PaCALinear(linear, self.r, self.alpha, indices, module_name=module_name)
+
+    def offloaded_weight_problem(self, module: nn.Module) -> str | None:
+        if self.quantize is not None or is_quantized_linear(module):
+            return "QPaCA quantizes the weight once and runs its 4-bit GEMM on it directly, so it must stay resident."
+        return (
+            "PaCA writes its trained columns into the weight in place, but accelerate reloads an offloaded weight "
+            "from its offload copy for every forward, so the training would be lost."
+        )
+
+
+def export_lora(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact LoRA factors: ``A`` one-hot rows selecting ``paca_indices``, ``B = scaling · delta``."""
+    indices = layer.paca_indices.detach().to("cpu", torch.long)
+    lora_a = torch.zeros(layer.r, layer.in_features, dtype=torch.float32)
+    lora_a[torch.arange(layer.r), indices] = 1.0
+    lora_b = (layer.paca_delta.detach().to("cpu", torch.float32) * layer.scaling).contiguous()
+    return lora_a, lora_b
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize", default=None, choices=["nf4", "fp4"],
+        help="QPaCA: hold the PaCA target linears as frozen bitsandbytes 4-bit weights (needs paca-hal[quant]; --method paca)",
+    )
+
+
+def check_args(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """--quantize is QPaCA: it needs a PaCA method and bitsandbytes (clear errors before anything loads)."""
+    if getattr(args, "quantize", None) is None:
+        return
+    if "paca" not in names:
+        raise PacaConfigError(
+            "--quantize builds a 4-bit base for PaCA (QPaCA); use it with --method paca. For QLoRA use PEFT on "
+            "paca_core.quantization.quantize_base(model, 'nf4')."
+        )
+    try:
+        import_bitsandbytes()
+    except ImportError as error:
+        raise PacaConfigError(str(error)) from None
+
+
+def from_args(args: argparse.Namespace, common: CommonOptions) -> PaCAConfig:
+    return PaCAConfig(
+        r=common.rank, alpha=common.alpha, target_modules=common.target_modules, exclude_modules=common.exclude_modules,
+        seed=common.seed, quantize=getattr(args, "quantize", None),
+    )
+
+
+METHOD = register_method(
+    Method(
+        name="paca",
+        config=PaCAConfig,
+        from_args=from_args,
+        add_arguments=add_arguments,
+        options=("quantize",),
+        check_args=check_args,
+        #: Learning rate that works at scaling 1 (PaCA's paper uses up to 10x LoRA's); measured on the default job.
+        default_lr=5e-3,
+        #: r·out trainable per layer (LoRA: r·(in + out)): 16 matches LoRA at 8.
+        default_rank=16,
+        exclusive=True,
+        match_factor=2,
+        export_lora=export_lora,
+        bench_peers=("qpaca",),
+        summary="r fixed random input columns of each frozen linear",
+    )
+)

