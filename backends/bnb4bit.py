@@ -111,6 +111,12 @@ def restore_standard_layout(linear: torch.nn.Module, name: str = "") -> bool:
     return True
 
 
+def own_kernels_misread_unaligned_rows(device: torch.device) -> bool:
+    """True where bitsandbytes' own dequantization (its ``Linear4bit.forward``, PEFT QLoRA) reads the block
+    scales of a layer whose ``in_features`` is not a multiple of the block size per row: its AVX-512 CPU kernel."""
+    return torch.device(device).type == "cpu" and cpu_has_avx512f()
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_avx512bf16() -> bool:
     """bitsandbytes' own answer: does this CPU run its packed AVX512-BF16 inference path?"""

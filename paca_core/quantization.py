@@ -22,6 +22,7 @@ from backends import bnb4bit
 
 from .base_config import LLAMA_PROJECTIONS
 from .errors import PacaConfigError
+from .surgery import find_targets, replace_module
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def _warn_if_cpu_kernels_misread(linear: nn.Linear, device: torch.device, module
     QPaCA reads every layer correctly (``backends.bnb4bit.dequantize``); other users of the same
     4-bit base (PEFT QLoRA, ``Linear4bit.forward``) go through bitsandbytes' kernels.
     """
-    if device.type != "cpu" or linear.in_features % BLOCKSIZE == 0 or not bnb4bit.cpu_has_avx512f():
+    if linear.in_features % BLOCKSIZE == 0 or not bnb4bit.own_kernels_misread_unaligned_rows(device):
         return
     logger.warning(
         "%s: in_features=%d is not a multiple of the 4-bit block size %d. On this CPU (AVX-512) bitsandbytes' "
@@ -145,8 +146,6 @@ def quantize_base(
     back bitsandbytes' packed CPU path. Both QPaCA (``prepare_model(model, PaCAConfig(...))`` then wraps the 4-bit
     layers) and PEFT QLoRA (``peft.get_peft_model``) accept the result.
     """
-    from .surgery import find_targets, replace_module
-
     import_bitsandbytes()
     kind = check_kind(kind)
     targets = [(n, m) for n, m in find_targets(model, target_modules, exclude_modules) if not is_quantized_linear(m)]
@@ -218,12 +217,9 @@ def merge_and_dequantize(adapted_model) -> nn.Module:
     4-bit layer is dequantized. This is what ``paca merge`` writes for a quantized adapter: a
     standard HF model that any tool can load.
     """
-    from .layers.quantized_partial_connection import QuantizedPaCALinear
-    from .surgery import replace_module
-
     base = adapted_model.base_model
     for name, layer in list(adapted_model.adapter_layers().items()):
-        if isinstance(layer, QuantizedPaCALinear):
+        if layer.quantized_base:
             replace_module(base, name, dequantize_linear(layer.base_layer, layer.merged_weight()))
         else:
             replace_module(base, name, layer.unload(merge=True))
@@ -235,9 +231,7 @@ def merge_and_dequantize(adapted_model) -> nn.Module:
 
 def is_quantized_model(adapted_model) -> bool:
     """True when any adapter layer of ``adapted_model`` sits on a 4-bit base."""
-    from .layers.quantized_partial_connection import QuantizedPaCALinear
-
-    return any(isinstance(m, QuantizedPaCALinear) for m in adapted_model.adapter_layers().values())
+    return any(m.quantized_base for m in adapted_model.adapter_layers().values())
 
 
 def prepare_quantized_target(config, linear: nn.Module, module_name: str) -> nn.Module:
