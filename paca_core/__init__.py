@@ -15,7 +15,7 @@ from .config import (
     config_from_dict,
 )
 from .errors import CheckpointError, PacaConfigError, TargetModuleError
-from .layers import AdapterLayer, PaCALinear
+from .layers import AdapterLayer, LinearAdapterLayer, PaCALinear
 from .methods import CommonOptions, Method, get_method, register_method, registered_methods
 from .model import AdaptedModel, PacaModel, prepare_model
 
@@ -24,6 +24,7 @@ __all__ = [
     "METHOD_CONFIGS",
     "AdaptedModel",
     "AdapterLayer",
+    "LinearAdapterLayer",
     "CommonOptions",
     "Method",
     "get_method",

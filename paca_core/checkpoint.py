@@ -44,7 +44,7 @@ def adapter_state(adapted_model) -> dict[str, torch.Tensor]:
 
 
 def _config_index(adapted_model, layer) -> int:
-    index = getattr(layer, "config_index", None)
+    index = layer.config_index
     if index is None or not 0 <= index < len(adapted_model.configs):
         raise ValueError(f"Layer {layer.module_name} was not created by prepare_model; cannot tell which config made it.")
     return index
@@ -127,10 +127,13 @@ def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} cannot be read ({error}); the checkpoint is corrupt or truncated.") from None
 
 
-def load_adapter(model: nn.Module, directory: str | Path, device=None, is_trainable: bool = False, method: str | None = None):
-    """Prepare ``model`` as the checkpoint describes and load its adapter tensors (all checked first)."""
-    from .model import prepare_model  # local: model.py imports this module lazily too
+def plan_loading(model: nn.Module, directory: str | Path, method: str | None = None):
+    """Read and check a checkpoint before anything changes: ``(configs, saved_targets, tensors)``.
 
+    ``configs`` target exactly the saved modules (each with the config that made it, whatever the
+    patterns match here); ``saved_targets`` are the patterns to restore once prepared. The caller
+    prepares the model with ``configs`` and calls :func:`finish_loading` (``paca_core.model.load_adapter``).
+    """
     document = read_adapter_config(directory)
     if method is not None and document["method"] != method:
         raise CheckpointError(
@@ -144,7 +147,6 @@ def load_adapter(model: nn.Module, directory: str | Path, device=None, is_traina
     tensors = read_adapter_tensors(directory)
     expected = document["modules"]
     check_model_fits(model, expected, directory)
-    # Prepare exactly the saved modules with the config that made each, whatever the patterns match here.
     saved_targets = [config.target_modules for config in configs]
     for index, config in enumerate(configs):
         if config.modifier:
@@ -154,16 +156,19 @@ def load_adapter(model: nn.Module, directory: str | Path, device=None, is_traina
             raise CheckpointError(f"Checkpoint {directory}: config {index} ({config.method}) adapts no module; the file is corrupt.")
         config.target_modules = "|".join(re.escape(n) for n in names)
         config.exclude_modules = []
-    adapted = prepare_model(model, configs, device=device)
+    return configs, saved_targets, tensors
+
+
+def finish_loading(adapted, saved_targets: list, tensors: dict[str, torch.Tensor], directory, is_trainable: bool) -> None:
+    """Restore the saved target patterns, load the tensors, and set what trains."""
     for config, targets in zip(adapted.configs, saved_targets):
         config.target_modules = targets
     load_adapter_tensors(adapted, tensors, directory)
     for layer in adapted.adapter_layers().values():
-        frozen = getattr(layer, "frozen_adapter_parameters", ())
+        frozen = layer.frozen_adapter_parameters
         for key, tensor in layer.adapter_state().items():
             if isinstance(tensor, nn.Parameter):
                 tensor.requires_grad_(is_trainable and key not in frozen)
-    return adapted
 
 
 def check_model_fits(model: nn.Module, expected: dict[str, dict[str, int]], directory) -> None:

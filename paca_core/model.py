@@ -12,6 +12,7 @@ import torch.nn as nn
 from devices import resolve_device
 
 from .base_config import ALL_LINEAR, MethodConfig, method_name
+from .checkpoint import finish_loading, plan_loading, save_adapter
 from .errors import PacaConfigError
 from .layers import AdapterLayer, sync_layers
 from .layers.partial_connection import PaCALinear
@@ -89,7 +90,7 @@ def _devices_text(layers: Iterable[AdapterLayer]) -> str:
 
 def _apply_modifier(model: nn.Module, modifier: MethodConfig, created: dict[str, AdapterLayer]) -> None:
     """Attach a modifier (VeLoRA) to the adapted layers it targets that support it."""
-    supported = {n: layer for n, layer in created.items() if getattr(layer, "supports_compression", lambda: False)()}
+    supported = {n: layer for n, layer in created.items() if layer.supports_compression()}
     if not supported:
         raise PacaConfigError(
             f"{modifier.method} compresses inputs kept only for a weight gradient; none of the adapted layers has one "
@@ -151,7 +152,7 @@ class AdaptedModel(nn.Module):
         return totals
 
     def _host_layers(self) -> list[AdapterLayer]:
-        return [m for m in self.adapter_layers().values() if hasattr(m, "table")]
+        return [m for m in self.adapter_layers().values() if m.table is not None]
 
     def host_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer state kept in host memory by layers that update themselves there (MEFT), by layer."""
@@ -223,8 +224,6 @@ class AdaptedModel(nn.Module):
 
         Under FSDP call it on every process (the shards are gathered); only ``is_main_process`` writes.
         """
-        from .checkpoint import save_adapter
-
         return save_adapter(self, directory, extra_metadata=extra_metadata, is_main_process=is_main_process)
 
     @classmethod
@@ -233,9 +232,15 @@ class AdaptedModel(nn.Module):
     ) -> "AdaptedModel":
         """Prepare ``model`` as the checkpoint describes and load its adapter tensors into it (``device`` as in
         :func:`prepare_model`: None keeps the model where it is, adapters beside their weights)."""
-        from .checkpoint import load_adapter
-
         return load_adapter(model, directory, device=device, is_trainable=is_trainable)
+
+
+def load_adapter(model: nn.Module, directory: str | Path, device=None, is_trainable: bool = False, method: str | None = None) -> AdaptedModel:
+    """Prepare ``model`` as the checkpoint describes and load its adapter tensors (all checked first)."""
+    configs, saved_targets, tensors = plan_loading(model, directory, method)
+    adapted = prepare_model(model, configs, device=device)
+    finish_loading(adapted, saved_targets, tensors, directory, is_trainable)
+    return adapted
 
 
 #: PEFT-style name kept for PaCA users.

@@ -199,8 +199,6 @@ def shard_model(adapted_model: nn.Module, device: torch.device, reshard_after_fo
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(base, mesh=mesh, reshard_after_forward=reshard_after_forward)
     for layer in adapted_model.adapter_layers().values():
-        mark = getattr(layer, "mark_sharded", None)
-        if mark is not None:
-            mark()
+        layer.mark_sharded()
     logger.info("FSDP2: %d decoder layers sharded over %d processes on %s", len(units), dist.get_world_size(), device)
     return adapted_model

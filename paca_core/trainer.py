@@ -21,6 +21,7 @@ from .checkpoint import adapter_state, load_adapter_tensors, read_adapter_config
 from .dataset import TokenizedData
 from .errors import OOM_LEVERS, CheckpointError, NonFiniteLossError, TrainingOutOfMemoryError, is_out_of_memory
 from .sharding import full_tensor, gathered_optimizer_state, load_optimizer_state, shard_model
+from .steps import evaluate, grads_to_none, train_step
 from .training_state import (  # noqa: F401 - STATE_NAME, STATE_JSON, LEGACY_STATE_NAME: the file names, re-exported
     LEGACY_STATE_NAME,
     STATE_JSON,
@@ -147,7 +148,7 @@ class Trainer:
         # The device's fused AdamW (Habana FusedAdamW, CUDA fused, CPU foreach); eps pinned to torch's default.
         self.optimizer = devices.make_adamw(params, device, lr=args.lr, eps=1e-8, weight_decay=args.weight_decay)
         # Captured graphs (HPU graphs) hold gradient tensors by address: zero them in place then.
-        self._grads_to_none = not devices.keeps_grad_buffers(devices.graph_mode_of(model))
+        self._grads_to_none = grads_to_none(model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(args, self.total_steps))
         self.state = TrainerState()
         self.output_dir = Path(args.output_dir)
@@ -250,29 +251,9 @@ class Trainer:
             logger.warning("Total steps changed from %s to %s; the learning-rate schedule follows the new total.", state.get("total_steps"), self.total_steps)
 
     # --- evaluation ------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, data: TokenizedData) -> float:
-        """Mean next-token loss over every target token of ``data``."""
-        was_training = self.model.training
-        self.model.eval()
-        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        total_tokens = 0
-        order = torch.arange(len(data))
-        size = self.args.eval_batch_size
-        for first in range(0, len(data), size):
-            rows = order[first : first + size]
-            subset = data.subset(rows)
-            total_tokens += int((subset.labels[:, 1:] != -100).sum())  # counted on the host copy: no device read
-            batch = {k: v.to(self.device) for k, v in subset.__dict__.items() if k != "source"}
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            total_loss += loss.double()
-            devices.step_boundary(self.device)  # HPU lazy mode: one graph per eval batch
-        self.model.train(was_training)
-        return float(total_loss) / max(1, total_tokens)
+        """Mean next-token loss over every target token of ``data`` (:func:`paca_core.steps.evaluate`)."""
+        return evaluate(self.model, data, self.device, self.args.eval_batch_size)
 
     # --- the loop --------------------------------------------------------------------------------
     def _install_stop_handlers(self) -> dict:
@@ -306,27 +287,26 @@ class Trainer:
         try:
             skipped_in_a_row = 0
             while self.state.step < self.total_steps and not self._stop_requested:
-                step_loss = torch.zeros((), device=self.device)
-                for _ in range(args.grad_accum):
-                    batch = {k: v.to(self.device, non_blocking=True) for k, v in next(micro_batches).items()}
-                    loss = self.network(**batch).loss
-                    (loss / args.grad_accum).backward()
-                    step_loss += loss.detach() / args.grad_accum
-                    window_tokens += int(batch["attention_mask"].numel())
-                devices.step_boundary(self.device)
-                grad_norm = None
-                if args.max_grad_norm > 0:
-                    grad_norm = devices.clip_grad_norm(self.model.trainable_parameters(), args.max_grad_norm, self.device)
-                if not _finite(step_loss, grad_norm):  # one host read per optimizer step, after the step boundary
+                tokens: list[int] = []
+                result = train_step(
+                    lambda batch: self.network(**batch).loss,
+                    self._on_device(micro_batches, tokens),
+                    self.optimizer,
+                    self.device,
+                    params=self.model.trainable_parameters(),
+                    set_to_none=self._grads_to_none,
+                    grad_accum=args.grad_accum,
+                    max_grad_norm=args.max_grad_norm,
+                    scheduler=self.scheduler,
+                    should_apply=_finite,  # one host read per optimizer step, after the step boundary
+                )
+                window_tokens += sum(tokens)
+                if not result.applied:
                     skipped_in_a_row += 1
-                    self._drop_step(step_loss, skipped_in_a_row)
+                    self._drop_step(result.loss, skipped_in_a_row)
                     continue
                 skipped_in_a_row = 0
-                window_loss += step_loss
-                self.optimizer.step()  # PaCA layers rewrite their columns in the optimizer's post-step hook
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=self._grads_to_none)
-                devices.step_boundary(self.device)
+                window_loss += result.loss
                 self.state.step += 1
                 window_steps += 1
                 bar.update(1)
@@ -353,12 +333,17 @@ class Trainer:
             raise KeyboardInterrupt
         return self.state
 
+    def _on_device(self, micro_batches, tokens: list[int]):
+        """The next micro-batches, moved to the device; counts their tokens into ``tokens``."""
+        while True:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(micro_batches).items()}
+            tokens.append(int(batch["attention_mask"].numel()))
+            yield batch
+
     def _drop_step(self, step_loss: torch.Tensor, in_a_row: int) -> None:
         """A NaN/inf step: its gradients never reach the weights. Stop or skip as configured."""
         self.optimizer.zero_grad(set_to_none=self._grads_to_none)
-        discard = getattr(self.model, "discard_host_gradients", None)
-        if discard is not None:
-            discard()
+        self.model.discard_host_gradients()
         value = float(step_loss)
         step = self.state.step + 1
         if self.args.on_nan == "stop":

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import paca_core
-from paca_core import AdapterLayer, MethodConfig
+from paca_core import LinearAdapterLayer, MethodConfig
 
 
 # 1. The config: a dataclass with ``method`` and the method's fields.
@@ -31,8 +31,8 @@ class ToyConfig(MethodConfig):
         return None
 
 
-# 2. The layer: an AdapterLayer (the base class declares every member callers use).
-class ToyLinear(AdapterLayer):
+# 2. The layer: a LinearAdapterLayer (AdapterLayer, its base, declares every member callers use).
+class ToyLinear(LinearAdapterLayer):
     method = "toy"
 
     def __init__(self, base_layer: nn.Linear, init: float, module_name: str = ""):

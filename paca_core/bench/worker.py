@@ -29,8 +29,10 @@ import torch.nn as nn
 import devices
 
 from ..base_config import LLAMA_PROJECTIONS, parse_targets
+from ..layers import AdapterLayer
 from ..measure import count_saved_tensors
 from ..methods import import_method_modules
+from ..steps import evaluate, grads_to_none, train_step
 from .models import ModelChoice, build_model, parse_model, vocab_size
 from .specs import MethodSpec, build_our_configs, parse_method_spec
 
@@ -55,6 +57,8 @@ class Prepared:
     forward: Callable[[torch.Tensor], torch.Tensor]
     extra_state: Callable[[], int] = field(default=lambda: 0)
     extra_trainable: int = 0
+    #: zero_grad(set_to_none=...): False under a graph mode that keeps gradient buffers (captured HPU graphs).
+    set_to_none: bool = True
 
 
 def _tensor_bytes(tensors) -> int:
@@ -76,7 +80,7 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
 
 def _host_tables(module: nn.Module) -> list:
     """Host-memory row tables of MEFT layers (their rows train outside autograd and the optimizer)."""
-    return [m.table for m in module.modules() if hasattr(m, "table") and hasattr(m.table, "optimizer_state")]
+    return [m.table for m in module.modules() if isinstance(m, AdapterLayer) and m.table is not None]
 
 
 def _table_tensors(table) -> list[torch.Tensor]:
@@ -171,38 +175,38 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
     adapted = prepare_model(model, configs, device=device)
     params = adapted.trainable_parameters()
     tables = _host_tables(adapted)
-    extra_trainable = sum(t.keys.numel() + t.values.numel() for t in tables if hasattr(t, "keys"))
+    extra_trainable = sum(t.keys.numel() + t.values.numel() for t in tables)
     host_state = lambda: _tensor_bytes(v for t in tables for v in t.optimizer_state().values())  # noqa: E731
     return Prepared(adapted, params, make_adamw(params), _lm_loss(adapted), host_state, extra_trainable)
 
 
-def _step(prepared: Prepared, ids: torch.Tensor, device: torch.device, max_grad_norm: float = 0.0) -> torch.Tensor:
-    loss = prepared.forward(ids)
-    loss.backward()
-    devices.step_boundary(device)
-    if prepared.optimizer is not None:
-        if max_grad_norm > 0:
-            devices.clip_grad_norm(prepared.params, max_grad_norm, device)
-        prepared.optimizer.step()
-        prepared.optimizer.zero_grad(set_to_none=True)
-    devices.step_boundary(device)
-    return loss.detach()
+def _step(prepared: Prepared, ids: torch.Tensor, device: torch.device, max_grad_norm: float = 0.0, after_backward=None) -> torch.Tensor:
+    """One training step on ``ids``: :func:`paca_core.steps.train_step`, as ``paca train`` runs it."""
+    return train_step(
+        prepared.forward, [ids], prepared.optimizer, device, params=prepared.params, set_to_none=prepared.set_to_none,
+        max_grad_norm=max_grad_norm, after_backward=after_backward,
+    ).loss
 
 
 def _counted_step(prepared: Prepared, ids: torch.Tensor, device: torch.device) -> dict[str, int]:
     """One training step with exact accounting of what it keeps."""
     module = prepared.module
-    with count_saved_tensors(module) as report:
-        loss = prepared.forward(ids)
-    saved = report.activation_bytes
-    del report  # it holds the saved tensors; free them with the graph
-    loss.backward()
-    grads = _tensor_bytes(p.grad for p in prepared.params if p.grad is not None)
-    devices.step_boundary(device)
-    if prepared.optimizer is not None:
-        prepared.optimizer.step()
-        prepared.optimizer.zero_grad(set_to_none=True)
-    devices.step_boundary(device)
+    counts: dict[str, int] = {}
+
+    def counted_forward(batch: torch.Tensor) -> torch.Tensor:
+        with count_saved_tensors(module) as report:
+            loss = prepared.forward(batch)
+        counts["saved"] = report.activation_bytes  # the report holds the saved tensors: only its count outlives this
+        return loss
+
+    def count_gradients() -> None:
+        counts["grads"] = _tensor_bytes(p.grad for p in prepared.params if p.grad is not None)
+
+    train_step(
+        counted_forward, [ids], prepared.optimizer, device, params=prepared.params, set_to_none=prepared.set_to_none,
+        after_backward=count_gradients,
+    )
+    saved, grads = counts["saved"], counts["grads"]
     params = _tensor_bytes(list(module.parameters()) + list(module.buffers()))
     optimizer_state = _optimizer_state_bytes(prepared.optimizer) + prepared.extra_state()
     host_tables = _tensor_bytes(v for t in _host_tables(module) for v in _table_tensors(t))
@@ -232,6 +236,7 @@ def _setup(job: dict) -> tuple[MethodSpec, ModelChoice, torch.device, Prepared, 
     torch.manual_seed(job.get("seed", 0))
     prepared = prepare(spec, model, job.get("rank"), job.get("options", {}), device, job.get("lr", 1e-4))
     devices.apply_graph_mode(prepared.module, device, graph_mode)
+    prepared.set_to_none = grads_to_none(prepared.module)  # as the Trainer: captured graphs keep gradient buffers
     job["resolved"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "graph_mode": graph_mode}
     return spec, choice, device, prepared, tokenizer
 
@@ -293,23 +298,8 @@ def run_probe(job: dict) -> dict:
     return {"status": "ok", "memory_bytes": devices.memory_stats(device).peak_bytes, "memory_kind": "device peak", "counted": counted}
 
 
-@torch.no_grad()
-def _held_out_loss(module: nn.Module, data, device: torch.device, batch_size: int = 8) -> float:
-    """Mean next-token loss over every target token of ``data`` (as paca train reports it)."""
-    was_training = module.training
-    module.eval()
-    total, tokens = 0.0, 0
-    for first in range(0, len(data), batch_size):
-        subset = data.subset(slice(first, first + batch_size))
-        labels = subset.labels[:, 1:].to(device)
-        logits = module(input_ids=subset.input_ids.to(device), attention_mask=subset.attention_mask.to(device)).logits.float()
-        total += float(
-            torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-        )
-        tokens += int((subset.labels[:, 1:] != -100).sum())
-        devices.step_boundary(device)
-    module.train(was_training)
-    return total / max(1, tokens)
+#: Mean next-token loss over every target token of ``data``: the evaluation ``paca train`` runs.
+_held_out_loss = evaluate
 
 
 def run_accuracy(job: dict) -> dict:
@@ -342,16 +332,11 @@ def run_accuracy(job: dict) -> dict:
             first = ((step - 1) % per_epoch) * job["batch_size"]
             batch = train_data.subset(order[first : first + job["batch_size"]])
             start = time.perf_counter()
-            loss = module(
-                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), labels=batch.labels.to(device)
+            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
+            loss = train_step(
+                lambda b: module(**b).loss, [{k: v.to(device) for k, v in inputs.items()}], prepared.optimizer, device,
+                params=prepared.params, set_to_none=prepared.set_to_none, max_grad_norm=1.0, scheduler=scheduler,
             ).loss
-            loss.backward()
-            devices.step_boundary(device)
-            devices.clip_grad_norm(prepared.params, 1.0, device)
-            prepared.optimizer.step()
-            scheduler.step()
-            prepared.optimizer.zero_grad(set_to_none=True)
-            devices.step_boundary(device)
             losses.append(float(loss))
             times.append(time.perf_counter() - start)
             if not math.isfinite(losses[-1]):

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from ..indices import layer_seed
 from ..placement import adapter_device
-from .base import AdapterLayer
+from .base import LinearAdapterLayer
 from .compression import ActivationCompressor, CompressibleInput
 
 
-class LoRALinear(CompressibleInput, AdapterLayer):
+class LoRALinear(CompressibleInput, LinearAdapterLayer):
     """Frozen base linear plus ``lora_B @ lora_A`` (A: r × in, B: out × r; B starts at zero)."""
 
     method = "lora"
@@ -101,7 +101,7 @@ class LoRALinear(CompressibleInput, AdapterLayer):
         return f"method={self.method}, r={self.r}, scaling={self.scaling:g}, in={self.in_features}, out={self.out_features}"
 
 
-class FullLinear(CompressibleInput, AdapterLayer):
+class FullLinear(CompressibleInput, LinearAdapterLayer):
     """A linear trained in full (optionally with VeLoRA compressing its input).
 
     Used beside PaCA or LoRA for the modules a user wants fully trained. ΔW is not kept (it would

@@ -27,7 +27,7 @@ from backends import Backend, get_backend
 
 from ..indices import check_columns
 from ..sharding import full_tensor, gather_rows, is_sharded, local_rows, wrap_local
-from .base import AdapterLayer
+from .base import LinearAdapterLayer
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,30 @@ def _is_compiling() -> bool:
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype active for ``device_type``, or None (device-generic API of torch >= 2.4)."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def check_rank_fits(r: int | None, in_features: int, module_name: str) -> None:
+    """PaCA trains r of a layer's input columns: r may not exceed them (PaCA, QPaCA and prepare_model ask this)."""
+    if r is not None and r > in_features:
+        raise ValueError(f"r={r} exceeds in_features={in_features} of {module_name}: choose r <= {in_features}.")
+
+
+def init_partial_connection(layer: LinearAdapterLayer, r: int, alpha: float | None, indices: torch.Tensor, device) -> None:
+    """The state PaCA and QPaCA share: ``r``, ``alpha``, ``scaling``, ``paca_delta`` (out, r, fp32, zero) and ``paca_indices``."""
+    check_rank_fits(r, layer.in_features, layer.module_name)
+    if indices.shape != (r,):
+        raise ValueError(f"{layer.module_name}: expected {r} column indices, got shape {tuple(indices.shape)}.")
+    layer.r = r
+    layer.alpha = float(alpha if alpha is not None else r)
+    layer.scaling = layer.alpha / r
+    layer.paca_delta = nn.Parameter(torch.zeros(layer.out_features, r, dtype=torch.float32, device=device))
+    layer.register_buffer("paca_indices", indices.to(device=device, dtype=torch.long).clone())
+
+
+def partial_connection_delta(layer: LinearAdapterLayer, delta: torch.Tensor) -> torch.Tensor:
+    """ΔW (out, in) in float32: ``scaling·delta`` in the selected columns, zero elsewhere."""
+    full = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=delta.device)
+    return full.index_copy_(1, layer.paca_indices, delta * layer.scaling)
 
 
 class _PartialConnectionLinear(torch.autograd.Function):
@@ -80,25 +104,16 @@ class _PartialConnectionLinear(torch.autograd.Function):
         return grads.input, None, grads.bias, grad_delta, None, None, None, None
 
 
-class PaCALinear(AdapterLayer):
+class PaCALinear(LinearAdapterLayer):
     """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) with a trainable ``paca_delta`` of shape (out, r)."""
 
     method = "paca"
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float | None, indices: torch.Tensor, module_name: str = ""):
         super().__init__(base_layer, module_name)
-        in_features, out_features = base_layer.in_features, base_layer.out_features
-        if r > in_features:
-            raise ValueError(f"r={r} exceeds in_features={in_features} of {module_name}: choose r <= {in_features}.")
-        if indices.shape != (r,):
-            raise ValueError(f"{module_name}: expected {r} column indices, got shape {tuple(indices.shape)}.")
         weight = base_layer.weight
         weight.requires_grad_(False)
-        self.r = r
-        self.alpha = float(alpha if alpha is not None else r)
-        self.scaling = self.alpha / r
-        self.paca_delta = nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32, device=weight.device))
-        self.register_buffer("paca_indices", indices.to(device=weight.device, dtype=torch.long).clone())
+        init_partial_connection(self, r, alpha, indices, weight.device)
         self.register_buffer(
             "paca_original_columns", weight.detach().index_select(1, self.paca_indices).clone(), persistent=False
         )
@@ -156,9 +171,7 @@ class PaCALinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) in float32: ``scaling·delta`` in the selected columns, zero elsewhere."""
-        full = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.paca_delta.device)
-        delta = full_tensor(self.paca_delta.detach())  # FSDP: gathered (every rank calls this)
-        return full.index_copy_(1, self.paca_indices, delta * self.scaling)
+        return partial_connection_delta(self, full_tensor(self.paca_delta.detach()))  # FSDP: gathered (every rank calls this)
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy / pickle: register the copy so the optimizer hook keeps it adapted too.

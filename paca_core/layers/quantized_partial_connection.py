@@ -22,8 +22,9 @@ import torch.nn as nn
 from backends import Backend, bnb4bit, get_backend
 
 from ..indices import check_columns
-from .base import AdapterLayer
-from .partial_connection import _autocast_dtype
+from ..quantization import dequantize_weight, is_quantized_linear, quantized_kind, requantize
+from .base import LinearAdapterLayer
+from .partial_connection import _autocast_dtype, check_rank_fits, init_partial_connection, partial_connection_delta
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class _QuantizedPartialConnectionLinear(torch.autograd.Function):
         return grads.input, grad_delta, grads.bias, None, None, None, None, None, None
 
 
-class QuantizedPaCALinear(AdapterLayer):
+class QuantizedPaCALinear(LinearAdapterLayer):
     """Wraps a frozen bitsandbytes ``Linear4bit`` (kept as ``base_layer``) with a trainable ``paca_delta`` (out, r).
 
     The delta (and so the optimizer state) is float32; the forward runs in the activation dtype.
@@ -78,27 +79,18 @@ class QuantizedPaCALinear(AdapterLayer):
 
     method = "paca"
     shardable = False  # bitsandbytes 4-bit weights are not FSDP2 parameters
+    quantized_base = True
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float | None, indices: torch.Tensor, module_name: str = ""):
-        from ..quantization import is_quantized_linear, quantized_kind
-
         if not is_quantized_linear(base_layer):
             raise TypeError(f"QuantizedPaCALinear wraps a bitsandbytes Linear4bit; {module_name or 'module'} is {type(base_layer).__name__}.")
         super().__init__(base_layer, module_name)
         self.quant_type = quantized_kind(base_layer)
-        if r > self.in_features:
-            raise ValueError(f"r={r} exceeds in_features={self.in_features} of {module_name}: choose r <= {self.in_features}.")
-        if indices.shape != (r,):
-            raise ValueError(f"{module_name}: expected {r} column indices, got shape {tuple(indices.shape)}.")
+        check_rank_fits(r, self.in_features, module_name)
         base_layer.weight.requires_grad_(False)
         bnb4bit.restore_standard_layout(base_layer, module_name)
         bnb4bit.keep_standard_layout(base_layer)  # its eval forward is ours; a repacked weight has no backward
-        device = base_layer.weight.device
-        self.r = r
-        self.alpha = float(alpha if alpha is not None else r)
-        self.scaling = self.alpha / r
-        self.paca_delta = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
-        self.register_buffer("paca_indices", indices.to(device=device, dtype=torch.long).clone())
+        init_partial_connection(self, r, alpha, indices, base_layer.weight.device)
 
     # --- checkpoint state -------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -114,14 +106,11 @@ class QuantizedPaCALinear(AdapterLayer):
     # --- weights ------------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) in float32: ``scaling·delta`` in the selected columns, zero elsewhere."""
-        full = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.paca_delta.device)
-        return full.index_copy_(1, self.paca_indices, self.paca_delta.detach() * self.scaling)
+        return partial_connection_delta(self, self.paca_delta.detach())
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """``deq(W_q) + ΔW`` in the base's original dtype: exactly the weight this layer computes with."""
-        from ..quantization import dequantize_weight
-
         weight = dequantize_weight(self.base_layer)
         merged = weight.float().index_add_(1, self.paca_indices, self.paca_delta.detach() * self.scaling)
         return merged.to(weight.dtype)
@@ -167,8 +156,6 @@ class QuantizedPaCALinear(AdapterLayer):
         :func:`paca_core.quantization.merge_and_dequantize` for a full-precision merged model.
         """
         if merge:
-            from ..quantization import requantize
-
             with torch.no_grad():
                 self.merge_error = requantize(self.base_layer, self.merged_weight())
             logger.warning(

@@ -89,8 +89,7 @@ class SparseFFNAdapter(AdapterLayer):
         seed: int,
         module_name: str = "",
     ):
-        nn.Module.__init__(self)
-        self._init_adapter_fields(module_name, width, width)
+        super().__init__(module_name, width, width)
         self.top_k, self.num_probe, self.capacity = top_k, num_probe, capacity
         parameter = next(target.parameters(), None)
         device = adapter_device(target, module_name)  # beside the block (offloaded: where accelerate runs it)

@@ -1,0 +1,98 @@
+"""One training step and one held-out evaluation, used by every loop paca-hal runs: the
+:class:`~paca_core.trainer.Trainer` (``paca train``) and the ``paca bench`` worker (speed, probe and
+accuracy modes, and the learning-rate sweep built on it). The Hugging Face / TRL / Gaudi integrations
+leave the loop to those trainers.
+
+The step is device-generic: one ``devices.step_boundary`` after backward and one after the update
+(an HPU lazy-mode graph each), gradient clipping through ``devices.clip_grad_norm``, and gradients
+freed after the update unless the model runs in a graph mode that holds gradient buffers by address
+(captured HPU graphs: ``devices.keeps_grad_buffers``), where they are zeroed in place instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+import devices
+
+
+def grads_to_none(model: nn.Module) -> bool:
+    """``zero_grad(set_to_none=...)`` for ``model``: False under a graph mode that keeps gradient buffers."""
+    return not devices.keeps_grad_buffers(devices.graph_mode_of(model))
+
+
+@dataclass
+class StepResult:
+    """What one step did. ``loss``: mean over its micro-batches, detached, on the device (no host read)."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor | None
+    applied: bool
+
+
+def train_step(
+    forward: Callable[[Any], torch.Tensor],
+    micro_batches: Iterable[Any],
+    optimizer: torch.optim.Optimizer | None,
+    device: torch.device,
+    *,
+    params: Iterable[torch.Tensor] = (),
+    set_to_none: bool = True,
+    grad_accum: int = 1,
+    max_grad_norm: float = 0.0,
+    scheduler: Any = None,
+    after_backward: Callable[[], None] | None = None,
+    should_apply: Callable[[torch.Tensor, torch.Tensor | None], bool] | None = None,
+) -> StepResult:
+    """Forward and backward over ``grad_accum`` micro-batches, then one optimizer update.
+
+    ``forward(batch) -> loss``. ``set_to_none``: from :func:`grads_to_none` of the model (in place
+    under captured graphs). ``after_backward``: called with the gradients present (accounting).
+    ``should_apply(loss, grad_norm)``: False skips the update (the caller drops the gradients).
+    Without an optimizer (nothing trains) only forward and backward run.
+    """
+    step_loss = torch.zeros((), device=device)
+    for _, batch in zip(range(grad_accum), micro_batches):
+        loss = forward(batch)
+        (loss / grad_accum if grad_accum > 1 else loss).backward()
+        step_loss += loss.detach() / grad_accum
+    devices.step_boundary(device)
+    if after_backward is not None:
+        after_backward()
+    grad_norm = None
+    if optimizer is None:
+        return StepResult(step_loss, None, applied=False)
+    if max_grad_norm > 0:
+        grad_norm = devices.clip_grad_norm(list(params), max_grad_norm, device)
+    if should_apply is not None and not should_apply(step_loss, grad_norm):
+        return StepResult(step_loss, grad_norm, applied=False)
+    optimizer.step()  # PaCA layers rewrite their columns in the optimizer's post-step hook
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=set_to_none)
+    devices.step_boundary(device)
+    return StepResult(step_loss, grad_norm, applied=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, device: torch.device, batch_size: int = 8) -> float:
+    """Mean next-token loss over every target token of ``data`` (a :class:`~paca_core.dataset.TokenizedData`)."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = 0
+    for first in range(0, len(data), batch_size):
+        subset = data.subset(slice(first, first + batch_size))
+        total_tokens += int((subset.labels[:, 1:] != -100).sum())  # counted on the host copy: no device read
+        logits = model(input_ids=subset.input_ids.to(device), attention_mask=subset.attention_mask.to(device)).logits.float()
+        labels = subset.labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total_loss += loss.double()
+        devices.step_boundary(device)  # HPU lazy mode: one graph per eval batch
+    model.train(was_training)
+    return float(total_loss) / max(1, total_tokens)
