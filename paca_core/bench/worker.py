@@ -306,7 +306,6 @@ def run_accuracy(job: dict) -> dict:
     """Fine-tune for ``steps`` on real text and record train and held-out loss (floor: no training)."""
     from .. import assets
     from ..dataset import load_dataset, split_held_out
-    from ..trainer import TrainingArguments, _lr_lambda
 
     spec, choice, device, prepared, tokenizer = _setup(job)
     if not choice.has_real_weights or tokenizer is None:
@@ -315,11 +314,22 @@ def run_accuracy(job: dict) -> dict:
     data_path = assets.default_dataset_path() if acc.get("data", "default") == "default" else Path(acc["data"])
     data = load_dataset(data_path, tokenizer, job["seq_len"])
     train_data, eval_data = split_held_out(data, acc.get("eval_fraction", 0.1), job.get("seed", 0))
+    result = fine_tune(prepared, train_data, eval_data, job, device)
+    return {**result, "data": str(data_path), **job["resolved"]}
+
+
+def fine_tune(prepared: Prepared, train_data, eval_data, job: dict, device: torch.device, loss_before: float | None = None) -> dict:
+    """The accuracy-mode training loop on already prepared data (shared with the lr sweep, which
+    loads the model once per process). ``loss_before``: the frozen model's held-out loss, when the
+    caller already has it (an adapter starts as the identity, so it is the same for every method)."""
+    from ..trainer import TrainingArguments, _lr_lambda
+
+    acc = job.get("accuracy", {})
     module = prepared.module
     module.train()
     trainable, total = _trainable_counts(prepared)
     eval_every = max(1, acc.get("eval_every", 10))
-    evals = [(0, _held_out_loss(module, eval_data, device))]
+    evals = [(0, _held_out_loss(module, eval_data, device) if loss_before is None else loss_before)]
     losses, times = [], []
     if prepared.optimizer is not None and job["steps"] > 0:
         args = TrainingArguments(output_dir="", max_steps=job["steps"], warmup_steps=acc.get("warmup_steps", 5), lr=job["lr"])
@@ -337,7 +347,7 @@ def run_accuracy(job: dict) -> dict:
                 lambda b: module(**b).loss, [{k: v.to(device) for k, v in inputs.items()}], prepared.optimizer, device,
                 params=prepared.params, set_to_none=prepared.set_to_none, max_grad_norm=1.0, scheduler=scheduler,
             ).loss
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             times.append(time.perf_counter() - start)
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"training loss became {losses[-1]} at step {step}")
@@ -352,11 +362,9 @@ def run_accuracy(job: dict) -> dict:
         "held_out_loss_before": evals[0][1],
         "held_out_loss": evals[-1][1],
         "median_step_s": statistics.median(times) if times else None,
-        "data": str(data_path),
         "train_examples": len(train_data),
         "held_out_examples": len(eval_data),
         "peak_memory_bytes": devices.memory_stats(device).peak_bytes,
-        **job["resolved"],
     }
 
 
