@@ -16,6 +16,7 @@ import devices
 from ._version import __version__
 from .base_config import MethodConfig, parse_targets
 from .bench.command import add_bench_parser
+from .plan.command import add_plan_parser
 from .errors import PacaConfigError
 from .methods import default_lr as _registry_default_lr
 from .methods import method_help, primary_name
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "export-peft", "write a PaCA/LoRA adapter as a standard PEFT LoRA adapter", "where to write the PEFT adapter", run_export
     )
     add_bench_parser(sub)  # `paca bench`: every method measured side by side
+    add_plan_parser(sub)  # `paca plan`: what fits and how fast on accelerators, simulated
     return parser
 
 

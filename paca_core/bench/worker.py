@@ -132,8 +132,10 @@ def _quantize(model: nn.Module, options: dict) -> nn.Module:
         raise Unavailable(str(error).splitlines()[0]) from None
 
 
-def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict, device: torch.device, lr: float) -> Prepared:
-    """Set ``model`` up for ``spec``; the optimizer is AdamW in the device's form (PEFT LoRA-FA: its own)."""
+def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict, device: torch.device, lr: float,
+            place: bool = True) -> Prepared:
+    """Set ``model`` up for ``spec``; the optimizer is AdamW in the device's form (PEFT LoRA-FA: its own).
+    ``place=False`` leaves the model where it is (the planner's fake tensors cannot be moved)."""
     make_adamw = lambda params: devices.make_adamw(params, device, lr=lr, eps=1e-8)  # noqa: E731
     if spec.kind == "floor":
         model.requires_grad_(False)
@@ -172,7 +174,7 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
     if spec.name == "qpaca":
         model = _quantize(model, options)
     configs = build_our_configs(method, rank or 8, options)
-    adapted = prepare_model(model, configs, device=device)
+    adapted = prepare_model(model, configs, device=device if place else None)
     params = adapted.trainable_parameters()
     tables = _host_tables(adapted)
     extra_trainable = sum(t.keys.numel() + t.values.numel() for t in tables)

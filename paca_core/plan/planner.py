@@ -1,0 +1,281 @@
+"""What fits and how fast: traced steps turned into per-device records, with the largest sequence
+length and batch size searched by tracing.
+
+A decoder stack repeats one layer, so every traced quantity (bytes by kind, the live-bytes peak, FLOPs,
+bytes moved, kernels, the roofline time) is an affine function of the layer count once the stack has
+one layer. The planner traces the real model at 1 and 2 layers and takes the line through them to
+the model's layer count; tests/test_plan.py checks that this equals the full-depth trace exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..bench.specs import MethodSpec, parse_method_spec
+from ..errors import PacaConfigError
+from .estimate import estimate_time
+from .shapes import context_length
+from .trace import TracedModel, build, trace_step
+
+logger = logging.getLogger(__name__)
+
+#: Layer counts traced; the line through them is exact for a homogeneous stack (tests/test_plan.py).
+TRACED_LAYERS = (1, 2)
+#: Granularity of the searched sequence length (tokens); batch sizes are searched one by one.
+SEQ_STEP = 64
+MAX_BATCH = 1 << 14
+BYTE_KINDS = ("weights", "gradients", "optimizer", "saved_activations", "peak", "host")
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    dtype: torch.dtype = torch.bfloat16
+    rank: int = 8
+    match_params: bool = True
+    gradient_checkpointing: bool = False
+    world_size: int = 1
+    fsdp: bool = False
+    options: tuple = ()  # (name, value) pairs for the method's paca train flags
+
+
+@dataclass
+class Measurement:
+    """One (seq_len, batch_size) of one method at full depth, with its time on each profile."""
+
+    bytes: dict[str, int]
+    flops: int
+    bytes_moved: int
+    kernels: int
+    times: dict[str, dict] = field(default_factory=dict)
+
+
+def _with_layers(config, layers: int):
+    fields = config.to_dict()
+    fields["num_hidden_layers"] = layers
+    if isinstance(fields.get("layer_types"), list):  # per-layer kinds (sliding window...) follow the count
+        kinds = fields["layer_types"]
+        if len(set(kinds)) > 1:
+            raise PacaConfigError("The planner needs a stack of identical decoder layers; this config mixes layer types.")
+        fields["layer_types"] = kinds[:1] * layers
+    return type(config).from_dict(fields)
+
+
+def _affine(a: float, b: float, layers: int) -> float:
+    """Value at ``layers`` on the line through (TRACED_LAYERS[0], a) and (TRACED_LAYERS[1], b)."""
+    l0, l1 = TRACED_LAYERS
+    return a + (b - a) * (layers - l0) / (l1 - l0)
+
+
+class MethodTracer:
+    """Traces one method on one model at 2 and 3 layers; measurements at full depth, cached by shape."""
+
+    def __init__(self, config, method: str, settings: PlanSettings, profiles: Sequence, fake: bool = True):
+        self.config = config
+        self.spec: MethodSpec = parse_method_spec(method)
+        self.settings = settings
+        self.profiles = list(profiles)
+        self.layers = int(config.num_hidden_layers)
+        self.rank = self.spec.rank(settings.rank, settings.match_params)
+        self.fake = fake
+        self._models: list[TracedModel] | None = None
+        self._cache: dict[tuple[int, int], Measurement] = {}
+        self.traces = 0
+
+    def _build(self) -> list[TracedModel]:
+        if self._models is None:
+            models = []
+            for layers in TRACED_LAYERS if self.layers > TRACED_LAYERS[1] else (self.layers,):
+                models.append(build(_with_layers(self.config, layers), self.spec, self.rank, self.settings.dtype,
+                                    dict(self.settings.options), fake=self.fake,
+                                    gradient_checkpointing=self.settings.gradient_checkpointing))
+            self._models = models
+        return self._models
+
+    @property
+    def counts(self) -> dict[str, int]:
+        models = self._build()
+        if len(models) == 1:
+            return dict(models[0].counts)
+        return {k: int(round(_affine(models[0].counts[k], models[1].counts[k], self.layers))) for k in models[0].counts}
+
+    def layer_weight_bytes(self) -> int:
+        models = self._build()
+        if len(models) == 1:
+            return models[0].counts["weights"] // max(1, self.layers)
+        return models[1].counts["weights"] - models[0].counts["weights"]
+
+    def measure(self, seq_len: int, batch_size: int) -> Measurement:
+        key = (seq_len, batch_size)
+        if key in self._cache:
+            return self._cache[key]
+        parts = []
+        for model in self._build():
+            trace, counts = trace_step(model, seq_len, batch_size)
+            self.traces += 1
+            values = {
+                "weights": counts["weights"], "gradients": counts["gradients"], "optimizer": counts["optimizer"],
+                "saved_activations": trace.saved_bytes, "peak": trace.peak_bytes, "host": counts["host"],
+                "flops": trace.flops, "bytes_moved": trace.bytes_moved, "kernels": trace.kernels,
+            }
+            for profile in self.profiles:
+                estimate = estimate_time(trace, profile).as_dict()
+                for name in ("step_seconds", "compute_seconds", "memory_seconds", "launch_seconds", "kernels"):
+                    values[f"{profile.name}:{name}"] = estimate[name]
+            parts.append(values)
+            del trace
+        if len(parts) == 1:
+            full = {k: float(v) for k, v in parts[0].items()}
+        else:
+            full = {k: _affine(parts[0][k], parts[1][k], self.layers) for k in parts[0]}
+        measurement = Measurement(
+            bytes={k: int(round(full[k])) for k in BYTE_KINDS},
+            flops=int(round(full["flops"])), bytes_moved=int(round(full["bytes_moved"])), kernels=int(round(full["kernels"])),
+        )
+        for profile in self.profiles:
+            t = {name: full[f"{profile.name}:{name}"] for name in ("step_seconds", "compute_seconds", "memory_seconds", "launch_seconds")}
+            t["kernels"] = int(round(full[f"{profile.name}:kernels"]))
+            parts_t = {"compute": t["compute_seconds"], "memory bandwidth": t["memory_seconds"], "launch overhead": t["launch_seconds"]}
+            t["bound"] = max(parts_t, key=parts_t.get)
+            measurement.times[profile.name] = t
+        self._cache[key] = measurement
+        return measurement
+
+
+def per_rank_bytes(measurement: Measurement, settings: PlanSettings, layer_weight_bytes: int) -> dict[str, int]:
+    """Device bytes per process. One process: as traced. FSDP over N ranks: each rank keeps 1/N of the
+    weights, gradients and optimizer state (FSDP2 shards every parameter) and gathers one decoder
+    layer's full weights at a time, with the next one prefetched (two layers of all-gather buffers)."""
+    out = dict(measurement.bytes)
+    if not settings.fsdp or settings.world_size <= 1:
+        out["all_gather_buffers"] = 0
+        return out
+    n = settings.world_size
+    sharded = out["weights"] + out["gradients"] + out["optimizer"]
+    for kind in ("weights", "gradients", "optimizer"):
+        out[kind] = math.ceil(out[kind] / n)
+    out["all_gather_buffers"] = 2 * layer_weight_bytes
+    out["peak"] = out["peak"] - sharded + out["weights"] + out["gradients"] + out["optimizer"] + out["all_gather_buffers"]
+    return out
+
+
+def search_largest(peak_at: Callable[[int], int], budget: int, start: int, limit: int, step: int, static: int = 0) -> int:
+    """Largest multiple of ``step`` in [step, limit] whose traced peak fits ``budget`` (0: none fits).
+
+    Each guess comes from the line through the closest fitting and failing points (peaks are nearly
+    affine in batch size and sequence length), then is checked by a trace; a guess that lands on the
+    boundary takes two traces to confirm. ``static``: bytes that do not grow with x (weights, optimizer
+    state), the first guess's intercept. Falls back to bisection if guesses stop converging."""
+    def down(x: float) -> int:
+        return max(step, min(limit, int(x // step) * step))
+
+    points: dict[int, int] = {}
+
+    def peak(x: int) -> int:
+        if x not in points:
+            points[x] = peak_at(x)
+        return points[x]
+
+    x = down(min(start, limit))
+    lo, hi = (x, None) if peak(x) <= budget else (0, x)
+    rounds = 0
+    while hi is None:
+        if lo >= limit:
+            return limit
+        others = [p for p in points if p != lo]
+        guess = _through(lo, points[lo], others[-1], points[others[-1]], budget) if others else _through(0, static, lo, points[lo], budget)
+        nxt = down(max(guess, lo + step)) if guess == guess else down(lo * 2)
+        nxt = max(nxt, min(limit, lo + step))
+        if peak(nxt) <= budget:
+            lo = nxt
+        else:
+            hi = nxt
+    while hi - lo > step:
+        rounds += 1
+        if lo == 0 or rounds > 6:
+            mid = (lo + hi) // 2 // step * step
+        else:
+            mid = int(_through(lo, points[lo], hi, points[hi], budget) // step) * step
+        mid = min(max(mid, lo + step), hi - step)
+        if peak(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _through(x0: int, y0: int, x1: int, y1: int, budget: int) -> float:
+    if y1 == y0:
+        return float("nan")
+    return x0 + (budget - y0) * (x1 - x0) / (y1 - y0)
+
+
+def plan_records(config, model_name: str, methods: Sequence[str], profiles: Sequence, settings: PlanSettings,
+                 seq_lens: Sequence[int], batch_sizes: Sequence[int], progress: Callable[[str], None] | None = None,
+                 search: bool = True) -> list[dict]:
+    """Every (method, profile, seq_len, batch_size) record; see :func:`record` for the fields."""
+    context = context_length(config)
+    for seq in seq_lens:
+        if seq > context:
+            raise PacaConfigError(f"--seq-len {seq} is above {model_name}'s context length ({context}).")
+    records = []
+    for method in methods:
+        tracer = MethodTracer(config, method, settings, profiles)
+        started = time.perf_counter()
+        if progress:
+            progress(method)
+        for profile in profiles:
+            budget = profile.usable_bytes()
+            layer_bytes = tracer.layer_weight_bytes()
+            peak_of = lambda s, b: per_rank_bytes(tracer.measure(s, b), settings, layer_bytes)["peak"]  # noqa: E731
+            max_seq: dict[int, int] = {}
+            for batch in batch_sizes:
+                for seq in seq_lens:
+                    m = tracer.measure(seq, batch)
+                    per_rank = per_rank_bytes(m, settings, layer_bytes)
+                    fits = per_rank["peak"] <= budget
+                    static = per_rank["weights"] + per_rank["optimizer"] + per_rank["all_gather_buffers"]
+                    if search and batch not in max_seq:
+                        max_seq[batch] = search_largest(lambda s: peak_of(s, batch), budget, max(seq_lens), context, SEQ_STEP, static)
+                    max_batch = search_largest(lambda b: peak_of(seq, b), budget, batch, MAX_BATCH, 1, static) if search else None
+                    timing = m.times[profile.name]
+                    records.append(record(model_name, tracer, profile, settings, seq, batch, per_rank, fits,
+                                          max_seq.get(batch), max_batch, m, timing))
+        logger.info("%s: %d traces in %.1f s", method, tracer.traces, time.perf_counter() - started)
+    return records
+
+
+def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSettings, seq: int, batch: int, per_rank: dict,
+           fits: bool, max_seq: int | None, max_batch: int | None, m: Measurement, timing: dict) -> dict:
+    counts = tracer.counts
+    tokens = seq * batch * max(1, settings.world_size)
+    return {
+        "model": model_name,
+        "method": tracer.spec.name,
+        "device_profile": profile.name,
+        "dtype": str(settings.dtype).replace("torch.", ""),
+        "seq_len": seq,
+        "batch_size": batch,
+        "rank": tracer.rank,
+        "world_size": settings.world_size,
+        "fsdp": settings.fsdp,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "trainable_params": counts["trainable_params"],
+        "total_params": counts["total_params"],
+        "bytes": per_rank,
+        "usable_bytes": profile.usable_bytes(),
+        "fits": fits,
+        "max_seq_len": max_seq,
+        "max_batch_size": max_batch,
+        "step_seconds": timing["step_seconds"],
+        "tokens_per_second": tokens / timing["step_seconds"] if timing["step_seconds"] else None,
+        "bound": timing["bound"],
+        "time_breakdown": {k: timing[k] for k in ("compute_seconds", "memory_seconds", "launch_seconds")},
+        "kernels": timing["kernels"],
+        "flops": m.flops,
+        "bytes_moved": m.bytes_moved,
+    }

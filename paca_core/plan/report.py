@@ -1,0 +1,59 @@
+"""plan.md's table and plan's PNG plots (the bench's plotting helpers)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..bench.report import _grid, _pyplot
+
+GIB = 1 << 30
+
+
+def _gib(value: int | None) -> str:
+    return "–" if value is None else f"{value / GIB:.1f}"
+
+
+def markdown_table(records: list[dict]) -> str:
+    """One row per record: memory by kind (GiB per rank), whether it fits, the searched maxima and time."""
+    lines = [
+        "| profile | method | seq × batch | r | trainable | weights | grads | optimizer | saved act. | peak | fits | max seq (this batch) | max batch (this seq) | step s | tokens/s | bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        b = r["bytes"]
+        host = f" (+{_gib(b['host'])} host)" if b.get("host") else ""
+        lines.append(
+            f"| {r['device_profile']} | {r['method']} | {r['seq_len']} × {r['batch_size']} | {r['rank'] or '–'} | {r['trainable_params'] / 1e6:.1f}M | "
+            f"{_gib(b['weights'])} | {_gib(b['gradients'])} | {_gib(b['optimizer'])} | {_gib(b['saved_activations'])} | {_gib(b['peak'])}{host} | "
+            f"{'yes' if r['fits'] else '**no**'} | {r['max_seq_len'] if r['max_seq_len'] is not None else '–'} | "
+            f"{r['max_batch_size'] if r['max_batch_size'] is not None else '–'} | {r['step_seconds']:.3f} | {r['tokens_per_second']:,.0f} | {r['bound']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_plan(records: list[dict], out_dir: Path) -> list[Path]:
+    """peak_memory.png and tokens_per_second.png: per profile and batch size, one line per method over seq len."""
+    plt = _pyplot()
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["device_profile"], r["batch_size"]), []).append(r)
+    paths = []
+    for key, label, ylabel in (("peak", "peak_memory.png", "peak GiB per rank"), ("tokens_per_second", "tokens_per_second.png", "tokens/s (simulated)")):
+        fig, axes = _grid(plt, len(groups), 3.6)
+        for ax, ((profile, batch), group) in zip(axes, groups.items()):
+            for method in dict.fromkeys(r["method"] for r in group):
+                rows = sorted((r for r in group if r["method"] == method), key=lambda r: r["seq_len"])
+                ys = [r["bytes"]["peak"] / GIB if key == "peak" else r["tokens_per_second"] for r in rows]
+                ax.plot([r["seq_len"] for r in rows], ys, marker="o", label=method)
+            if key == "peak":
+                ax.axhline(group[0]["usable_bytes"] / GIB, color="k", linestyle="--", linewidth=0.8, label="usable")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{profile}, batch {batch}")
+        axes[0].legend(fontsize=7)
+        fig.suptitle("paca plan (simulated from traced steps and device profiles)")
+        fig.tight_layout()
+        paths.append(out_dir / label)
+        fig.savefig(paths[-1], dpi=80)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,208 @@
+"""Trace one real training step of a method on a model built from its config, without its weights.
+
+The model is built under ``FakeTensorMode`` (shapes, dtypes and storages, no memory), set up by the
+same code ``paca bench`` uses (``prepare_model`` for our methods, PEFT's ``get_peft_model`` for its
+peers) and stepped by :func:`paca_core.steps.train_step`, the loop ``paca train`` runs, under a
+:class:`~paca_core.plan.tracker.StepTracker`. A method that changes its code changes its plan.
+
+``fake=False`` runs the identical procedure on real CPU tensors: that is how the plan is checked.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..bench.specs import MethodSpec
+from ..errors import PacaConfigError
+from ..steps import train_step
+from .tracker import StepTrace, StepTracker
+
+logger = logging.getLogger(__name__)
+
+#: Methods whose 4-bit matmul cannot run on fake tensors (bitsandbytes kernels): not traced.
+QUANTIZED = ("qpaca", "peft-qlora")
+#: Methods whose step depends on values, not only shapes, and why they are not planned.
+NOT_TRACEABLE = {
+    "meft": "its host-side row selection is data-dependent (torch.unique / bincount pick the rows each batch uses), "
+    "so a step on fake tensors has no fixed shapes; the planner does not cover MEFT yet. Measure it with "
+    "`paca bench --methods meft` on a smaller shape.",
+}
+
+
+@dataclass
+class TracedModel:
+    """A model set up for one method, with its optimizer state created, ready to trace steps."""
+
+    spec: MethodSpec
+    prepared: Any  # paca_core.bench.worker.Prepared
+    fake_mode: Any
+    vocab_size: int
+    host_tensors: list[torch.Tensor] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def context(self):
+        return self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _apply_overwriting(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """``Module._apply`` that replaces converted parameters instead of swapping them: torch swaps
+    fake parameters in place, which fails once fake mode holds a weak reference to them (PEFT moves
+    and upcasts its adapters with ``.to``)."""
+    if recurse:
+        for child in self.children():
+            child._apply(fn)
+    for key, param in self._parameters.items():
+        if param is not None:
+            with torch.no_grad():
+                applied = fn(param)
+            if applied is not param:
+                self._parameters[key] = nn.Parameter(applied, requires_grad=param.requires_grad)
+    for key, buffer in self._buffers.items():
+        if buffer is not None:
+            self._buffers[key] = fn(buffer)
+    return self
+
+
+@contextlib.contextmanager
+def _fake_safe_conversion() -> Iterator[None]:
+    original = nn.Module._apply
+    nn.Module._apply = _apply_overwriting
+    try:
+        yield
+    finally:
+        nn.Module._apply = original
+
+
+@contextlib.contextmanager
+def _data_dependence_explained(method: str) -> Iterator[None]:
+    """A step that reads tensor values on the host cannot be traced on fake tensors: say which op."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    try:
+        yield
+    except (DataDependentOutputException, DynamicOutputShapeException) as error:
+        raise PacaConfigError(
+            f"{method}: its training step depends on tensor values ({error.func}: a host read or a shape that depends "
+            "on data), so it cannot be traced on fake tensors and the planner cannot plan it."
+        ) from None
+
+
+def _bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            storage = tensor.untyped_storage()
+            seen[id(storage)] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, options: dict | None = None, fake: bool = True,
+          seed: int = 0, gradient_checkpointing: bool = False) -> TracedModel:
+    """Build ``config``'s causal LM (fake or real CPU tensors), set it up for ``spec`` and run one
+    tiny step so the optimizer state exists (what every later step starts from)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..bench.worker import _host_tables, _table_tensors, prepare
+
+    if spec.name in NOT_TRACEABLE and fake:
+        raise PacaConfigError(f"{spec.name}: {NOT_TRACEABLE[spec.name]}")
+    if spec.name in QUANTIZED and fake:
+        raise PacaConfigError(
+            f"{spec.name}: bitsandbytes' 4-bit kernels do not run on fake tensors, so the planner cannot trace it yet; "
+            "plan 'paca' or 'peft-lora' on the bf16 base instead."
+        )
+    fake_mode = None
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with (fake_mode or contextlib.nullcontext()), (_fake_safe_conversion() if fake else contextlib.nullcontext()), \
+            torch.device("cpu"), _default_dtype(dtype):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)  # in the default dtype set above
+        if gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise PacaConfigError(f"{type(model).__name__} does not support gradient checkpointing.")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        prepared = prepare(spec, model, rank, dict(options or {}), torch.device("cpu"), lr=1e-4, place=False)
+        prepared.module.train()
+        traced = TracedModel(spec, prepared, fake_mode, int(config.vocab_size))
+        tables = _host_tables(prepared.module)
+        traced.host_tensors = [t for table in tables for t in _table_tensors(table)]
+        ids = torch.zeros((1, 2), dtype=torch.long)
+        with _data_dependence_explained(spec.name):
+            _step(prepared, ids)
+        host_state = [v for table in tables for v in table.optimizer_state().values()]
+        traced.host_tensors += [v for v in host_state if isinstance(v, torch.Tensor)]
+        module = prepared.module
+        traced.counts = {
+            "trainable_params": sum(p.numel() for p in prepared.params) + prepared.extra_trainable,
+            "total_params": sum(p.numel() for p in module.parameters()),
+            "weights": _bytes(list(module.parameters()) + list(module.buffers())),
+            "optimizer": _bytes(_optimizer_tensors(prepared.optimizer)),
+            "host": _bytes(traced.host_tensors),
+        }
+    return traced
+
+
+def _step(prepared, ids: torch.Tensor, tracker: StepTracker | None = None) -> dict[str, int]:
+    """One :func:`train_step` as ``paca train`` runs it, its phases labelled for the tracker: forward,
+    backward (train_step calls it right after forward returns), optimizer (with clipping), and the
+    optimizer's post-step hooks, where PaCA writes its columns."""
+    counted: dict[str, int] = {}
+    label = tracker.set_phase if tracker is not None else (lambda name: None)
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        label("forward")
+        with (tracker.saving() if tracker is not None else contextlib.nullcontext()):
+            loss = prepared.forward(batch)
+        label("backward")
+        return loss
+
+    def after_backward() -> None:
+        counted["gradients"] = _bytes(p.grad for p in prepared.params if p.grad is not None)
+        label("optimizer")
+
+    # Instance post-step hooks run before the global ones (PaCA's column write).
+    hook = prepared.optimizer.register_step_post_hook(lambda *args: label("column_write")) if prepared.optimizer else None
+    try:
+        train_step(forward, [ids], prepared.optimizer, torch.device("cpu"), params=prepared.params,
+                   set_to_none=prepared.set_to_none, after_backward=after_backward)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return counted
+
+
+def trace_step(traced: TracedModel, seq_len: int, batch_size: int) -> tuple[StepTrace, dict[str, int]]:
+    """One training step at (batch_size, seq_len) under the tracker; returns the trace and byte counts."""
+    prepared = traced.prepared
+    with traced.context():
+        ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
+        baseline = list(prepared.module.parameters()) + list(prepared.module.buffers()) + _optimizer_tensors(prepared.optimizer)
+        tracker = StepTracker(baseline, host=traced.host_tensors)
+        with tracker, _data_dependence_explained(traced.spec.name):
+            counted = _step(prepared, ids, tracker)
+        tracker.trace.end_bytes = tracker.live_bytes
+    return tracker.trace, dict(traced.counts, gradients=counted.get("gradients", 0))
