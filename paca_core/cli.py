@@ -157,6 +157,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model_path = assets.resolve_model_path(args.model)
+    if args.plan_check == "on" or (args.plan_check == "auto" and device.type != "cpu"):
+        from .plan.preflight import check_before_loading
+
+        check_before_loading(model_path, args.method, configs, args.seq_len, args.batch_size, dtype,
+                             devices.memory_stats(device).total_bytes)
     model, tokenizer = assets.load_model_and_tokenizer(model_path, dtype=dtype)
     data_path = assets.default_dataset_path() if args.data == "default" else Path(args.data)
     data = load_dataset(data_path, tokenizer, args.seq_len)

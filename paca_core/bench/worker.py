@@ -133,9 +133,10 @@ def _quantize(model: nn.Module, options: dict) -> nn.Module:
 
 
 def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict, device: torch.device, lr: float,
-            place: bool = True) -> Prepared:
+            place: bool = True, configs: list | None = None) -> Prepared:
     """Set ``model`` up for ``spec``; the optimizer is AdamW in the device's form (PEFT LoRA-FA: its own).
-    ``place=False`` leaves the model where it is (the planner's fake tensors cannot be moved)."""
+    ``place=False`` leaves the model where it is (the planner's fake tensors cannot be moved);
+    ``configs``: our method's configs as ``paca train`` built them (instead of the bench's)."""
     make_adamw = lambda params: devices.make_adamw(params, device, lr=lr, eps=1e-8)  # noqa: E731
     if spec.kind == "floor":
         model.requires_grad_(False)
@@ -173,7 +174,7 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
     method = "paca" if spec.name == "qpaca" else spec.name
     if spec.name == "qpaca":
         model = _quantize(model, options)
-    configs = build_our_configs(method, rank or 8, options)
+    configs = configs if configs is not None else build_our_configs(method, rank or 8, options)
     adapted = prepare_model(model, configs, device=device if place else None)
     params = adapted.trainable_parameters()
     tables = _host_tables(adapted)

@@ -74,13 +74,15 @@ def _affine(a: float, b: float, layers: int) -> float:
 class MethodTracer:
     """Traces one method on one model at 2 and 3 layers; measurements at full depth, cached by shape."""
 
-    def __init__(self, config, method: str, settings: PlanSettings, profiles: Sequence, fake: bool = True):
+    def __init__(self, config, method: str, settings: PlanSettings, profiles: Sequence, fake: bool = True,
+                 configs: list | None = None):
         self.config = config
+        self.configs = configs  # our method's configs as paca train built them (else the bench's defaults)
         self.spec: MethodSpec = parse_method_spec(method)
         self.settings = settings
         self.profiles = list(profiles)
         self.layers = int(config.num_hidden_layers)
-        self.rank = self.spec.rank(settings.rank, settings.match_params)
+        self.rank = getattr(configs[0], "r", None) if configs else self.spec.rank(settings.rank, settings.match_params)
         self.fake = fake
         self._models: list[TracedModel] | None = None
         self._cache: dict[tuple[int, int], Measurement] = {}
@@ -92,7 +94,7 @@ class MethodTracer:
             for layers in TRACED_LAYERS if self.layers > TRACED_LAYERS[1] else (self.layers,):
                 models.append(build(_with_layers(self.config, layers), self.spec, self.rank, self.settings.dtype,
                                     dict(self.settings.options), fake=self.fake,
-                                    gradient_checkpointing=self.settings.gradient_checkpointing))
+                                    gradient_checkpointing=self.settings.gradient_checkpointing, configs=self.configs))
             self._models = models
         return self._models
 

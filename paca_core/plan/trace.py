@@ -10,6 +10,7 @@ peers) and stepped by :func:`paca_core.steps.train_step`, the loop ``paca train`
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -118,9 +119,10 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
 
 
 def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, options: dict | None = None, fake: bool = True,
-          seed: int = 0, gradient_checkpointing: bool = False) -> TracedModel:
+          seed: int = 0, gradient_checkpointing: bool = False, configs: list | None = None) -> TracedModel:
     """Build ``config``'s causal LM (fake or real CPU tensors), set it up for ``spec`` and run one
-    tiny step so the optimizer state exists (what every later step starts from)."""
+    tiny step so the optimizer state exists (what every later step starts from). ``configs``: our
+    method's configs as ``paca train`` built them (copied; the bench's defaults otherwise)."""
     from transformers import AutoModelForCausalLM
 
     from ..bench.worker import _host_tables, _table_tensors, prepare
@@ -145,7 +147,8 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise PacaConfigError(f"{type(model).__name__} does not support gradient checkpointing.")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        prepared = prepare(spec, model, rank, dict(options or {}), torch.device("cpu"), lr=1e-4, place=False)
+        prepared = prepare(spec, model, rank, dict(options or {}), torch.device("cpu"), lr=1e-4, place=False,
+                           configs=copy.deepcopy(configs) if configs is not None else None)
         prepared.module.train()
         traced = TracedModel(spec, prepared, fake_mode, int(config.vocab_size))
         tables = _host_tables(prepared.module)

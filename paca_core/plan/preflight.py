@@ -1,0 +1,65 @@
+"""``paca train``'s check before it loads any weights: does the planned step fit the device?
+
+The same trace as ``paca plan`` (fake tensors, the model's own config.json, the user's method
+configs, sequence length and batch size), compared with the device's memory. It warns and names the
+levers; it never stops a run (the plan can be wrong, and the user may know better).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import PacaConfigError
+
+logger = logging.getLogger(__name__)
+
+LEVERS = (
+    "a smaller --rank, a shorter --seq-len, a smaller --batch-size (with --grad-accum to keep the global batch), "
+    "gradient checkpointing, --offload-activations decoder-layers, --quantize nf4 (QPaCA), or --fsdp over more devices"
+)
+
+
+@dataclass
+class PreflightResult:
+    peak_bytes: int
+    device_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.device_bytes
+
+
+def planned_peak(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype) -> int:
+    """Peak bytes of one ``paca train`` step, traced on fake tensors from ``model_path``'s config.json."""
+    from .planner import MethodTracer, PlanSettings
+    from .shapes import load_config
+
+    config = load_config(str(model_path))
+    tracer = MethodTracer(config, method, PlanSettings(dtype=dtype), profiles=(), configs=configs)
+    return tracer.measure(seq_len, batch_size).bytes["peak"]
+
+
+def check_before_loading(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype,
+                         device_bytes: int | None) -> PreflightResult | None:
+    """Warn when the planned peak exceeds ``device_bytes``; None when it cannot be planned (said at debug level)."""
+    if device_bytes is None:
+        return None
+    try:
+        peak = planned_peak(model_path, method, configs, seq_len, batch_size, dtype)
+    except (PacaConfigError, NotImplementedError, RuntimeError, TypeError, ValueError) as error:
+        logger.debug("No memory plan before loading (%s)", error)
+        return None
+    result = PreflightResult(peak, device_bytes)
+    gib = 1 << 30
+    if result.fits:
+        logger.info("Planned peak %.2f GiB of %.2f GiB on the device (paca plan's trace).", peak / gib, device_bytes / gib)
+    else:
+        logger.warning(
+            "Planned peak %.2f GiB exceeds the device's %.2f GiB (traced before loading, as `paca plan` does): this run will "
+            "probably run out of memory. Levers: %s. `paca plan --model %s` shows what fits.",
+            peak / gib, device_bytes / gib, LEVERS, model_path,
+        )
+    return result
