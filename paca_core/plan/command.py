@@ -55,6 +55,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--batch-size", default="1,8", help="comma-separated micro-batch sizes")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank; PaCA and LoRA-FA run at the rank with LoRA's trainable parameters (2x) unless --no-match-params")
     p.add_argument("--no-match-params", dest="match_params", action="store_false", help="every method at --rank")
+    p.add_argument("--target-modules", default=None, help="comma-separated module names or all-linear (default: the 7 LLaMA projections, as paca train)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="HF gradient checkpointing (recompute each decoder layer in backward)")
     p.add_argument("--world-size", type=int, default=1, help="processes (with --fsdp: bytes per rank)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding over --world-size ranks")
@@ -121,7 +122,8 @@ def run_plan(args: argparse.Namespace) -> int:
     profiles = _profiles(args.device_profile, args.calibrate)
     _check_methods(methods, profiles)
     settings = PlanSettings(dtype=getattr(torch, DTYPES[args.dtype]), rank=args.rank, match_params=args.match_params,
-                            gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp)
+                            gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp,
+                            options=(("target_modules", args.target_modules),) if args.target_modules else ())
     records = plan_records(config, args.model, methods, profiles, settings, seq_lens, batch_sizes,
                            progress=lambda m: logger.info("Tracing %s on %s (fake tensors, no weights)", m, args.model),
                            search=args.search)
@@ -129,7 +131,7 @@ def run_plan(args: argparse.Namespace) -> int:
     document = {
         "command": "paca " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("paca") else "paca plan",
         "model": args.model,
-        "settings": {"dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
+        "settings": {"target_modules": args.target_modules, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
                      "world_size": args.world_size, "fsdp": args.fsdp, "seq_lens": seq_lens, "batch_sizes": batch_sizes},
         "profiles": {p.name: p.to_dict() for p in profiles},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "planner_seconds": round(elapsed, 1)},
