@@ -15,8 +15,8 @@ from .base_config import ALL_LINEAR, LLAMA_PROJECTIONS, MethodConfig, parse_targ
 from .errors import PacaConfigError
 from .methods import CommonOptions, RegistryView, get_method, learning_rate, method_help, parse_combination, primary_method, registered_methods
 
-#: Learning rates that work for each method at scaling 1 (PaCA's paper uses up to 10x LoRA's);
-#: measured on the default job, see docs/methods.md. Read live from each method's registration.
+#: Learning rates at scaling 1 (alpha = r), per method; PaCA's and LoRA's are chosen over three data
+#: sets by scripts/lr_sweep.py (docs/methods.md). Read live from each method's registration.
 DEFAULT_LR = RegistryView("default_lr")
 #: Ranks with matched trainable parameters: PaCA trains r·out per layer, LoRA r·(in + out).
 DEFAULT_RANK = RegistryView("default_rank")
@@ -38,7 +38,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--rank", type=int, default=None, help=f"r (PaCA: columns per layer; LoRA: rank); default per method, parameter-matched: {dict(DEFAULT_RANK)}")
-    p.add_argument("--alpha", type=float, default=None, help="scaling numerator (update = alpha/r · delta); default r")
+    p.add_argument("--alpha", type=float, default=None, help="scaling numerator (update = alpha/r · delta); default r (scaling 1). Under Adam, PaCA's alpha/r and --lr are one "
+        "knob: alpha=4r at lr x trains like alpha=r at 4x (docs/methods.md)")
     p.add_argument("--target-modules", default=",".join(LLAMA_PROJECTIONS), help=f"comma-separated module names, a regex, or {ALL_LINEAR}")
     for method in registered_methods():
         if method.add_arguments is not None:
@@ -48,7 +49,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="move what autograd saves inside these modules to host memory until backward ('decoder-layers', names or a "
         "regex); frees device memory on GPU/HPU at the cost of transfers; does nothing on cpu",
     )
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW, cosine decay); default per method: {dict(DEFAULT_LR)}")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW, cosine decay); default per method at its default rank: {dict(DEFAULT_LR)}, "
+        "chosen on three data sets by scripts/lr_sweep.py (docs/methods.md)")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")

@@ -71,13 +71,23 @@ def plan(args: argparse.Namespace) -> list[lr_sweep.SweepJob]:
     first = [m for m in methods if m in _split(args.rank_methods)]
     for name in set(datasets + _split(args.rank_data)):
         lr_sweep.dataset_path(name)  # a missing file fails now, not after an hour
-    grid = lr_sweep.parse_lr_grid(args.lr_grid or LR_GRID)
+    grid = _with_cli_default(lr_sweep.parse_lr_grid(args.lr_grid or LR_GRID), methods, _rank)
     jobs = [job for d in datasets for job in lr_sweep.expand_jobs(first, [d], grid, _rank)]
     if args.rank_scale != 1:
         scaled = lambda m: None if _rank(m) is None else _rank(m) * args.rank_scale  # noqa: E731
-        rank_grid = lr_sweep.parse_lr_grid(args.rank_lr_grid or RANK_LR_GRID)
+        rank_grid = _with_cli_default(lr_sweep.parse_lr_grid(args.rank_lr_grid or RANK_LR_GRID), first, scaled)
         jobs += [job for d in _split(args.rank_data) for job in lr_sweep.expand_jobs(first, [d], rank_grid, scaled)]
     return jobs + lr_sweep.expand_jobs([m for m in methods if m not in first], datasets, grid, _rank)
+
+
+def _with_cli_default(grid: dict[str, list[float]], methods: list[str], rank_of) -> dict[str, list[float]]:
+    """Each method's grid plus the lr ``paca train`` uses at that rank, so the table always shows
+    what a user who passes no --lr gets (the CLI's lr may depend on the rank)."""
+    out = dict(grid)
+    for method in methods:
+        lrs = grid.get(method.lower(), grid.get("*", []))
+        out[method.lower()] = sorted(set(lrs) | {default_lr(method, rank_of(method))})
+    return out
 
 
 def _split(text: str) -> list[str]:

@@ -27,7 +27,8 @@ def test_method_specs_reuse_the_train_parser_and_match_params():
     assert specs["floor"].rank(8, True) is None and specs["meft"].rank(8, True) is None
     assert [c.method for c in build_our_configs("paca+full+velora", 4)] == ["paca", "full", "velora"]
     assert [c.method for c in build_our_configs("velora", 4)] == ["lora", "velora"]
-    assert specs["paca"].default_lr() == 5e-3 and specs["peft-lora"].default_lr() == 2e-3
+    assert specs["paca"].default_lr() == 5e-3 and specs["peft-lora"].default_lr() == 5e-3
+    assert specs["paca"].default_lr(64) == pytest.approx(1.25e-3) and parse_method_spec("qpaca").default_lr(64) == pytest.approx(1.25e-3)
     with pytest.raises(PacaConfigError, match="not valid"):
         parse_method_spec("dora")
     with pytest.raises(PacaConfigError, match="twice"):
@@ -129,3 +130,30 @@ def test_unavailable_and_bad_input_are_reported_not_raised(monkeypatch):
     result = run_job({"mode": "accuracy", "method": "paca", "rank": 2, "model": "tiny", "dtype": "fp32", "device": "cpu",
                       "seq_len": 8, "batch_size": 1, "steps": 1, "options": {}})
     assert result["status"] == "error" and "real weights" in result["reason"]
+
+
+def test_search_confirms_a_planned_answer_with_two_probes_and_recovers_from_a_wrong_one():
+    memory = lambda size: 1000 + 7 * size  # noqa: E731
+    budget = memory(960) + 3
+    exact = search_max(memory, start=256, budget=budget, step=64, upper=1 << 16, planned=960)
+    assert exact.best == 960 and [p[0] for p in exact.probes] == [960, 1024]
+    for wrong in (64, 640, 1280, 60000):  # a plan that is off either way still ends at the true answer
+        result = search_max(memory, start=256, budget=budget, step=64, upper=1 << 16, planned=wrong)
+        assert result.best == 960, (wrong, result.probes)
+    assert search_max(memory, 256, budget=10**12, step=64, upper=4096, planned=4096).capped
+
+
+def test_bench_memory_budget_search_is_planned_then_confirmed(tmp_path):
+    """On CPU the probe reports counted bytes; the plan of the same bytes is exact, so two probes suffice."""
+    from paca_core.cli import main
+
+    out = tmp_path / "bench"
+    code = main([
+        "bench", "--model", "tiny", "--methods", "paca", "--seq-len", "16", "--batch-size", "2", "--rank", "4", "--steps", "1",
+        "--warmup-steps", "0", "--mode", "speed", "--memory-budget", "3MiB", "--search", "batch", "--device", "cpu", "--out", str(out), "--no-progress",
+    ])
+    assert code == 0
+    record = json.loads((out / "bench.json").read_text())["speed"][0]
+    search = record["search"]
+    assert search["best"] > 2 and len(search["probes"]) == 2, search
+    assert search["probes"][0][2] and not search["probes"][1][2]

@@ -18,7 +18,7 @@ from .. import extras
 from ..errors import PacaConfigError
 from ..methods import external_method_modules
 from . import report
-from .models import MODEL_HELP, parse_model
+from .models import MODEL_HELP, parse_model, synthetic_config
 from .search import parse_bytes, search_max
 from .specs import DEFAULT_METHODS, OPTIONAL_METHODS, PEER_METHODS, MethodSpec, parse_method_list, required_packages
 
@@ -135,8 +135,8 @@ def _job_base(args: argparse.Namespace) -> dict:
     return job
 
 
-def _lr(spec: MethodSpec, args: argparse.Namespace) -> float:
-    return args.lr if args.lr is not None else spec.default_lr()
+def _lr(spec: MethodSpec, args: argparse.Namespace, rank: int | None = None) -> float:
+    return args.lr if args.lr is not None else spec.default_lr(rank)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -166,7 +166,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     group = ranks if not spec.uses_rank else None
                     for rank in ([ranks[0]] if group else ranks):
                         job = dict(base, mode="speed", method=spec.name, model=args.model, seq_len=seq, batch_size=batch,
-                                   rank=spec.rank(rank, args.match_params), lr=_lr(spec, args), steps=args.steps, warmup_steps=args.warmup_steps)
+                                   rank=spec.rank(rank, args.match_params), lr=_lr(spec, args, spec.rank(rank, args.match_params)), steps=args.steps, warmup_steps=args.warmup_steps)
                         speed_jobs.append((job, group or [rank]))
     accuracy_jobs = []
     if args.mode in ("accuracy", "both"):
@@ -174,7 +174,8 @@ def run_bench(args: argparse.Namespace) -> int:
         for spec in specs:
             accuracy_jobs.append(dict(
                 base, mode="accuracy", method=spec.name, model=args.accuracy_model, seq_len=args.accuracy_seq_len,
-                batch_size=args.accuracy_batch_size, rank=spec.rank(args.accuracy_rank, args.match_params), lr=_lr(spec, args),
+                batch_size=args.accuracy_batch_size, rank=spec.rank(args.accuracy_rank, args.match_params),
+                lr=_lr(spec, args, spec.rank(args.accuracy_rank, args.match_params)),
                 steps=args.accuracy_steps, accuracy=accuracy,
             ))
 
@@ -267,4 +268,40 @@ def _search(job: dict, args: argparse.Namespace, budget: int, logs: Path):
             logger.warning("probe %s=%d of %s failed: %s", key, size, job["method"], result.get("reason"))
         return None
 
-    return search_max(probe, job[key], budget, step=step, upper=upper)
+    return search_max(probe, job[key], budget, step=step, upper=upper, planned=_planned_size(job, key, budget, step, upper))
+
+
+def _planned_size(job: dict, key: str, budget: int, step: int, upper: int) -> int | None:
+    """``paca plan``'s answer for this search (a trace on fake tensors), so real probes only confirm it.
+    None when the method or model cannot be planned (the search then probes from the start)."""
+    from ..plan.planner import MethodTracer, PlanSettings, search_largest
+    from .worker import DTYPES
+
+    try:
+        device = devices.resolve_device(job.get("device"))
+        dtype = DTYPES[job["dtype"]] if job.get("dtype") not in (None, "auto") else devices.default_dtype(device)
+        counted = devices.runtime_for(device).shares_host_memory  # the probe reports counted bytes there, else the device peak
+        tracer = MethodTracer(_model_config(job["model"]), job["method"], PlanSettings(dtype=dtype, rank=job.get("rank") or 8, match_params=False,
+                              options=tuple(sorted((k, v) for k, v in job.get("options", {}).items() if v))), profiles=())
+
+        def planned_bytes(size: int) -> int:
+            b = tracer.measure(**dict({"seq_len": job["seq_len"], "batch_size": job["batch_size"]}, **{key: size})).bytes
+            return sum(b[k] for k in ("weights", "gradients", "optimizer", "saved_activations", "host")) if counted else b["peak"]
+
+        planned = search_largest(planned_bytes, budget, job[key], upper, step)
+    except (PacaConfigError, ValueError, RuntimeError, NotImplementedError, TypeError) as error:
+        logger.info("No plan for the %s search of %s (%s); probing from %d.", key, job["method"], error, job[key])
+        return None
+    logger.info("%s: planned largest %s under the budget: %d (confirming with real probes)", job["method"], key, planned)
+    return planned or None
+
+
+def _model_config(text: str):
+    """The config of a bench --model (synthetic shape, 'default' or a folder), without loading weights."""
+    from .. import assets
+    from ..plan.shapes import load_config
+
+    choice = parse_model(text)
+    if choice.kind == "synthetic":
+        return synthetic_config(choice)
+    return load_config(str(assets.resolve_model_path(choice.text)))

@@ -45,12 +45,15 @@ class SearchResult:
         }
 
 
-def search_max(probe: Callable[[int], int | None], start: int, budget: int, step: int = 1, upper: int = 1 << 20) -> SearchResult:
+def search_max(probe: Callable[[int], int | None], start: int, budget: int, step: int = 1, upper: int = 1 << 20,
+               planned: int | None = None) -> SearchResult:
     """Largest multiple of ``step`` in ``[step, upper]`` whose ``probe`` stays within ``budget``.
 
     ``probe(size)`` returns the bytes a step at ``size`` used, or None when it did not run (out of
     memory). Memory must grow with size: the search doubles from ``start`` until a size does not fit
     (or ``upper`` is reached, reported as ``capped``), then bisects; about 2·log2(answer/step) probes.
+    ``planned``: the planner's answer (``paca plan``'s trace); when probes at it and one step above
+    confirm it, that is the whole search (two probes), else the search starts from it.
     """
     if step < 1 or upper < step:
         raise PacaConfigError(f"search step {step} and upper bound {upper} must satisfy 1 <= step <= upper.")
@@ -65,8 +68,21 @@ def search_max(probe: Callable[[int], int | None], start: int, budget: int, step
             result.best, result.best_bytes = size, used
         return ok
 
+    if planned is not None and planned >= step:
+        planned = min((planned // step) * step, upper)
+        if fits(planned):
+            if planned >= upper:
+                result.capped = True
+                return result
+            if not fits(planned + step):
+                return result
+        start = planned
     size = min(max(step, (start // step) * step), upper)
-    if fits(size):
+    if any(p[0] == size for p in result.probes):
+        ok = next(p[2] for p in result.probes if p[0] == size)
+    else:
+        ok = fits(size)
+    if ok:
         low, high = size, None
         while high is None:
             if low >= upper:

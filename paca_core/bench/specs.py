@@ -53,10 +53,11 @@ class MethodSpec:
             return None
         return lora_rank * (self.match_factor if match_params else 1)
 
-    def default_lr(self) -> float:
+    def default_lr(self, rank: int | None = None) -> float:
+        """``paca train``'s lr for the equivalent method at ``rank`` (its default rank when None)."""
         if self.kind == "floor":
             return 0.0
-        return learning_rate(primary_method(parse_combination(self.equivalent)))
+        return learning_rate(primary_method(parse_combination(self.equivalent)), rank)
 
 
 def _peer_kind(name: str) -> str:

@@ -14,7 +14,7 @@ from ..indices import select_columns
 from ..layers.partial_connection import PaCALinear
 from ..layers.quantized_partial_connection import QuantizedPaCALinear
 from ..quantization import check_kind, import_bitsandbytes, is_quantized_linear, prepare_quantized_target
-from .registry import CommonOptions, Method, register_method
+from .registry import CommonOptions, Method, ScaledAboveDefaultRank, register_method
 
 
 @dataclass
@@ -102,6 +102,12 @@ def from_args(args: argparse.Namespace, common: CommonOptions) -> PaCAConfig:
     )
 
 
+DEFAULT_RANK = 16
+#: The lr at DEFAULT_RANK (scaling 1), chosen by the worst-share rule over three data sets
+#: (paca_core.bench.lr_rule, scripts/lr_sweep.py; the table is in docs/methods.md); lower above it.
+DEFAULT_LR = ScaledAboveDefaultRank(5e-3, DEFAULT_RANK)
+
+
 METHOD = register_method(
     Method(
         name="paca",
@@ -110,10 +116,9 @@ METHOD = register_method(
         add_arguments=add_arguments,
         options=("quantize",),
         check_args=check_args,
-        #: Learning rate that works at scaling 1 (PaCA's paper uses up to 10x LoRA's); measured on the default job.
-        default_lr=5e-3,
+        default_lr=DEFAULT_LR,
         #: r·out trainable per layer (LoRA: r·(in + out)): 16 matches LoRA at 8.
-        default_rank=16,
+        default_rank=DEFAULT_RANK,
         exclusive=True,
         match_factor=2,
         export_lora=export_lora,

@@ -248,6 +248,25 @@ def default_lr(method: str, rank: int | None = None) -> float:
     return learning_rate(primary_method(parse_combination(method)), rank)
 
 
+class ScaledAboveDefaultRank:
+    """A default lr that falls as ``default_rank / r`` above the method's default rank (kept below it).
+
+    With scaling alpha/r = 1, every trained column (PaCA) or rank-1 component (LoRA) moves by about lr
+    per Adam step, so the whole update grows with r. In scripts/lr_sweep.py the best lr at 4x the default
+    rank was 4-5x lower for PaCA and LoRA alike, and the default-rank lr there lost up to half the best
+    improvement (docs/methods.md). Smaller ranks keep the default-rank lr (not measured)."""
+
+    def __init__(self, lr_at_default_rank: float, default_rank: int):
+        self.lr_at_default_rank, self.default_rank = lr_at_default_rank, default_rank
+
+    def __call__(self, rank: int | None) -> float:
+        r = rank or self.default_rank
+        return self.lr_at_default_rank * min(1.0, self.default_rank / r)
+
+    def __repr__(self) -> str:
+        return f"{self.lr_at_default_rank:g} x min(1, {self.default_rank}/r)"
+
+
 def learning_rate(method: Method, rank: int | None = None) -> float:
     """``method.default_lr`` at ``rank`` (its default rank when None)."""
     value = method.default_lr
