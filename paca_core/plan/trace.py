@@ -89,6 +89,13 @@ def _fake_safe_conversion() -> Iterator[None]:
         nn.Module._apply = original
 
 
+def _dtype_argument(dtype: torch.dtype) -> dict:
+    """``from_config``'s dtype keyword: ``dtype`` on transformers 5, ``torch_dtype`` before."""
+    import transformers
+
+    return {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
+
+
 @contextlib.contextmanager
 def _data_dependence_explained(method: str) -> Iterator[None]:
     """A step that reads tensor values on the host cannot be traced on fake tensors: say which op."""
@@ -142,7 +149,7 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
     with (fake_mode or contextlib.nullcontext()), (_fake_safe_conversion() if fake else contextlib.nullcontext()), \
             torch.device("cpu"), _default_dtype(dtype):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)  # in the default dtype set above
+        model = AutoModelForCausalLM.from_config(config, **_dtype_argument(dtype))  # config.json's torch_dtype must not win
         if gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise PacaConfigError(f"{type(model).__name__} does not support gradient checkpointing.")
