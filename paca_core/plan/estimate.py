@@ -53,13 +53,16 @@ def _fused(ops: Iterable[OpRecord]) -> list[OpRecord]:
         if len(run) == 1:
             out.append(run[0])
         else:
-            produced = {sid for op in run for sid in op.outputs}
-            # External reads: each op's inputs not produced inside the run (bytes in proportion to those inputs).
+            # External reads: each op's inputs not produced by an earlier op of the run (bytes in proportion to
+            # those inputs). Only earlier outputs count: an in-place op's input is read from memory, and a later
+            # op's output may reuse the id of a storage freed inside the run.
+            produced: set[int] = set()
             read = 0
             for op in run:
                 external = [sid for sid in op.inputs if sid not in produced]
                 if op.inputs:
                     read += op.bytes_read * len(external) // len(op.inputs)
+                produced.update(op.outputs)
             last = run[-1]
             out.append(OpRecord("fused_elementwise", last.phase, "elementwise", sum(op.flops for op in run), read,
                                 last.bytes_written, last.dtype, (), last.outputs))

@@ -124,6 +124,8 @@ class MethodTracer:
                 "saved_activations": trace.saved_bytes, "peak": trace.peak_bytes, "host": counts["host"],
                 "flops": trace.flops, "bytes_moved": trace.bytes_moved, "kernels": trace.kernels,
             }
+            # Each phase's peak is affine in the layer count, their maximum is not (one phase can overtake another).
+            values.update({f"peak:{phase}": peak for phase, peak in trace.peak_by_phase.items()})
             for profile in self.profiles:
                 estimate = estimate_time(trace, profile).as_dict()
                 for name in ("step_seconds", "compute_seconds", "memory_seconds", "launch_seconds", "kernels"):
@@ -134,6 +136,7 @@ class MethodTracer:
             full = {k: float(v) for k, v in parts[0].items()}
         else:
             full = {k: _affine(parts[0][k], parts[1][k], self.layers) for k in parts[0]}
+            full["peak"] = max([full["peak"]] + [v for k, v in full.items() if k.startswith("peak:")])
         measurement = Measurement(
             bytes={k: int(round(full[k])) for k in BYTE_KINDS},
             flops=int(round(full["flops"])), bytes_moved=int(round(full["bytes_moved"])), kernels=int(round(full["kernels"])),
@@ -198,11 +201,12 @@ def search_largest(peak_at: Callable[[int], int], budget: int, start: int, limit
             hi = nxt
     while hi - lo > step:
         rounds += 1
-        if lo == 0 or rounds > 6:
+        if rounds > 6 or (lo == 0 and rounds > 1):
             mid = (lo + hi) // 2 // step * step
-        else:
-            mid = int(_through(lo, points[lo], hi, points[hi], budget) // step) * step
-        mid = min(max(mid, lo + step), hi - step)
+        else:  # the line through the closest fitting and failing points; while none fits, (0, static) as at first
+            guess = _through(lo, points[lo] if lo else static, hi, points[hi], budget)
+            mid = int(guess // step) * step if guess == guess else (lo + hi) // 2 // step * step
+        mid = min(max(mid, lo + step), (hi - 1) // step * step)  # a multiple of step below hi (hi may be limit)
         if peak(mid) <= budget:
             lo = mid
         else:

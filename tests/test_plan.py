@@ -1,0 +1,486 @@
+"""`paca plan`: the step tracker, the traced step on fake tensors, layer reduction, the searches, FSDP
+bytes per rank, the roofline with the fusion rule, and the CLI.
+
+Every check compares the planner with something it does not compute itself: the same step on real
+CPU tensors, the bench's exact accounting (`_counted_step`, `count_saved_tensors`), the CPU
+allocator as torch's profiler reports it, the full-depth trace, brute force, or hand arithmetic.
+Tiny LLaMA configs keep the whole file within about a minute on two busy cores.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+
+import pytest
+import torch
+
+from devices.profiles import get_profile
+from paca_core.bench.specs import parse_method_spec
+from paca_core.plan.estimate import _fused, estimate_time
+from paca_core.plan.planner import BYTE_KINDS, Measurement, MethodTracer, PlanSettings, per_rank_bytes, search_largest
+from paca_core.plan.trace import build, trace_step
+from paca_core.plan.tracker import OpRecord, StepTrace
+from .conftest import tiny_llama_config
+
+try:
+    import peft  # noqa: F401
+
+    HAVE_PEFT = True
+except ImportError:
+    HAVE_PEFT = False
+
+needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="HF PEFT is not installed")
+
+LORA_RANK = 4  # methods run at spec.rank(LORA_RANK, match_params=True), as the planner does
+SEQ, BATCH = 16, 2
+METHODS = ["paca", "lora", "lorafa", "velora", "paca+full+velora", "full", "floor", "peft-lora", "peft-lorafa"]
+
+
+def _method_params():
+    cases = [pytest.param(m, False, id=m, marks=[needs_peft] if m.startswith("peft-") else []) for m in METHODS]
+    # Tied embeddings: one storage for the input embedding and the LM head (full trains it: its gradient and state too).
+    return cases + [pytest.param("full", True, id="full-tied")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny kernels: one intra-op thread is many times faster on a busy machine (bytes, FLOPs and kernels
+    do not depend on it)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+    _RUNS.clear()  # the cached models (and their PaCA layers, which the global optimizer hook visits) go with the module
+
+
+_RUNS: dict = {}
+
+
+def _run(method: str, tied: bool = False, vocab: int = 128, seq: int = SEQ, batch: int = BATCH) -> dict:
+    """The method's step traced on fake tensors and on real CPU tensors (cached for the tests below)."""
+    key = (method, tied, vocab, seq, batch)
+    if key not in _RUNS:
+        spec = parse_method_spec(method)
+        config = tiny_llama_config(tie_word_embeddings=tied, vocab_size=vocab)
+        rank = spec.rank(LORA_RANK, True)
+        run = {"spec": spec, "config": config, "rank": rank}
+        for name, fake in (("fake", True), ("real", False)):
+            traced = build(config, spec, rank, torch.float32, fake=fake, seed=0)
+            trace, counts = trace_step(traced, seq, batch)
+            run[name] = (traced, trace, counts)
+        _RUNS[key] = run
+    return _RUNS[key]
+
+
+def _has_paca_layers(module) -> bool:
+    from paca_core.layers import PaCALinear
+
+    return any(isinstance(m, PaCALinear) for m in module.modules())
+
+
+def _decoder_layers(module) -> int:
+    return sum(1 for name, _ in module.named_modules() if re.search(r"layers\.\d+$", name))
+
+
+def _summary(trace: StepTrace, counts: dict, skip_phases=()) -> dict:
+    return {
+        "peak_bytes": trace.peak_bytes,
+        "baseline_bytes": trace.baseline_bytes,
+        "end_bytes": trace.end_bytes,
+        "peak_by_phase": {k: v for k, v in trace.peak_by_phase.items() if k not in skip_phases},
+        "phases": sorted(trace.peak_by_phase),
+        "saved_bytes": trace.saved_bytes,
+        "saved_tensors": trace.saved_tensors,
+        "kernels": trace.kernels,
+        "flops": trace.flops,
+        "bytes_moved": trace.bytes_moved,
+        "counts": dict(counts),
+    }
+
+
+# --- 1. fake tensors trace exactly what real tensors do -----------------------------------------------
+@pytest.mark.parametrize("method,tied", _method_params())
+def test_fake_trace_equals_real_trace(method, tied):
+    run = _run(method, tied)
+    (fake_model, fake, fake_counts), (real_model, real, real_counts) = run["fake"], run["real"]
+    assert fake_model.fake_mode is not None and real_model.fake_mode is None
+    # PaCA's column write runs its layers in the order of a WeakSet (address order, different in every
+    # build), and each layer's temporary lives until the next one exists, so that phase's peak varies by
+    # one (out, r) tensor from build to build, fake or real. Pinned by test_paca_column_write_order_is_deterministic.
+    skip = ("column_write",) if _has_paca_layers(real_model.prepared.module) else ()
+    assert _summary(fake, fake_counts, skip) == _summary(real, real_counts, skip)
+    # Op by op, not only in total (same ops, same phases, same FLOPs and bytes).
+    strip = lambda ops: [(o.name, o.phase, o.kind, o.flops, o.bytes_read, o.bytes_written, o.dtype) for o in ops]  # noqa: E731
+    if not skip:
+        assert strip(fake.ops) == strip(real.ops)
+    else:  # the column write's ops come in layer order: compare them as a multiset
+        assert strip(o for o in fake.ops if o.phase != "column_write") == strip(o for o in real.ops if o.phase != "column_write")
+        assert sorted(map(str, strip(o for o in fake.ops if o.phase == "column_write"))) == \
+            sorted(map(str, strip(o for o in real.ops if o.phase == "column_write")))
+    # Not vacuous: the step did something in every phase it has.
+    assert fake.kernels > 100 and fake.flops > 0 and fake.saved_bytes > 0
+    assert {"forward", "backward"} <= set(fake.peak_by_phase)
+    if method != "floor":
+        assert fake_counts["gradients"] > 0 and fake_counts["optimizer"] > 0 and "optimizer" in fake.peak_by_phase
+    # The baseline is exactly the model's weights (parameters + buffers) and the optimizer state, and a
+    # steady step gives back everything it allocated.
+    assert fake.baseline_bytes == fake_counts["weights"] + fake_counts["optimizer"]
+    assert fake.end_bytes == fake.baseline_bytes
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "paca_core/layers/partial_connection.py::_sync_after_step iterates _LAYERS, a WeakSet, whose order follows "
+    "object addresses; the column write's peak (peak_by_phase['column_write']) therefore changes between builds"))
+def test_paca_column_write_order_is_deterministic(monkeypatch):
+    import paca_core.layers.partial_connection as partial_connection
+
+    orders = []
+    original = partial_connection.sync_layers
+
+    def recording(layers):
+        if len(layers) > 1:
+            orders[-1].append([layer.module_name for layer in layers])
+        return original(layers)
+
+    monkeypatch.setattr(partial_connection, "sync_layers", recording)
+    spec = parse_method_spec("paca")
+    models = []
+    for _ in range(2):  # both alive at once: different addresses
+        orders.append([])
+        models.append(build(tiny_llama_config(), spec, 8, torch.float32, fake=True))
+        trace_step(models[-1], 4, 1)
+    assert orders[0] and orders[0] == orders[1]
+
+
+# --- 2. what the planner predicts equals what the bench measures on real tensors ----------------------
+@pytest.mark.parametrize("method,tied", _method_params())
+def test_predicted_bytes_equal_bench_accounting(method, tied):
+    from transformers import AutoModelForCausalLM
+
+    from paca_core.bench.worker import _counted_step, _optimizer_state_bytes, prepare
+
+    run = _run(method, tied)
+    _, fake, counts = run["fake"]
+    # A fresh real model, set up by the bench, same seed; one counted step on the batch the planner traced.
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(run["config"])
+    prepared = prepare(run["spec"], model, run["rank"], {}, torch.device("cpu"), lr=1e-4, place=False)
+    prepared.module.train()
+    # The planner counts optimizer state after its tiny first step; a fresh optimizer has none yet, and
+    # `_counted_step` counts after its own step, i.e. once the state exists.
+    assert _optimizer_state_bytes(prepared.optimizer) == 0
+    measured = _counted_step(prepared, torch.zeros((BATCH, SEQ), dtype=torch.long), torch.device("cpu"))
+    predicted = {
+        "saved_activation_bytes": fake.saved_bytes,  # count_saved_tensors around the forward, in _counted_step
+        "parameter_bytes": counts["weights"],  # both: parameters + buffers, each storage once
+        "gradient_bytes": counts["gradients"],
+        "optimizer_state_bytes": counts["optimizer"],
+        "host_table_bytes": counts["host"],
+    }
+    assert predicted == {k: measured[k] for k in predicted}
+    if method != "floor":  # AdamW-style state: at least one moment per trainable element
+        trainable_bytes = sum(p.numel() * p.element_size() for p in prepared.params)
+        assert counts["gradients"] == trainable_bytes
+        assert counts["optimizer"] >= trainable_bytes
+    assert counts["trainable_params"] == sum(p.numel() for p in prepared.params)
+    assert counts["total_params"] == sum(p.numel() for p in prepared.module.parameters())
+
+
+# --- 3. the peak on real tensors, checked independently ------------------------------------------------
+def _profiled_step_peak(traced) -> tuple[int, int]:
+    """(peak, end) of the bytes the CPU allocator reports to torch's profiler during one more real step,
+    counted from the step's start: an account that owes nothing to the tracker."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    from paca_core.plan.trace import _step
+
+    ids = torch.zeros((BATCH, SEQ), dtype=torch.long)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _step(traced.prepared, ids)
+    sizes = []
+
+    def walk(nodes):
+        for node in nodes:
+            if node.tag == _EventType.Allocation:
+                sizes.append((node.start_time_ns, node.extra_fields.alloc_size))  # negative: a free
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    assert sizes, "the profiler reported no allocations"
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    return peak, live
+
+
+def test_paca_peak_on_real_tensors_independent_checks():
+    run = _run("paca")
+    traced, real, counts = run["real"]
+    _, fake, _ = run["fake"]
+    assert real.peak_bytes == fake.peak_bytes  # (and every other figure: test 1)
+    # (a) The CPU allocator's own count (c10's profiled CPU allocator, seen through torch.profiler): the
+    # step's high-water mark above what existed before it equals the tracker's peak above its baseline,
+    # and the step frees all it allocates. Allocations a kernel made behind the dispatcher would show here.
+    peak, end = _profiled_step_peak(traced)
+    assert peak == real.peak_bytes - real.baseline_bytes
+    assert end == 0
+    # (b) Bounds from what must and may be live, on the tiny shape and one whose logits dominate.
+    for vocab, seq in ((128, SEQ), (1024, 32)):
+        _, trace, c = _run("paca", vocab=vocab, seq=seq)["real"]
+        logits = BATCH * seq * vocab * 4  # fp32 (batch, seq, vocab)
+        persistent = c["weights"] + c["optimizer"]
+        # Lower: when backward starts, every saved tensor is alive beside the weights and optimizer state,
+        # and the loss's backward allocates the gradient of the log-probabilities, one logits-sized tensor.
+        assert trace.peak_bytes >= persistent + trace.saved_bytes + logits
+        # Upper: beyond that, at most every gradient, and the loss backward's second logits-sized tensor
+        # (log_softmax's input gradient is written while the log-prob gradient is still alive); every
+        # other transient is far smaller than the saved activations already freed by then.
+        assert trace.peak_bytes <= persistent + trace.saved_bytes + c["gradients"] + 2 * logits
+        assert trace.peak_by_phase["backward"] == trace.peak_bytes
+
+
+# --- 4. tracing 1 and 2 layers and extrapolating equals tracing the whole stack ------------------------
+@pytest.mark.parametrize("method,gradient_checkpointing", [
+    ("paca", False), ("paca", True), ("paca+full+velora", False), ("paca+full+velora", True), ("lora", False), ("full", True),
+], ids=lambda v: {False: "no-gc", True: "gc"}.get(v, v) if isinstance(v, bool) else v)
+def test_layer_reduction_is_exact(method, gradient_checkpointing):
+    config = tiny_llama_config(num_hidden_layers=5)
+    profiles = [get_profile("gaudi2"), get_profile("h100-80g")]
+    settings = PlanSettings(dtype=torch.float32, rank=LORA_RANK, gradient_checkpointing=gradient_checkpointing)
+    tracer = MethodTracer(config, method, settings, profiles)
+    measured = tracer.measure(SEQ, BATCH)
+    assert [_decoder_layers(m.prepared.module) for m in tracer._build()] == [1, 2]  # traced reduced
+
+    full = build(config, tracer.spec, tracer.rank, torch.float32, gradient_checkpointing=gradient_checkpointing)
+    trace, counts = trace_step(full, SEQ, BATCH)
+    expected = {"weights": counts["weights"], "gradients": counts["gradients"], "optimizer": counts["optimizer"],
+                "saved_activations": trace.saved_bytes, "peak": trace.peak_bytes, "host": counts["host"]}
+    assert set(expected) == set(BYTE_KINDS)
+    assert measured.bytes == expected
+    assert (measured.flops, measured.bytes_moved, measured.kernels) == (trace.flops, trace.bytes_moved, trace.kernels)
+    assert tracer.counts == full.counts
+    for profile in profiles:
+        estimate = estimate_time(trace, profile)
+        timing = measured.times[profile.name]
+        assert timing["kernels"] == estimate.kernels
+        for name in ("step_seconds", "compute_seconds", "memory_seconds", "launch_seconds"):
+            assert math.isclose(timing[name], getattr(estimate, name), rel_tol=1e-6, abs_tol=1e-15), (profile.name, name)
+        assert timing["bound"] == estimate.bound
+    assert tracer.traces == 2
+    assert tracer.measure(SEQ, BATCH) is measured and tracer.traces == 2  # cached
+
+
+# --- 5. the searches -----------------------------------------------------------------------------------
+def _brute(peak_at, budget: int, limit: int, step: int) -> int:
+    if peak_at(limit) <= budget:
+        return limit
+    fits = [x for x in range(step, limit + 1, step) if peak_at(x) <= budget]
+    return max(fits) if fits else 0
+
+
+SHAPES = {
+    "affine": (lambda x: 1000 + 37 * x, 1000),
+    "convex": (lambda x: 500 + 3 * x + x * x // 7, 500),
+    "step-like": (lambda x: 200 + 900 * math.ceil(x / 100), 200),
+    "flat": (lambda x: 5000, 5000),
+    "static-underestimated": (lambda x: 4000 + 11 * x, 0),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_search_largest_matches_brute_force(shape):
+    peak_at, static = SHAPES[shape]
+    cases = 0
+    for step in (1, 8, 64):
+        for limit in (step, 7 * step, 64 * step, 500 * step, 1000):  # 1000: not a multiple of 64
+            interesting = [step, 3 * step, 17 * step, limit // 3, limit - step, limit]
+            budgets = {peak_at(x) + d for x in interesting if x >= step for d in (-1, 0, 1)} | {0, peak_at(limit) + 10**6}
+            for start in (step, max(step, limit // 2), limit, 2 * limit):
+                for budget in sorted(budgets):
+                    probes = []
+
+                    def probe(x):
+                        assert step <= x <= limit and (x % step == 0 or x == limit), (x, step, limit)
+                        probes.append(x)
+                        return peak_at(x)
+
+                    got = search_largest(probe, budget, start, limit, step, static)
+                    assert got == _brute(peak_at, budget, limit, step), dict(step=step, limit=limit, start=start, budget=budget, probes=probes)
+                    assert len(probes) == len(set(probes)), probes  # no point traced twice
+                    cases += 1
+    assert cases > 200
+
+
+def test_search_largest_ends_and_probe_count():
+    peak_at = lambda x: 10_000 + 100 * x  # noqa: E731
+    # Nothing fits (not even the smallest step): 0. Everything fits: the limit.
+    assert search_largest(peak_at, 10_000, 64, 4096, 64, 10_000) == 0
+    assert search_largest(peak_at, peak_at(4096), 64, 4096, 64, 10_000) == 4096
+    assert search_largest(peak_at, 10**12, 1, 16384, 1, 10_000) == 16384
+    # Affine peaks: the first line through (0, static) lands on the answer; one more probe confirms it.
+    for start in (1, 64, 1000, 4096, 8192):
+        for answer in (1, 2, 63, 64, 65, 700, 4095):
+            calls = []
+            got = search_largest(lambda x: calls.append(x) or peak_at(x), peak_at(answer) + 50, start, 4096, 1, 10_000)
+            assert got == answer
+            assert len(calls) <= 4, (start, answer, calls)
+
+
+# --- 6. FSDP: bytes per rank --------------------------------------------------------------------------
+def test_per_rank_bytes_by_hand():
+    m = Measurement(bytes={"weights": 1001, "gradients": 203, "optimizer": 2002, "saved_activations": 5000,
+                           "peak": 9000, "host": 7}, flops=1, bytes_moved=1, kernels=1)
+    one = per_rank_bytes(m, PlanSettings(), 100)
+    assert one == dict(m.bytes, all_gather_buffers=0)
+    for settings in (PlanSettings(world_size=4), PlanSettings(world_size=1, fsdp=True)):  # DDP, or one rank: as traced
+        assert per_rank_bytes(m, settings, 100) == one
+    sharded = per_rank_bytes(m, PlanSettings(world_size=4, fsdp=True), 100)
+    assert sharded == {"weights": 251, "gradients": 51, "optimizer": 501, "saved_activations": 5000, "host": 7,
+                       "all_gather_buffers": 200, "peak": 9000 - (1001 + 203 + 2002) + (251 + 51 + 501) + 200}
+    assert m.bytes["peak"] == 9000  # the measurement itself is not changed
+
+
+def test_per_rank_bytes_on_a_traced_model():
+    config = tiny_llama_config(num_hidden_layers=3)
+    tracer = MethodTracer(config, "paca", PlanSettings(dtype=torch.float32, rank=LORA_RANK), [])
+    m = tracer.measure(SEQ, BATCH)
+    # One decoder layer's weights: its own parameters and buffers, as built (the 2-layer model's layers.0).
+    two_layers = tracer._build()[1].prepared.module
+    layer = next(mod for name, mod in two_layers.named_modules() if name.endswith("layers.0"))
+    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in list(layer.parameters()) + list(layer.buffers())}
+    assert tracer.layer_weight_bytes() == sum(storages.values()) > 0
+    per_rank = per_rank_bytes(m, PlanSettings(dtype=torch.float32, world_size=4, fsdp=True), tracer.layer_weight_bytes())
+    for kind in ("weights", "gradients", "optimizer"):
+        assert per_rank[kind] == math.ceil(m.bytes[kind] / 4)
+    assert per_rank["all_gather_buffers"] == 2 * tracer.layer_weight_bytes()
+    assert per_rank["saved_activations"] == m.bytes["saved_activations"]
+    assert per_rank["peak"] - m.bytes["peak"] == (
+        per_rank["weights"] + per_rank["gradients"] + per_rank["optimizer"] + per_rank["all_gather_buffers"]
+        - m.bytes["weights"] - m.bytes["gradients"] - m.bytes["optimizer"])
+    assert per_rank["peak"] < m.bytes["peak"]
+
+
+# --- 7. the roofline and the fusion rule ---------------------------------------------------------------
+def _op(name, phase, kind, flops, read, written, inputs, outputs):
+    return OpRecord(name, phase, kind, flops, read, written, torch.bfloat16, tuple(inputs), tuple(outputs))
+
+
+def _hand_trace() -> StepTrace:
+    ops = [
+        _op("aten.mm", "forward", "matmul", 2 * 4096**3, 2 * 4096 * 4096 * 2, 4096 * 4096 * 2, (1, 2), (3,)),
+        _op("aten.mul", "forward", "elementwise", 4096, 8192 + 8192, 8192, (3, 4), (5,)),  # 4 external
+        _op("aten.add", "forward", "elementwise", 4096, 8192 + 8192, 8192, (5, 3), (6,)),  # 5, 3 inside
+        _op("aten.sigmoid_", "forward", "elementwise", 4096, 8192, 8192, (7,), (7,)),  # in place on external 7
+        _op("aten.mul", "forward", "elementwise", 4096, 8192 + 8192, 8192, (7, 6), (4,)),  # 4 reused by an output
+        _op("aten.mul", "backward", "elementwise", 4096, 8192 + 8192, 8192, (6, 8), (9,)),  # new phase: new run
+        _op("aten.sum", "backward", "other", 0, 8192, 2, (9,), (10,)),
+        _op("aten.neg", "backward", "elementwise", 4096, 8192, 8192, (9,), (11,)),
+    ]
+    return StepTrace(ops=ops)
+
+
+def test_fused_merges_runs_and_counts_external_inputs_and_last_outputs():
+    trace = _hand_trace()
+    fused = _fused(trace.ops)
+    assert [(o.name, o.phase) for o in fused] == [
+        ("aten.mm", "forward"), ("fused_elementwise", "forward"), ("aten.mul", "backward"), ("aten.sum", "backward"),
+        ("aten.neg", "backward")]
+    run = fused[1]
+    assert run.kind == "elementwise" and run.flops == 4 * 4096
+    # External reads, each op's in proportion to its inputs: mul 3 (produced by the mm before the run: external)
+    # and 4 -> all 16384; add reads 5 (mul's output) and 3 (the mm's output, outside the run) -> 8192;
+    # sigmoid_ reads 7 in place, produced outside -> 8192; the last mul reads 7 (written by sigmoid_, earlier in
+    # the run) and 6 (add's) -> 0. Id 4, read by the first mul, is reused by the last mul's output later in the
+    # run: it was still read from memory.
+    assert run.bytes_read == 16384 + 8192 + 8192 + 0
+    assert run.bytes_written == 8192 and run.outputs == (4,)
+    # Single elementwise ops pass through unchanged.
+    assert fused[2] is trace.ops[5] and fused[4] is trace.ops[7]
+
+
+def test_estimate_time_is_roofline_plus_launch_per_kernel():
+    trace = _hand_trace()
+    h100, gaudi2 = get_profile("h100-80g"), get_profile("gaudi2")
+    assert not h100.fuse_elementwise and gaudi2.fuse_elementwise
+    for profile, ops in ((h100, trace.ops), (gaudi2, _fused(trace.ops))):
+        estimate = estimate_time(trace, profile)
+        roofline = sum(profile.op_seconds(o.flops, o.bytes_moved, o.dtype, o.kind == "matmul") for o in ops)
+        assert estimate.kernels == len(ops)
+        assert math.isclose(estimate.launch_seconds, len(ops) * profile.launch_overhead_s, rel_tol=1e-12)
+        assert math.isclose(estimate.step_seconds, roofline + len(ops) * profile.launch_overhead_s, rel_tol=1e-12)
+        assert math.isclose(estimate.compute_seconds + estimate.memory_seconds, roofline, rel_tol=1e-12)
+        assert estimate.compute_seconds > 0  # the 4096^3 bf16 matmul is compute-bound on both
+    assert estimate_time(trace, h100).kernels == 8 and estimate_time(trace, gaudi2).kernels == 5
+    # On a traced step: Gaudi's fusion launches fewer kernels than the same step eager on an H100.
+    _, step, _ = _run("paca")["fake"]
+    assert estimate_time(step, h100).kernels == step.kernels > estimate_time(step, gaudi2).kernels
+
+
+# --- 8. the CLI ----------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_config_file(tmp_path):
+    config = tiny_llama_config(max_position_embeddings=256)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def test_cli_plan_writes_records(tiny_config_file, tmp_path):
+    from paca_core.cli import main
+
+    out = tmp_path / "plan"
+    rc = main(["plan", "--model", str(tiny_config_file), "--methods", "paca,peft-lora" if HAVE_PEFT else "paca,lora",
+               "--device-profile", "h100-80g,gaudi2", "--seq-len", "32,64", "--batch-size", "1", "--out", str(out)])
+    assert rc == 0
+    document = json.loads((out / "plan.json").read_text())
+    assert (out / "plan.md").exists()
+    records = document["records"]
+    assert len(records) == 2 * 2 * 2
+    fields = {"method", "device_profile", "dtype", "seq_len", "batch_size", "rank", "trainable_params", "bytes", "fits",
+              "max_seq_len", "max_batch_size", "step_seconds", "tokens_per_second", "bound"}
+    for r in records:
+        assert fields <= set(r), fields - set(r)
+        assert {"weights", "gradients", "optimizer", "saved_activations", "peak", "host"} <= set(r["bytes"])
+        assert r["dtype"] == "bfloat16" and r["batch_size"] == 1 and r["seq_len"] in (32, 64)
+        assert r["device_profile"] in ("h100-80g", "gaudi2")
+        assert r["fits"] is True and r["trainable_params"] > 0
+        assert 0 < r["max_seq_len"] <= 256 and r["max_batch_size"] >= 1
+        assert r["bytes"]["peak"] >= r["bytes"]["weights"] + r["bytes"]["optimizer"] + r["bytes"]["saved_activations"]
+        assert r["step_seconds"] > 0 and math.isclose(r["tokens_per_second"], r["seq_len"] / r["step_seconds"])
+        assert r["bound"] in ("compute", "memory bandwidth", "launch overhead")
+    assert {r["method"] for r in records} == ({"paca", "peft-lora"} if HAVE_PEFT else {"paca", "lora"})
+    assert {r["rank"] for r in records if r["method"] == "paca"} == {16}  # 2 x LoRA's 8: matched parameters
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--model", "no-such-shape"], ["no-such-shape", "llama-3.1-8b"]),
+    (["--device-profile", "tpu-v9"], ["tpu-v9", "h100-80g", "gaudi2"]),
+    (["--seq-len", "512"], ["512", "256"]),
+    (["--methods", "meft"], ["meft", "data-dependent"]),
+    (["--methods", "qpaca"], ["qpaca", "fake tensors"]),
+    (["--fsdp"], ["--fsdp", "--world-size"]),
+], ids=["unknown-shape", "unknown-profile", "seq-above-context", "meft", "qpaca", "fsdp-without-world-size"])
+def test_cli_plan_bad_input(argv, needles, tiny_config_file, caplog):
+    from paca_core.cli import main
+    from paca_core.plan.shapes import known_shapes
+
+    args = {"--model": str(tiny_config_file), "--methods": "paca", "--device-profile": "h100-80g", "--seq-len": "64",
+            "--batch-size": "1"}
+    flags = []
+    for i, item in enumerate(argv):
+        if item.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            args[item] = argv[i + 1]
+        elif item.startswith("--"):
+            flags.append(item)
+    command = ["plan"] + [x for k, v in args.items() for x in (k, v)] + flags
+    with caplog.at_level(logging.ERROR):
+        assert main(command) == 2
+    message = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    for needle in needles:
+        assert needle in message, (needle, message)
+    if argv[1:] == ["no-such-shape"]:
+        assert all(name in message for name in known_shapes())
