@@ -293,8 +293,11 @@ def register_optimizer_sync_hook() -> None:
 
 
 def _sync_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    stepped = {id(param) for group in optimizer.param_groups for param in group["params"]}
-    sync_layers([layer for layer in list(_LAYERS) if layer.adapter_enabled and id(layer.paca_delta) in stepped])
+    # In the optimizer's parameter order, not the WeakSet's (memory addresses): the same run allocates the
+    # same temporaries in the same order every time, so its memory peak is reproducible (paca plan traces it).
+    by_delta = {id(layer.paca_delta): layer for layer in list(_LAYERS) if layer.adapter_enabled}
+    stepped = [by_delta.pop(id(param)) for group in optimizer.param_groups for param in group["params"] if id(param) in by_delta]
+    sync_layers(stepped)
 
 
 @torch.no_grad()

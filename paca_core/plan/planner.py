@@ -72,7 +72,7 @@ def _affine(a: float, b: float, layers: int) -> float:
 
 
 class MethodTracer:
-    """Traces one method on one model at 2 and 3 layers; measurements at full depth, cached by shape."""
+    """Traces one method on one model at 1 and 2 layers; measurements at full depth, cached by shape."""
 
     def __init__(self, config, method: str, settings: PlanSettings, profiles: Sequence, fake: bool = True,
                  configs: list | None = None):
