@@ -23,6 +23,12 @@ DEFAULT_RANK = RegistryView("default_rank")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _lr_rules() -> str:
+    """Each method's default lr as ``--help`` states it (a number, or its rule in r)."""
+    return ", ".join(f"{m.name} {m.default_lr!r}" if callable(m.default_lr) else f"{m.name} {m.default_lr:g}"
+                     for m in registered_methods() if m.leads or not m.config.modifier)
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every ``paca train`` flag except the handler: shared ones, then each registered method's own."""
     devices.add_device_argument(p)
@@ -49,8 +55,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="move what autograd saves inside these modules to host memory until backward ('decoder-layers', names or a "
         "regex); frees device memory on GPU/HPU at the cost of transfers; does nothing on cpu",
     )
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW, cosine decay); default per method at its default rank: {dict(DEFAULT_LR)}, "
-        "chosen on three data sets by scripts/lr_sweep.py (docs/methods.md)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW, cosine decay); default per method, by its --rank r: "
+        f"{_lr_rules()}; chosen by the worst-data-set rule on three data sets (scripts/lr_sweep.py, docs/methods.md)")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")

@@ -285,7 +285,10 @@ def test_cli_defaults_are_parameter_matched_per_method():
     lora = configs_for("--method", "lora+velora")
     assert paca[0].r == 16 and lora[0].r == 8 and lora[1].method == "velora"
     assert _default_lr(paca) == 5e-3 and _default_lr(lora) == 5e-3  # docs/methods.md: scripts/lr_sweep.py's rule
-    # Above its default rank PaCA's lr shrinks as 16/r (at r=64, 5e-3 fell off a cliff on one data set).
+    # Above the default rank the lr shrinks: PaCA as 16/r (at r=64, 5e-3 fell off a cliff on one data set),
+    # LoRA as sqrt(8/r) (its best lr fell 2.5x from r=8 to r=32); below it, it stays.
     assert _default_lr(configs_for("--method", "paca", "--rank", "64")) == pytest.approx(1.25e-3)
+    assert _default_lr(configs_for("--method", "lora", "--rank", "32")) == pytest.approx(2.5e-3)
+    assert _default_lr(configs_for("--method", "paca", "--rank", "4")) == 5e-3
     assert configs_for("--method", "lorafa", "--rank", "4")[0].r == 4
     assert configs_for("--method", "paca+full+velora", "--full-modules", "down_proj")[0].exclude_modules == ["down_proj"]

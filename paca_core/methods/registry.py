@@ -249,22 +249,26 @@ def default_lr(method: str, rank: int | None = None) -> float:
 
 
 class ScaledAboveDefaultRank:
-    """A default lr that falls as ``default_rank / r`` above the method's default rank (kept below it).
+    """A default lr that falls as ``(default_rank / r) ** power`` above the method's default rank (kept below it).
 
-    With scaling alpha/r = 1, every trained column (PaCA) or rank-1 component (LoRA) moves by about lr
-    per Adam step, so the whole update grows with r. In scripts/lr_sweep.py the best lr at 4x the default
-    rank was 4-5x lower for PaCA and LoRA alike, and the default-rank lr there lost up to half the best
-    improvement (docs/methods.md). Smaller ranks keep the default-rank lr (not measured)."""
+    With scaling alpha/r = 1 the update grows with r under Adam, and the best lr falls. PaCA trains
+    columns of W directly, each moving along its own gradient, so its update adds up coherently over
+    the r columns (power 1). LoRA's update ``B·A`` passes through a random A, so its r components add up
+    like random vectors (power 1/2, rsLoRA's alpha/sqrt(r) argument). Measured in scripts/lr_sweep.py at
+    4x the default rank: PaCA's best lr fell ~4x (r 16 -> 64), LoRA's ~2.5x (r 8 -> 32); the default-rank
+    lr lost up to half of PaCA's best improvement there (docs/methods.md). Smaller ranks keep the
+    default-rank lr (not measured)."""
 
-    def __init__(self, lr_at_default_rank: float, default_rank: int):
-        self.lr_at_default_rank, self.default_rank = lr_at_default_rank, default_rank
+    def __init__(self, lr_at_default_rank: float, default_rank: int, power: float = 1.0):
+        self.lr_at_default_rank, self.default_rank, self.power = lr_at_default_rank, default_rank, power
 
     def __call__(self, rank: int | None) -> float:
         r = rank or self.default_rank
-        return self.lr_at_default_rank * min(1.0, self.default_rank / r)
+        return self.lr_at_default_rank * min(1.0, self.default_rank / r) ** self.power
 
     def __repr__(self) -> str:
-        return f"{self.lr_at_default_rank:g} x min(1, {self.default_rank}/r)"
+        exponent = "" if self.power == 1 else f"^{self.power:g}"
+        return f"{self.lr_at_default_rank:g} x min(1, {self.default_rank}/r){exponent}"
 
 
 def learning_rate(method: Method, rank: int | None = None) -> float:
