@@ -177,6 +177,33 @@ def test_predicted_bytes_equal_bench_accounting(method, tied):
     assert counts["total_params"] == sum(p.numel() for p in prepared.module.parameters())
 
 
+# --- MEFT: worst-case row choices (paca_core/plan/standins.py), host memory kept apart -----------------
+@pytest.mark.parametrize("method", ["meft", "paca+meft"])
+def test_meft_plans_device_and_host_bytes_apart(method):
+    from paca_core.bench.worker import _host_tables, _table_tensors
+
+    run = _run(method)
+    (fake_model, fake, fake_counts), (real_model, real, real_counts) = run["fake"], run["real"]
+    # The same stand-in on real tensors traces the same step (value-dependent choices are fixed, not guessed).
+    assert _summary(fake, fake_counts) == _summary(real, real_counts)
+    tables = _host_tables(real_model.prepared.module)
+    assert tables
+    host = {id(t.untyped_storage()): t.untyped_storage().nbytes() for table in tables for t in _table_tensors(table)}
+    assert any(table.exp_avg for table in tables)  # the rows' Adam moments, host memory too
+    assert real_counts["host"] == sum(host.values()) > 0
+    # Nothing of the host side is device memory: before the step only weights and optimizer state are live,
+    # and the host's own work in the step (row selection, gradient sums, the row update) adds nothing.
+    assert real.baseline_bytes == real_counts["weights"] + real_counts["optimizer"]
+    assert real.end_bytes == real.baseline_bytes
+    # What crosses to the device is there: each MEFT layer's (2, capacity + 1, d) row buffer is kept for backward.
+    layer = next(m for m in real_model.prepared.module.modules() if hasattr(m, "table") and hasattr(m, "capacity"))
+    tokens = BATCH * SEQ
+    capacity = min(layer.capacity, tokens * layer.top_k)
+    row_buffer = 2 * (capacity + 1) * layer.in_features * 4
+    assert real.saved_bytes >= len(tables) * row_buffer
+    assert real.saved_bytes > _run("floor")["fake"][1].saved_bytes + len(tables) * row_buffer // 2
+
+
 # --- 3. the peak on real tensors, checked independently ------------------------------------------------
 def _profiled_step_peak(traced) -> tuple[int, int]:
     """(peak, end) of the bytes the CPU allocator reports to torch's profiler during one more real step,
@@ -449,10 +476,10 @@ def test_cli_plan_writes_records(tiny_config_file, tmp_path):
     (["--model", "no-such-shape"], ["no-such-shape", "llama-3.1-8b"]),
     (["--device-profile", "tpu-v9"], ["tpu-v9", "h100-80g", "gaudi2"]),
     (["--seq-len", "512"], ["512", "256"]),
-    (["--methods", "meft"], ["meft", "data-dependent"]),
+    pytest.param(["--methods", "peft-lora+velora"], ["peft-lora+velora", "tensor values"], marks=[needs_peft]),
     (["--methods", "qpaca"], ["qpaca", "fake tensors"]),
     (["--fsdp"], ["--fsdp", "--world-size"]),
-], ids=["unknown-shape", "unknown-profile", "seq-above-context", "meft", "qpaca", "fsdp-without-world-size"])
+], ids=["unknown-shape", "unknown-profile", "seq-above-context", "peft-velora-host-read", "qpaca", "fsdp-without-world-size"])
 def test_cli_plan_bad_input(argv, needles, tiny_config_file, caplog):
     from paca_core.cli import main
     from paca_core.plan.shapes import known_shapes

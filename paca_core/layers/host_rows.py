@@ -142,6 +142,10 @@ class HostRowTable:
             self.grad_values.index_add_(0, rows, grads[1, :count])
             self.touched[rows] = True
 
+    def touched_rows(self) -> torch.Tensor:
+        """Indices of the rows with gradients since the last update."""
+        return self.touched.nonzero().squeeze(1)
+
     def discard_gradients(self) -> None:
         """Forget gradients not yet applied (a skipped step)."""
         self.collect()
@@ -178,7 +182,7 @@ class HostRowTable:
         self.collect()
         if devices.world_size() > 1:
             self.average_across_processes(devices.host_process_group())
-        idx = self.touched.nonzero().squeeze(1)
+        idx = self.touched_rows()
         if idx.numel() == 0:
             return 0
         beta1, beta2 = betas

@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..bench.specs import MethodSpec
 from ..errors import PacaConfigError
 from ..steps import train_step
+from .standins import plan_host_tables
 from .tracker import StepTrace, StepTracker
 
 logger = logging.getLogger(__name__)
@@ -28,11 +29,7 @@ logger = logging.getLogger(__name__)
 #: Methods whose 4-bit matmul cannot run on fake tensors (bitsandbytes kernels): not traced.
 QUANTIZED = ("qpaca", "peft-qlora")
 #: Methods whose step depends on values, not only shapes, and why they are not planned.
-NOT_TRACEABLE = {
-    "meft": "its host-side row selection is data-dependent (torch.unique / bincount pick the rows each batch uses), "
-    "so a step on fake tensors has no fixed shapes; the planner does not cover MEFT yet. Measure it with "
-    "`paca bench --methods meft` on a smaller shape.",
-}
+NOT_TRACEABLE: dict[str, str] = {}
 
 
 @dataclass
@@ -159,12 +156,12 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
         prepared.module.train()
         traced = TracedModel(spec, prepared, fake_mode, int(config.vocab_size))
         tables = _host_tables(prepared.module)
-        traced.host_tensors = [t for table in tables for t in _table_tensors(table)]
+        plan_host_tables(tables)  # MEFT: worst-case row choices instead of data-dependent ones (standins.py)
         ids = torch.zeros((1, 2), dtype=torch.long)
         with _data_dependence_explained(spec.name):
             _step(prepared, ids)
-        host_state = [v for table in tables for v in table.optimizer_state().values()]
-        traced.host_tensors += [v for v in host_state if isinstance(v, torch.Tensor)]
+        # After the step: the tables' Adam moments exist now (they are attributes of the table).
+        traced.host_tensors = [t for table in tables for t in _table_tensors(table)]
         module = prepared.module
         traced.counts = {
             "trainable_params": sum(p.numel() for p in prepared.params) + prepared.extra_trainable,

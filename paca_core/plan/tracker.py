@@ -126,6 +126,24 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+_ACTIVE: list["StepTracker"] = []
+
+
+@contextlib.contextmanager
+def host_memory() -> Iterator[None]:
+    """Storages created inside the block live in host memory (MEFT's host side): the active tracker, if
+    any, keeps them out of the device's live bytes. A no-op when nothing is being traced."""
+    tracker = _ACTIVE[-1] if _ACTIVE else None
+    if tracker is None:
+        yield
+        return
+    tracker._host_depth += 1
+    try:
+        yield
+    finally:
+        tracker._host_depth -= 1
+
+
 class StepTracker(TorchDispatchMode):
     """Records one step. Use :meth:`phase` to label spans and :meth:`saving` around the forward."""
 
@@ -136,6 +154,7 @@ class StepTracker(TorchDispatchMode):
         self._live = 0
         self._known: dict[int, Any] = {}  # id(storage) -> weakref of storages counted (baseline and new)
         self._excluded: set[int] = set()  # host storages (MEFT tables): not device memory
+        self._host_depth = 0
         for tensor in host:
             storage = _storage(tensor)
             if storage is not None:
@@ -147,6 +166,14 @@ class StepTracker(TorchDispatchMode):
                 self._weights.add(id(storage))
         self.trace.baseline_bytes = self._live
         self.trace.peak_bytes = self._live
+
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
 
     # -- memory --------------------------------------------------------------------------------
     def _track(self, storage) -> bool:
@@ -241,7 +268,12 @@ class StepTracker(TorchDispatchMode):
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 storage = _storage(tensor)
-                if storage is not None and id(storage) not in self._excluded and self._track(storage):
+                if storage is None or id(storage) in self._excluded:
+                    continue
+                if self._host_depth:
+                    self._excluded.add(id(storage))  # host memory: never device bytes
+                    weakref.finalize(storage, self._excluded.discard, id(storage))
+                elif self._track(storage):
                     added += 1
         return added
 
