@@ -32,23 +32,25 @@ class PreflightResult:
         return self.peak_bytes <= self.device_bytes
 
 
-def planned_peak(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype) -> int:
-    """Peak bytes of one ``paca train`` step, traced on fake tensors from ``model_path``'s config.json."""
-    from .planner import MethodTracer, PlanSettings
+def planned_peak(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype,
+                 world_size: int = 1, fsdp: bool = False) -> int:
+    """Peak bytes per process of one ``paca train`` step, traced on fake tensors from ``model_path``'s
+    config.json (under FSDP: this rank's shards plus the all-gather buffers)."""
+    from .planner import MethodTracer, PlanSettings, per_rank_bytes
     from .shapes import load_config
 
-    config = load_config(str(model_path))
-    tracer = MethodTracer(config, method, PlanSettings(dtype=dtype), profiles=(), configs=configs)
-    return tracer.measure(seq_len, batch_size).bytes["peak"]
+    settings = PlanSettings(dtype=dtype, world_size=world_size, fsdp=fsdp)
+    tracer = MethodTracer(load_config(str(model_path)), method, settings, profiles=(), configs=configs)
+    return per_rank_bytes(tracer.measure(seq_len, batch_size), settings, tracer.layer_weight_bytes())["peak"]
 
 
 def check_before_loading(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype,
-                         device_bytes: int | None) -> PreflightResult | None:
+                         device_bytes: int | None, world_size: int = 1, fsdp: bool = False) -> PreflightResult | None:
     """Warn when the planned peak exceeds ``device_bytes``; None when it cannot be planned (said at debug level)."""
     if device_bytes is None:
         return None
     try:
-        peak = planned_peak(model_path, method, configs, seq_len, batch_size, dtype)
+        peak = planned_peak(model_path, method, configs, seq_len, batch_size, dtype, world_size, fsdp)
     except (PacaConfigError, NotImplementedError, RuntimeError, TypeError, ValueError) as error:
         logger.debug("No memory plan before loading (%s)", error)
         return None
