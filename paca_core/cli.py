@@ -126,11 +126,13 @@ def _sample(model, tokenizer, prompt_ids: torch.Tensor, new_tokens: int) -> str:
 def run_train(args: argparse.Namespace) -> int:
     from . import assets
     from .dataset import load_dataset, split_held_out
+    from .chunked_loss import parse_loss_chunk_tokens
     from .model import prepare_model
     from .trainer import Trainer, TrainingArguments, write_metrics
 
     # Validate everything cheap before loading anything.
     configs = build_configs(args)
+    loss_chunk_tokens = parse_loss_chunk_tokens(args.loss_chunk_tokens)
     lr = args.lr if args.lr is not None else _default_lr(configs)
     train_args = TrainingArguments(
         output_dir=args.out,
@@ -172,6 +174,9 @@ def run_train(args: argparse.Namespace) -> int:
     logger.info("Data: %d training and %d held-out examples of %d tokens from %s", len(train_data), len(eval_data), args.seq_len, data_path)
 
     paca_model = prepare_model(model, configs, device=device)
+    paca_model.set_loss_chunk_tokens(loss_chunk_tokens)
+    if args.gradient_checkpointing:
+        paca_model.gradient_checkpointing_enable()
     if args.offload_activations:
         from .offload import offload_activations
 

@@ -13,6 +13,7 @@ from devices import resolve_device
 
 from .base_config import ALL_LINEAR, MethodConfig, method_name
 from .checkpoint import finish_loading, plan_loading, save_adapter
+from .chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, check_chunk_tokens, chunked_causal_lm_forward
 from .errors import PacaConfigError
 from .layers import AdapterLayer, sync_layers
 from .layers.partial_connection import PaCALinear
@@ -117,6 +118,12 @@ class AdaptedModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.configs = configs
+        #: Tokens per chunk of the LM head + loss in training forwards with ``labels``
+        #: (:mod:`paca_core.chunked_loss`); None (the default for a model used directly, whose training
+        #: forward then returns logits as usual) computes the full logits. ``paca train`` and
+        #: ``PacaTrainer`` turn it on (DEFAULT_LOSS_CHUNK_TOKENS) unless :meth:`set_loss_chunk_tokens` chose.
+        self.loss_chunk_tokens: int | None = None
+        self.loss_chunk_tokens_chosen = False
 
     def __getattr__(self, name: str):
         try:
@@ -129,7 +136,61 @@ class AdaptedModel(nn.Module):
         return method_name(self.configs)
 
     def forward(self, *args, **kwargs):
+        """The wrapped model's forward. In training (``self.training`` and gradients on) with ``labels``,
+        the LM head and loss run over chunks of ``loss_chunk_tokens`` tokens (:mod:`paca_core.chunked_loss`):
+        the same loss, no full logits, and the output's ``logits`` is None. Evaluation, generation and
+        calls without labels return the logits as usual; a model the chunked path cannot take (a
+        quantized or custom head, ...) runs the ordinary forward."""
+        if self.loss_chunk_tokens is not None and self.training and torch.is_grad_enabled() and kwargs.get("labels") is not None:
+            call = dict(kwargs)
+            if len(args) == 1 and "input_ids" not in kwargs:
+                call["input_ids"] = args[0]
+            if len(args) == 0 or (len(args) == 1 and "input_ids" not in kwargs):
+                output = chunked_causal_lm_forward(self.base_model, self.loss_chunk_tokens, **call)
+                if output is not None:
+                    return output
         return self.base_model(*args, **kwargs)
+
+    def set_loss_chunk_tokens(self, chunk_tokens: int | None) -> "AdaptedModel":
+        """Chunk the LM head and loss over ``chunk_tokens`` tokens in training (> 0; larger than a batch's
+        tokens = one chunk), or None for the full logits."""
+        self.loss_chunk_tokens = check_chunk_tokens(chunk_tokens)
+        self.loss_chunk_tokens_chosen = True
+        return self
+
+    def default_loss_chunking(self) -> "AdaptedModel":
+        """Chunk the loss over DEFAULT_LOSS_CHUNK_TOKENS tokens unless :meth:`set_loss_chunk_tokens` chose already
+        (what the trainers call: they never read a training forward's logits)."""
+        if not self.loss_chunk_tokens_chosen:
+            self.loss_chunk_tokens = DEFAULT_LOSS_CHUNK_TOKENS
+        return self
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """HF activation checkpointing on the wrapped model (each decoder layer recomputed in backward),
+        non-reentrant unless ``gradient_checkpointing_kwargs`` says otherwise. ``kwargs`` (e.g. transformers
+        5's ``every_n_layers``, ``offload``) go to the wrapped model's method. A model whose
+        ``supports_gradient_checkpointing`` is False is refused (PacaConfigError), never silently ignored."""
+        if not getattr(self.base_model, "supports_gradient_checkpointing", False):
+            raise PacaConfigError(
+                f"{type(self.base_model).__name__} does not support gradient checkpointing "
+                "(its supports_gradient_checkpointing is False); train without --gradient-checkpointing."
+            )
+        checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)  # transformers >= 5's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """transformers 5's name for :meth:`gradient_checkpointing_enable`."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        disable = getattr(self.base_model, "activation_checkpointing_disable", None) or self.base_model.gradient_checkpointing_disable
+        disable()
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
 
     def generate(self, *args, **kwargs):
         return self.base_model.generate(*args, **kwargs)

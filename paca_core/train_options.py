@@ -12,6 +12,7 @@ import torch
 import devices
 
 from .base_config import ALL_LINEAR, LLAMA_PROJECTIONS, MethodConfig, parse_targets
+from .chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS
 from .errors import PacaConfigError
 from .methods import CommonOptions, RegistryView, get_method, learning_rate, method_help, parse_combination, primary_method, registered_methods
 
@@ -55,6 +56,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="move what autograd saves inside these modules to host memory until backward ('decoder-layers', names or a "
         "regex); frees device memory on GPU/HPU at the cost of transfers; does nothing on cpu",
     )
+    p.add_argument(
+        "--loss-chunk-tokens", default=str(DEFAULT_LOSS_CHUNK_TOKENS), metavar="N|off",
+        help=f"compute the LM head and loss over chunks of N tokens, so the (tokens x vocab) logits never exist in full "
+        f"(same loss; a plain nn.Linear head only, else the full logits); 'off': full logits (default {DEFAULT_LOSS_CHUNK_TOKENS})",
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true",
+        help="recompute each decoder layer in backward (HF activation checkpointing, non-reentrant): only the layers' inputs are kept")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW, cosine decay); default per method, by its --rank r: "
         f"{_lr_rules()}; chosen by the worst-data-set rule on three data sets (scripts/lr_sweep.py, docs/methods.md)")
     p.add_argument("--warmup-steps", type=int, default=5)

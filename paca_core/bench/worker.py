@@ -176,6 +176,7 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
         model = _quantize(model, options)
     configs = configs if configs is not None else build_our_configs(method, rank or 8, options)
     adapted = prepare_model(model, configs, device=device if place else None)
+    adapted.set_loss_chunk_tokens(None)  # every candidate on the full logits: the peers have no chunked loss
     params = adapted.trainable_parameters()
     tables = _host_tables(adapted)
     extra_trainable = sum(t.keys.numel() + t.values.numel() for t in tables)

@@ -98,6 +98,8 @@ class PacaTrainerMixin:
                 "launch without FSDP), or FSDP2 through `paca train --fsdp` / paca_core.sharding.shard_model."
             )
         adapted = adapted_model(self.model)
+        if adapted is not None:
+            adapted.default_loss_chunking()  # the LM head + loss in chunks in training (paca_core/chunked_loss.py)
         if adapted is not None and self.args.label_names is None:
             forward = inspect.signature(adapted.base_model.forward).parameters
             self.label_names = [name for name in ("labels",) if name in forward]
