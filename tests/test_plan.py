@@ -500,3 +500,33 @@ def test_cli_plan_bad_input(argv, needles, tiny_config_file, caplog):
         assert needle in message, (needle, message)
     if argv[1:] == ["no-such-shape"]:
         assert all(name in message for name in known_shapes())
+
+
+def test_train_preflight_warns_before_loading_when_the_plan_does_not_fit(tiny_config_file, caplog):
+    """`paca train --plan-check`: the user's configs traced from config.json alone; a warning naming the
+    levers when the planned peak exceeds the device, an info line when it fits, under FSDP per rank."""
+    from paca_core.methods import PaCAConfig
+    from paca_core.plan.preflight import check_before_loading, planned_peak
+
+    folder = tiny_config_file.parent  # a model folder with only config.json: no weights are read
+    configs = [PaCAConfig(r=4, seed=0)]
+    peak = planned_peak(folder, "paca", configs, 32, 2, torch.float32)
+    with caplog.at_level(logging.INFO, logger="paca_core.plan.preflight"):
+        fits = check_before_loading(folder, "paca", configs, 32, 2, torch.float32, device_bytes=peak)
+        too_small = check_before_loading(folder, "paca", configs, 32, 2, torch.float32, device_bytes=peak - 1)
+    assert fits.fits and not too_small.fits and too_small.peak_bytes == peak
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and all(word in warnings[0] for word in ("--rank", "--seq-len", "--batch-size", "checkpointing",
+                                                                       "--offload-activations", "--quantize", "--fsdp"))
+    # A bigger batch plans more; FSDP plans this rank's shards plus two layers of all-gather buffers (on this
+    # tiny model the buffers outweigh the sharding); an unknown device size plans nothing.
+    from paca_core.plan.planner import MethodTracer, PlanSettings
+    from paca_core.plan.shapes import load_config
+
+    assert planned_peak(folder, "paca", configs, 32, 4, torch.float32) > peak
+    tracer = MethodTracer(load_config(str(folder)), "paca", PlanSettings(dtype=torch.float32), profiles=(), configs=configs)
+    b = tracer.measure(32, 2).bytes
+    sharded = sum(b[k] - -(-b[k] // 4) for k in ("weights", "gradients", "optimizer"))
+    assert planned_peak(folder, "paca", configs, 32, 2, torch.float32, world_size=4, fsdp=True) == \
+        peak - sharded + 2 * tracer.layer_weight_bytes()
+    assert check_before_loading(folder, "paca", configs, 32, 2, torch.float32, device_bytes=None) is None
