@@ -174,3 +174,19 @@ def test_paca_train_flag(tmp_path, monkeypatch):
 
     args = build_parser().parse_args(["train", "--gradient-checkpointing", "--loss-chunk-tokens", "off"])
     assert args.gradient_checkpointing and args.loss_chunk_tokens == "off"
+
+
+def test_paca_train_with_checkpointing_and_chunked_loss_equals_plain(tiny_model_dir, sample_text_file, tmp_path):
+    """`paca train --gradient-checkpointing --loss-chunk-tokens 7` learns what `--loss-chunk-tokens off` learns."""
+    import json
+
+    from paca_core.cli import main
+
+    common = ["train", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--steps", "3", "--seq-len", "16",
+              "--batch-size", "2", "--device", "cpu", "--sample-tokens", "0", "--no-progress"]
+    assert main(common + ["--gradient-checkpointing", "--loss-chunk-tokens", "7", "--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--loss-chunk-tokens", "off", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("a", "b"))
+    assert a["held_out_loss_before"] == pytest.approx(b["held_out_loss_before"], abs=1e-6)
+    assert a["held_out_loss_after"] == pytest.approx(b["held_out_loss_after"], abs=1e-5)
+    assert main(common + ["--loss-chunk-tokens", "0", "--out", str(tmp_path / "c")]) == 2  # a clear error, exit 2

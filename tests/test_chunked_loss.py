@@ -236,3 +236,23 @@ def test_off_by_default_for_a_model_used_directly_on_in_the_trainers():
     assert model(input_ids=ids, labels=labels).logits is not None
     assert model.default_loss_chunking().loss_chunk_tokens == chunked_loss.DEFAULT_LOSS_CHUNK_TOKENS
     assert model.set_loss_chunk_tokens(None).default_loss_chunking().loss_chunk_tokens is None  # a choice stays
+
+
+def test_paca_trainer_trains_on_the_chunked_loss(tmp_path, monkeypatch):
+    from transformers import TrainingArguments
+
+    from paca_core import model as model_module
+    from paca_core.integrations.transformers import PacaTrainer
+
+    from .scripts.hf_trainer_run import Rows
+
+    calls = []
+    original = model_module.chunked_causal_lm_forward
+    monkeypatch.setattr(model_module, "chunked_causal_lm_forward", lambda *a, **k: calls.append(k.get("num_items_in_batch")) or original(*a, **k))
+    model = prepare_model(tiny_llama(seed=0), PaCAConfig(r=2), device="cpu")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             save_strategy="no")
+    trainer = PacaTrainer(model=model, args=args, train_dataset=Rows())
+    assert model.loss_chunk_tokens == chunked_loss.DEFAULT_LOSS_CHUNK_TOKENS
+    trainer.train()
+    assert calls  # the training forward took the chunked path
