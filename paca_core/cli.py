@@ -163,7 +163,9 @@ def run_train(args: argparse.Namespace) -> int:
         from .plan.preflight import check_before_loading
 
         check_before_loading(model_path, args.method, configs, args.seq_len, args.batch_size, dtype,
-                             devices.memory_stats(device).total_bytes, world_size=world_size, fsdp=train_args.fsdp)
+                             devices.memory_stats(device).total_bytes, world_size=world_size, fsdp=train_args.fsdp,
+                             loss_chunk_tokens=loss_chunk_tokens,
+                             gradient_checkpointing=args.gradient_checkpointing)
     model, tokenizer = assets.load_model_and_tokenizer(model_path, dtype=dtype)
     data_path = assets.default_dataset_path() if args.data == "default" else Path(args.data)
     data = load_dataset(data_path, tokenizer, args.seq_len)

@@ -18,6 +18,7 @@ from devices.profiles import UnknownProfileError, calibrate_cpu, get_profile, lo
 
 from .. import extras
 from ..atomic import write_bytes_atomic
+from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, parse_loss_chunk_tokens
 from ..errors import PacaConfigError
 from .planner import PlanSettings, plan_records
 from .report import markdown_table, plot_plan
@@ -57,6 +58,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--no-match-params", dest="match_params", action="store_false", help="every method at --rank")
     p.add_argument("--target-modules", default=None, help="comma-separated module names or all-linear (default: the 7 LLaMA projections, as paca train)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="HF gradient checkpointing (recompute each decoder layer in backward)")
+    p.add_argument("--loss-chunk-tokens", default=str(DEFAULT_LOSS_CHUNK_TOKENS), metavar="N|off",
+                   help="our methods' LM head + loss in chunks of N tokens, as paca train runs them ('off': full logits; the PEFT "
+                   f"peers and full have no chunked loss) (default {DEFAULT_LOSS_CHUNK_TOKENS})")
     p.add_argument("--world-size", type=int, default=1, help="processes (with --fsdp: bytes per rank)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding over --world-size ranks")
     p.add_argument("--no-search", dest="search", action="store_false", help="skip the max_seq_len / max_batch_size searches")
@@ -123,7 +127,8 @@ def run_plan(args: argparse.Namespace) -> int:
     _check_methods(methods, profiles)
     settings = PlanSettings(dtype=getattr(torch, DTYPES[args.dtype]), rank=args.rank, match_params=args.match_params,
                             gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp,
-                            options=(("target_modules", args.target_modules),) if args.target_modules else ())
+                            options=(("target_modules", args.target_modules),) if args.target_modules else (),
+                            loss_chunk_tokens=parse_loss_chunk_tokens(args.loss_chunk_tokens))
     records = plan_records(config, args.model, methods, profiles, settings, seq_lens, batch_sizes,
                            progress=lambda m: logger.info("Tracing %s on %s (fake tensors, no weights)", m, args.model),
                            search=args.search)
@@ -131,7 +136,7 @@ def run_plan(args: argparse.Namespace) -> int:
     document = {
         "command": "paca " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("paca") else "paca plan",
         "model": args.model,
-        "settings": {"target_modules": args.target_modules, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
+        "settings": {"target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
                      "world_size": args.world_size, "fsdp": args.fsdp, "seq_lens": seq_lens, "batch_sizes": batch_sizes},
         "profiles": {p.name: p.to_dict() for p in profiles},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "planner_seconds": round(elapsed, 1)},

@@ -41,6 +41,8 @@ class PlanSettings:
     world_size: int = 1
     fsdp: bool = False
     options: tuple = ()  # (name, value) pairs for the method's paca train flags
+    #: Our methods' LM head + loss in chunks of this many tokens, as paca train runs them (None: full logits).
+    loss_chunk_tokens: int | None = None
 
 
 @dataclass
@@ -94,7 +96,8 @@ class MethodTracer:
             for layers in TRACED_LAYERS if self.layers > TRACED_LAYERS[1] else (self.layers,):
                 models.append(build(_with_layers(self.config, layers), self.spec, self.rank, self.settings.dtype,
                                     dict(self.settings.options), fake=self.fake,
-                                    gradient_checkpointing=self.settings.gradient_checkpointing, configs=self.configs))
+                                    gradient_checkpointing=self.settings.gradient_checkpointing, configs=self.configs,
+                                    loss_chunk_tokens=self.settings.loss_chunk_tokens))
             self._models = models
         return self._models
 
@@ -270,6 +273,7 @@ def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSetting
         "world_size": settings.world_size,
         "fsdp": settings.fsdp,
         "gradient_checkpointing": settings.gradient_checkpointing,
+        "loss_chunk_tokens": settings.loss_chunk_tokens if tracer.spec.kind in ("ours", "quantized") else None,
         "trainable_params": counts["trainable_params"],
         "total_params": counts["total_params"],
         "bytes": per_rank,

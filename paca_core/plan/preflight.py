@@ -33,24 +33,28 @@ class PreflightResult:
 
 
 def planned_peak(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype,
-                 world_size: int = 1, fsdp: bool = False) -> int:
+                 world_size: int = 1, fsdp: bool = False, loss_chunk_tokens: int | None = None,
+                 gradient_checkpointing: bool = False) -> int:
     """Peak bytes per process of one ``paca train`` step, traced on fake tensors from ``model_path``'s
     config.json (under FSDP: this rank's shards plus the all-gather buffers)."""
     from .planner import MethodTracer, PlanSettings, per_rank_bytes
     from .shapes import load_config
 
-    settings = PlanSettings(dtype=dtype, world_size=world_size, fsdp=fsdp)
+    settings = PlanSettings(dtype=dtype, world_size=world_size, fsdp=fsdp, loss_chunk_tokens=loss_chunk_tokens,
+                            gradient_checkpointing=gradient_checkpointing)
     tracer = MethodTracer(load_config(str(model_path)), method, settings, profiles=(), configs=configs)
     return per_rank_bytes(tracer.measure(seq_len, batch_size), settings, tracer.layer_weight_bytes())["peak"]
 
 
 def check_before_loading(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype,
-                         device_bytes: int | None, world_size: int = 1, fsdp: bool = False) -> PreflightResult | None:
+                         device_bytes: int | None, world_size: int = 1, fsdp: bool = False, loss_chunk_tokens: int | None = None,
+                         gradient_checkpointing: bool = False) -> PreflightResult | None:
     """Warn when the planned peak exceeds ``device_bytes``; None when it cannot be planned (said at debug level)."""
     if device_bytes is None:
         return None
     try:
-        peak = planned_peak(model_path, method, configs, seq_len, batch_size, dtype, world_size, fsdp)
+        peak = planned_peak(model_path, method, configs, seq_len, batch_size, dtype, world_size, fsdp, loss_chunk_tokens,
+                            gradient_checkpointing)
     except (PacaConfigError, NotImplementedError, RuntimeError, TypeError, ValueError) as error:
         logger.debug("No memory plan before loading (%s)", error)
         return None

@@ -123,10 +123,13 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
 
 
 def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, options: dict | None = None, fake: bool = True,
-          seed: int = 0, gradient_checkpointing: bool = False, configs: list | None = None) -> TracedModel:
+          seed: int = 0, gradient_checkpointing: bool = False, configs: list | None = None,
+          loss_chunk_tokens: int | None = None) -> TracedModel:
     """Build ``config``'s causal LM (fake or real CPU tensors), set it up for ``spec`` and run one
     tiny step so the optimizer state exists (what every later step starts from). ``configs``: our
-    method's configs as ``paca train`` built them (copied; the bench's defaults otherwise)."""
+    method's configs as ``paca train`` built them (copied; the bench's defaults otherwise).
+    ``loss_chunk_tokens``: our methods' LM head + loss in chunks, as ``paca train`` runs them (the PEFT
+    peers and full fine-tuning have no chunked loss and ignore it)."""
     from transformers import AutoModelForCausalLM
 
     from ..bench.worker import _host_tables, _table_tensors, prepare
@@ -154,6 +157,8 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
         prepared = prepare(spec, model, rank, dict(options or {}), torch.device("cpu"), lr=1e-4, place=False,
                            configs=copy.deepcopy(configs) if configs is not None else None)
         prepared.module.train()
+        if loss_chunk_tokens is not None and hasattr(prepared.module, "set_loss_chunk_tokens"):
+            prepared.module.set_loss_chunk_tokens(loss_chunk_tokens)
         traced = TracedModel(spec, prepared, fake_mode, int(config.vocab_size))
         tables = _host_tables(prepared.module)
         plan_host_tables(tables)  # MEFT: worst-case row choices instead of data-dependent ones (standins.py)
