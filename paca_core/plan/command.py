@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -64,6 +65,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--world-size", type=int, default=1, help="processes (with --fsdp: bytes per rank)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding over --world-size ranks")
     p.add_argument("--no-search", dest="search", action="store_false", help="skip the max_seq_len / max_batch_size searches")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes tracing methods side by side (tracing is single-threaded)")
     p.add_argument("--out", type=Path, default=None, help="write plan.json, plan.md and PNG plots here")
     p.set_defaults(handler=run_plan)
 
@@ -122,6 +125,8 @@ def run_plan(args: argparse.Namespace) -> int:
         raise PacaConfigError("--fsdp shards over --world-size ranks: pass --world-size 2 or more.")
     if args.rank < 1:
         raise PacaConfigError("--rank must be at least 1.")
+    if args.workers < 1:
+        raise PacaConfigError("--workers must be at least 1.")
     config = load_config(args.model)
     profiles = _profiles(args.device_profile, args.calibrate)
     _check_methods(methods, profiles)
@@ -131,7 +136,7 @@ def run_plan(args: argparse.Namespace) -> int:
                             loss_chunk_tokens=parse_loss_chunk_tokens(args.loss_chunk_tokens))
     records = plan_records(config, args.model, methods, profiles, settings, seq_lens, batch_sizes,
                            progress=lambda m: logger.info("Tracing %s on %s (fake tensors, no weights)", m, args.model),
-                           search=args.search)
+                           search=args.search, workers=args.workers)
     elapsed = time.perf_counter() - started
     document = {
         "command": "paca " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("paca") else "paca plan",

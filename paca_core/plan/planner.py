@@ -54,6 +54,8 @@ class Measurement:
     bytes_moved: int
     kernels: int
     times: dict[str, dict] = field(default_factory=dict)
+    #: The live-bytes high-water mark of each phase (forward, backward, optimizer, column_write).
+    phase_peaks: dict[str, int] = field(default_factory=dict)
 
 
 def _with_layers(config, layers: int):
@@ -143,6 +145,7 @@ class MethodTracer:
         measurement = Measurement(
             bytes={k: int(round(full[k])) for k in BYTE_KINDS},
             flops=int(round(full["flops"])), bytes_moved=int(round(full["bytes_moved"])), kernels=int(round(full["kernels"])),
+            phase_peaks={k.split(":", 1)[1]: int(round(v)) for k, v in full.items() if k.startswith("peak:")},
         )
         for profile in self.profiles:
             t = {name: full[f"{profile.name}:{name}"] for name in ("step_seconds", "compute_seconds", "memory_seconds", "launch_seconds")}
@@ -157,17 +160,27 @@ class MethodTracer:
 def per_rank_bytes(measurement: Measurement, settings: PlanSettings, layer_weight_bytes: int) -> dict[str, int]:
     """Device bytes per process. One process: as traced. FSDP over N ranks: each rank keeps 1/N of the
     weights, gradients and optimizer state (FSDP2 shards every parameter) and gathers one decoder
-    layer's full weights at a time, with the next one prefetched (two layers of all-gather buffers)."""
+    layer's full weights at a time, with the next one prefetched (two layers of all-gather buffers).
+
+    The peak is taken per phase, removing only what is live in that phase: weights and optimizer state
+    in every phase, gradients only in the optimizer step and the column write (in backward they are
+    still being produced, so backward keeps its full share: an overestimate of at most (1 − 1/N) of the
+    gradients)."""
     out = dict(measurement.bytes)
     if not settings.fsdp or settings.world_size <= 1:
         out["all_gather_buffers"] = 0
         return out
     n = settings.world_size
-    sharded = out["weights"] + out["gradients"] + out["optimizer"]
-    for kind in ("weights", "gradients", "optimizer"):
-        out[kind] = math.ceil(out[kind] / n)
+    full = {kind: out[kind] for kind in ("weights", "gradients", "optimizer")}
+    for kind in full:
+        out[kind] = math.ceil(full[kind] / n)
     out["all_gather_buffers"] = 2 * layer_weight_bytes
-    out["peak"] = out["peak"] - sharded + out["weights"] + out["gradients"] + out["optimizer"] + out["all_gather_buffers"]
+    saved = {kind: full[kind] - out[kind] for kind in full}
+    phase_peaks = measurement.phase_peaks or {"forward": measurement.bytes["peak"]}
+    out["peak"] = max(
+        peak - saved["weights"] - saved["optimizer"] - (saved["gradients"] if phase in ("optimizer", "column_write") else 0)
+        for phase, peak in phase_peaks.items()
+    ) + out["all_gather_buffers"]
     return out
 
 
@@ -225,36 +238,73 @@ def _through(x0: int, y0: int, x1: int, y1: int, budget: int) -> float:
 
 def plan_records(config, model_name: str, methods: Sequence[str], profiles: Sequence, settings: PlanSettings,
                  seq_lens: Sequence[int], batch_sizes: Sequence[int], progress: Callable[[str], None] | None = None,
-                 search: bool = True) -> list[dict]:
-    """Every (method, profile, seq_len, batch_size) record; see :func:`record` for the fields."""
+                 search: bool = True, workers: int = 1) -> list[dict]:
+    """Every (method, profile, seq_len, batch_size) record; see :func:`record` for the fields.
+
+    ``workers`` > 1 traces methods in that many processes (tracing is single-threaded Python); the
+    records come back in ``methods`` order either way."""
     context = context_length(config)
     for seq in seq_lens:
         if seq > context:
             raise PacaConfigError(f"--seq-len {seq} is above {model_name}'s context length ({context}).")
+    jobs = [(config, model_name, method, [p.name for p in profiles], settings, tuple(seq_lens), tuple(batch_sizes), search)
+            for method in methods]
+    if workers <= 1 or len(methods) <= 1:
+        out = []
+        for job in jobs:
+            if progress:
+                progress(job[2])
+            out += _plan_method(*job, profiles=profiles)
+        return out
+    import concurrent.futures
+    import multiprocessing
+
+    if progress:
+        progress(", ".join(methods) + f" ({workers} processes)")
+    context_ = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context_, initializer=_worker_logging,
+                                                initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+        results = list(pool.map(_plan_method_by_name, jobs))
+    return [r for chunk in results for r in chunk]
+
+
+def _worker_logging(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _plan_method_by_name(job: tuple) -> list[dict]:
+    """A worker's job: profiles travel by name (read again from devices/profiles.json or the calibration)."""
+    from devices.profiles import get_profile
+
+    config, model_name, method, profile_names, settings, seq_lens, batch_sizes, search = job
+    return _plan_method(config, model_name, method, profile_names, settings, seq_lens, batch_sizes, search,
+                        profiles=[get_profile(name) for name in profile_names])
+
+
+def _plan_method(config, model_name: str, method: str, profile_names, settings: PlanSettings, seq_lens, batch_sizes,
+                 search: bool, profiles: Sequence) -> list[dict]:
+    context = context_length(config)
     records = []
-    for method in methods:
-        tracer = MethodTracer(config, method, settings, profiles)
-        started = time.perf_counter()
-        if progress:
-            progress(method)
-        for profile in profiles:
-            budget = profile.usable_bytes()
-            layer_bytes = tracer.layer_weight_bytes()
-            peak_of = lambda s, b: per_rank_bytes(tracer.measure(s, b), settings, layer_bytes)["peak"]  # noqa: E731
-            max_seq: dict[int, int] = {}
-            for batch in batch_sizes:
-                for seq in seq_lens:
-                    m = tracer.measure(seq, batch)
-                    per_rank = per_rank_bytes(m, settings, layer_bytes)
-                    fits = per_rank["peak"] <= budget
-                    static = per_rank["weights"] + per_rank["optimizer"] + per_rank["all_gather_buffers"]
-                    if search and batch not in max_seq:
-                        max_seq[batch] = search_largest(lambda s: peak_of(s, batch), budget, max(seq_lens), context, SEQ_STEP, static)
-                    max_batch = search_largest(lambda b: peak_of(seq, b), budget, batch, MAX_BATCH, 1, static) if search else None
-                    timing = m.times[profile.name]
-                    records.append(record(model_name, tracer, profile, settings, seq, batch, per_rank, fits,
-                                          max_seq.get(batch), max_batch, m, timing))
-        logger.info("%s: %d traces in %.1f s", method, tracer.traces, time.perf_counter() - started)
+    tracer = MethodTracer(config, method, settings, profiles)
+    started = time.perf_counter()
+    for profile in profiles:
+        budget = profile.usable_bytes()
+        layer_bytes = tracer.layer_weight_bytes()
+        peak_of = lambda s, b: per_rank_bytes(tracer.measure(s, b), settings, layer_bytes)["peak"]  # noqa: E731
+        max_seq: dict[int, int] = {}
+        for batch in batch_sizes:
+            for seq in seq_lens:
+                m = tracer.measure(seq, batch)
+                per_rank = per_rank_bytes(m, settings, layer_bytes)
+                fits = per_rank["peak"] <= budget
+                static = per_rank["weights"] + per_rank["optimizer"] + per_rank["all_gather_buffers"]
+                if search and batch not in max_seq:
+                    max_seq[batch] = search_largest(lambda s: peak_of(s, batch), budget, max(seq_lens), context, SEQ_STEP, static)
+                max_batch = search_largest(lambda b: peak_of(seq, b), budget, batch, MAX_BATCH, 1, static) if search else None
+                timing = m.times[profile.name]
+                records.append(record(model_name, tracer, profile, settings, seq, batch, per_rank, fits,
+                                      max_seq.get(batch), max_batch, m, timing))
+    logger.info("%s: %d traces in %.1f s", method, tracer.traces, time.perf_counter() - started)
     return records
 
 
