@@ -359,10 +359,13 @@ def test_per_rank_bytes_by_hand():
     assert sharded == {"weights": 251, "gradients": 51, "optimizer": 501, "saved_activations": 5000, "host": 7,
                        "all_gather_buffers": 200, "peak": 9000 - (1001 - 251) - (2002 - 501) + 200}
     assert m.bytes["peak"] == 9000  # the measurement itself is not changed
-    # Per phase: gradients are sharded away only where they are all live (optimizer step, column write).
+    # Per phase: forward/backward lose the other ranks' weights and state; the optimizer step (all per
+    # parameter: weights, gradients, state, the optimizer's temporaries on local shards) is divided by N.
     m.phase_peaks = {"forward": 5000, "backward": 8800, "optimizer": 9000}
     assert per_rank_bytes(m, PlanSettings(world_size=4, fsdp=True), 100)["peak"] == max(
-        5000 - 750 - 1501, 8800 - 750 - 1501, 9000 - 750 - 1501 - 152) + 200
+        5000 - 750 - 1501, 8800 - 750 - 1501, 9000 // 4) + 200
+    m.phase_peaks = {"forward": 3000, "backward": 3100, "optimizer": 40000}
+    assert per_rank_bytes(m, PlanSettings(world_size=4, fsdp=True), 100)["peak"] == 10000 + 200
 
 
 def test_per_rank_bytes_on_a_traced_model():
@@ -382,7 +385,7 @@ def test_per_rank_bytes_on_a_traced_model():
     saved = {k: m.bytes[k] - per_rank[k] for k in ("weights", "gradients", "optimizer")}
     assert set(m.phase_peaks) >= {"forward", "backward", "optimizer"} and max(m.phase_peaks.values()) == m.bytes["peak"]
     assert per_rank["peak"] == max(
-        peak - saved["weights"] - saved["optimizer"] - (saved["gradients"] if phase in ("optimizer", "column_write") else 0)
+        math.ceil(peak / 4) if phase in ("optimizer", "column_write") else peak - saved["weights"] - saved["optimizer"]
         for phase, peak in m.phase_peaks.items()) + per_rank["all_gather_buffers"]
 
 

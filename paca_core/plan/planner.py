@@ -162,10 +162,11 @@ def per_rank_bytes(measurement: Measurement, settings: PlanSettings, layer_weigh
     weights, gradients and optimizer state (FSDP2 shards every parameter) and gathers one decoder
     layer's full weights at a time, with the next one prefetched (two layers of all-gather buffers).
 
-    The peak is taken per phase, removing only what is live in that phase: weights and optimizer state
-    in every phase, gradients only in the optimizer step and the column write (in backward they are
-    still being produced, so backward keeps its full share: an overestimate of at most (1 − 1/N) of the
-    gradients)."""
+    The peak is taken per phase. Forward and backward lose the other ranks' weights and optimizer state
+    (gradients are still being produced in backward, so backward keeps their full share: an overestimate
+    of at most (1 − 1/N) of the gradients). In the optimizer step and the column write, activations are
+    gone and everything live is per parameter (weights, gradients, state and the optimizer's
+    temporaries, which FSDP computes on the local shards), so those phases are divided by N."""
     out = dict(measurement.bytes)
     if not settings.fsdp or settings.world_size <= 1:
         out["all_gather_buffers"] = 0
@@ -178,7 +179,7 @@ def per_rank_bytes(measurement: Measurement, settings: PlanSettings, layer_weigh
     saved = {kind: full[kind] - out[kind] for kind in full}
     phase_peaks = measurement.phase_peaks or {"forward": measurement.bytes["peak"]}
     out["peak"] = max(
-        peak - saved["weights"] - saved["optimizer"] - (saved["gradients"] if phase in ("optimizer", "column_write") else 0)
+        math.ceil(peak / n) if phase in ("optimizer", "column_write") else peak - saved["weights"] - saved["optimizer"]
         for phase, peak in phase_peaks.items()
     ) + out["all_gather_buffers"]
     return out
