@@ -162,10 +162,10 @@ def per_rank_bytes(measurement: Measurement, settings: PlanSettings, layer_weigh
     weights, gradients and optimizer state (FSDP2 shards every parameter) and gathers one decoder
     layer's full weights at a time, with the next one prefetched (two layers of all-gather buffers).
 
-    The peak is taken per phase. Forward and backward lose the other ranks' weights and optimizer state
-    (gradients are still being produced in backward, so backward keeps their full share: an overestimate
-    of at most (1 − 1/N) of the gradients). In the optimizer step and the column write, activations are
-    gone and everything live is per parameter (weights, gradients, state and the optimizer's
+    The peak is taken per phase. Forward loses the other ranks' weights and optimizer state; backward
+    also their gradients (FSDP reduce-scatters each layer's gradient as it is produced) but holds one
+    layer's unsharded gradient while it does. In the optimizer step and the column write, activations
+    are gone and everything live is per parameter (weights, gradients, state and the optimizer's
     temporaries, which FSDP computes on the local shards), so those phases are divided by N."""
     out = dict(measurement.bytes)
     if not settings.fsdp or settings.world_size <= 1:
@@ -178,10 +178,16 @@ def per_rank_bytes(measurement: Measurement, settings: PlanSettings, layer_weigh
     out["all_gather_buffers"] = 2 * layer_weight_bytes
     saved = {kind: full[kind] - out[kind] for kind in full}
     phase_peaks = measurement.phase_peaks or {"forward": measurement.bytes["peak"]}
-    out["peak"] = max(
-        math.ceil(peak / n) if phase in ("optimizer", "column_write") else peak - saved["weights"] - saved["optimizer"]
-        for phase, peak in phase_peaks.items()
-    ) + out["all_gather_buffers"]
+    in_flight_gradient = min(layer_weight_bytes, full["gradients"])
+
+    def phase_peak(phase: str, peak: int) -> int:
+        if phase in ("optimizer", "column_write"):
+            return math.ceil(peak / n)
+        if phase == "backward":
+            return peak - saved["weights"] - saved["optimizer"] - saved["gradients"] + in_flight_gradient
+        return peak - saved["weights"] - saved["optimizer"]
+
+    out["peak"] = max(phase_peak(phase, peak) for phase, peak in phase_peaks.items()) + out["all_gather_buffers"]
     return out
 
 
