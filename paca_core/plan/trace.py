@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from ..bench.models import _default_dtype
 from ..bench.specs import MethodSpec
 from ..errors import PacaConfigError
 from ..steps import train_step
@@ -45,16 +46,6 @@ class TracedModel:
 
     def context(self):
         return self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _apply_overwriting(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
