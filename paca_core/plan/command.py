@@ -139,7 +139,7 @@ def run_plan(args: argparse.Namespace) -> int:
                            search=args.search, workers=args.workers)
     elapsed = time.perf_counter() - started
     document = {
-        "command": "paca " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("paca") else "paca plan",
+        "command": "paca " + " ".join(sys.argv[sys.argv.index("plan"):]) if "plan" in sys.argv else "paca plan (from Python)",
         "model": args.model,
         "settings": {"target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
                      "world_size": args.world_size, "fsdp": args.fsdp, "seq_lens": seq_lens, "batch_sizes": batch_sizes},
