@@ -87,7 +87,7 @@ class ActivationOffload:
         self.stats = OffloadStats()
         self._groups: weakref.WeakValueDictionary[int, _Group] = weakref.WeakValueDictionary()
         self._next_group = 0
-        self._weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        self._weights = {self._storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
         self._active: list[tuple[_Group, object]] = []
         chosen = _select_modules(model, modules)
         self._handles = []
@@ -118,16 +118,28 @@ class ActivationOffload:
             _, hooks = self._active.pop()
             hooks.__exit__(None, None, None)
 
+    @staticmethod
+    def _storage_key(tensor: torch.Tensor) -> int:
+        return tensor.untyped_storage().data_ptr()
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.stats.kept_tensors += 1
+        return tensor
+
+    def _to_host(self, tensor: torch.Tensor) -> Transfer:
+        return devices.copy_to_host(tensor)
+
+    def _handle(self, to_host: Transfer, device: torch.device, group: _Group) -> "_Offloaded":
+        return _Offloaded(to_host, device, group)
+
     def _pack(self, tensor: torch.Tensor, group: _Group):
         nbytes = tensor.numel() * tensor.element_size()
-        if nbytes < self.min_bytes or tensor.untyped_storage().data_ptr() in self._weights:
-            self.stats.kept_tensors += 1
-            return tensor
-        to_host = devices.copy_to_host(tensor)
+        if nbytes < self.min_bytes or self._storage_key(tensor) in self._weights:
+            return self._keep(tensor)
+        to_host = self._to_host(tensor)
         if to_host.nbytes == 0:  # already in host memory: nothing moved
-            self.stats.kept_tensors += 1
-            return tensor
-        handle = _Offloaded(to_host, tensor.device, group)
+            return self._keep(tensor)
+        handle = self._handle(to_host, tensor.device, group)
         group.handles.append(weakref.ref(handle))
         self.stats.offloaded_bytes += nbytes
         self.stats.offloaded_tensors += 1

@@ -541,3 +541,23 @@ def test_train_preflight_warns_before_loading_when_the_plan_does_not_fit(tiny_co
     assert planned_peak(folder, "paca", configs, 32, 2, torch.float32, world_size=4, fsdp=True) == \
         per_rank_bytes(tracer.measure(32, 2), fsdp, tracer.layer_weight_bytes())["peak"] != peak
     assert check_before_loading(folder, "paca", configs, 32, 2, torch.float32, device_bytes=None) is None
+
+
+def test_planned_activation_offload_moves_saved_tensors_to_host():
+    """--offload-activations in a plan: what the real offload would move is host memory (not device), it
+    comes back in backward as device tensors; fake and real tensors trace the same step."""
+    config = tiny_llama_config(num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    spec = parse_method_spec("paca")
+    runs = {}
+    for offload in (None, "decoder-layers"):
+        for fake in (True, False):
+            traced = build(config, spec, 8, torch.float32, fake=fake, offload_activations=offload)
+            runs[(offload, fake)] = trace_step(traced, 64, 2)
+    for offload in (None, "decoder-layers"):
+        (fake, fake_counts), (real, real_counts) = runs[(offload, True)], runs[(offload, False)]
+        assert _summary(fake, fake_counts) == _summary(real, real_counts)
+    plain, offloaded = runs[(None, True)][0], runs[("decoder-layers", True)][0]
+    # Inside the decoder layers only tensors under the offload's size threshold stay on the device.
+    assert offloaded.saved_bytes < plain.saved_bytes
+    assert offloaded.peak_by_phase["forward"] < plain.peak_by_phase["forward"]
+    assert offloaded.end_bytes == offloaded.baseline_bytes  # every host copy and device copy is released

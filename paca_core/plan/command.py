@@ -62,6 +62,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--loss-chunk-tokens", default=str(DEFAULT_LOSS_CHUNK_TOKENS), metavar="N|off",
                    help="our methods' LM head + loss in chunks of N tokens, as paca train runs them ('off': full logits; the PEFT "
                    f"peers and full have no chunked loss) (default {DEFAULT_LOSS_CHUNK_TOKENS})")
+    p.add_argument("--offload-activations", default=None, metavar="MODULES",
+                   help="plan with what autograd saves inside these modules in host memory ('decoder-layers', names or a regex), "
+                   "as paca train --offload-activations does on a GPU/HPU")
     p.add_argument("--world-size", type=int, default=1, help="processes (with --fsdp: bytes per rank)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding over --world-size ranks")
     p.add_argument("--no-search", dest="search", action="store_false", help="skip the max_seq_len / max_batch_size searches")
@@ -133,7 +136,8 @@ def run_plan(args: argparse.Namespace) -> int:
     settings = PlanSettings(dtype=getattr(torch, DTYPES[args.dtype]), rank=args.rank, match_params=args.match_params,
                             gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp,
                             options=(("target_modules", args.target_modules),) if args.target_modules else (),
-                            loss_chunk_tokens=parse_loss_chunk_tokens(args.loss_chunk_tokens))
+                            loss_chunk_tokens=parse_loss_chunk_tokens(args.loss_chunk_tokens),
+                            offload_activations=args.offload_activations)
     records = plan_records(config, args.model, methods, profiles, settings, seq_lens, batch_sizes,
                            progress=lambda m: logger.info("Tracing %s on %s (fake tensors, no weights)", m, args.model),
                            search=args.search, workers=args.workers)
@@ -141,7 +145,7 @@ def run_plan(args: argparse.Namespace) -> int:
     document = {
         "command": "paca " + " ".join(sys.argv[sys.argv.index("plan"):]) if "plan" in sys.argv else "paca plan (from Python)",
         "model": args.model,
-        "settings": {"target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
+        "settings": {"offload_activations": args.offload_activations, "target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
                      "world_size": args.world_size, "fsdp": args.fsdp, "seq_lens": seq_lens, "batch_sizes": batch_sizes},
         "profiles": {p.name: p.to_dict() for p in profiles},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "planner_seconds": round(elapsed, 1)},

@@ -43,6 +43,8 @@ class PlanSettings:
     options: tuple = ()  # (name, value) pairs for the method's paca train flags
     #: Our methods' LM head + loss in chunks of this many tokens, as paca train runs them (None: full logits).
     loss_chunk_tokens: int | None = None
+    #: Modules whose saved activations go to host memory (paca train --offload-activations), or None.
+    offload_activations: str | None = None
 
 
 @dataclass
@@ -99,7 +101,8 @@ class MethodTracer:
                 models.append(build(_with_layers(self.config, layers), self.spec, self.rank, self.settings.dtype,
                                     dict(self.settings.options), fake=self.fake,
                                     gradient_checkpointing=self.settings.gradient_checkpointing, configs=self.configs,
-                                    loss_chunk_tokens=self.settings.loss_chunk_tokens))
+                                    loss_chunk_tokens=self.settings.loss_chunk_tokens,
+                                    offload_activations=self.settings.offload_activations))
             self._models = models
         return self._models
 
@@ -331,6 +334,7 @@ def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSetting
         "fsdp": settings.fsdp,
         "gradient_checkpointing": settings.gradient_checkpointing,
         "loss_chunk_tokens": settings.loss_chunk_tokens if tracer.spec.kind in ("ours", "quantized") else None,
+        "offload_activations": settings.offload_activations,
         "trainable_params": counts["trainable_params"],
         "total_params": counts["total_params"],
         "bytes": per_rank,

@@ -1,4 +1,5 @@
-"""Stand-ins that make a step traceable on fake tensors where the real code depends on values.
+"""Stand-ins that make a step traceable on fake tensors where the real code depends on values, or
+where the traced CPU step cannot show what a device with its own memory does.
 
 MEFT's host table picks each batch's rows from router scores (``unique``, ``bincount``, ``nonzero``):
 shapes that depend on data. :class:`PlannedHostRows` replaces only those choices with the worst case
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from devices import Transfer
+
 from ..layers.host_rows import HostRowTable, RowSelection
-from .tracker import host_memory
+from ..offload import ActivationOffload, _Offloaded
+from .tracker import active_tracker, host_memory
 
 
 class PlannedHostRows(HostRowTable):
@@ -41,7 +45,7 @@ class PlannedHostRows(HostRowTable):
         with host_memory():
             host = torch.empty_like(arriving)
             host.copy_(arriving)
-        super().receive_gradients(rows, _Arrived(host))
+        super().receive_gradients(rows, Transfer(host, nbytes=host.numel() * host.element_size()))
 
     def collect(self) -> None:
         with host_memory():
@@ -55,17 +59,47 @@ class PlannedHostRows(HostRowTable):
             return super().apply_update(lr, betas, eps, weight_decay)
 
 
-class _Arrived:
-    """A finished device-to-host copy (what ``Transfer.wait()`` gives once the bytes are on the host)."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor, self.nbytes = tensor, tensor.numel() * tensor.element_size()
-
-    def wait(self) -> torch.Tensor:
-        return self.tensor
-
-
 def plan_host_tables(tables) -> None:
     """Swap each MEFT host table of a model built for planning to :class:`PlannedHostRows` (in place)."""
     for table in tables:
         table.__class__ = PlannedHostRows
+
+
+class PlannedActivationOffload(ActivationOffload):
+    """Activation offload as it runs on a device with its own memory, for the trace.
+
+    On the traced CPU step ``devices.copy_to_host`` moves nothing (host and device memory are one), so
+    the real offload would keep everything. Here each tensor the real code would offload is copied into
+    host memory (the tracker's :func:`host_memory`) and comes back as a new device tensor when backward
+    fetches it; which tensors move, when, and the one-module-ahead prefetch are the real code's.
+    Tensors it keeps on the device are counted as saved-for-backward (its hooks replace the tracker's)."""
+
+    @staticmethod
+    def _storage_key(tensor: torch.Tensor) -> int:
+        return id(tensor.untyped_storage())  # fake tensors have no data pointers
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        tracker = active_tracker()
+        if tracker is not None:
+            tracker.note_saved(tensor)
+        return super()._keep(tensor)
+
+    def _to_host(self, tensor: torch.Tensor) -> Transfer:
+        with host_memory():
+            host = torch.empty_like(tensor)
+            host.copy_(tensor)
+        return Transfer(host, nbytes=host.numel() * host.element_size())
+
+    def _handle(self, to_host: Transfer, device: torch.device, group) -> _Offloaded:
+        return _PlannedOffloaded(to_host, device, group)
+
+
+class _PlannedOffloaded(_Offloaded):
+    """Brought back as a new device tensor (on CPU ``copy_to_device`` would hand back the host tensor)."""
+
+    def prefetch(self) -> None:
+        if self._to_device is None:
+            host = self.to_host.wait()
+            on_device = torch.empty_like(host)
+            on_device.copy_(host)
+            self._to_device = Transfer(on_device, nbytes=host.numel() * host.element_size())

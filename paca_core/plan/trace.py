@@ -22,7 +22,7 @@ from ..bench.models import _default_dtype
 from ..bench.specs import MethodSpec
 from ..errors import PacaConfigError
 from ..steps import train_step
-from .standins import plan_host_tables
+from .standins import PlannedActivationOffload, plan_host_tables
 from .tracker import StepTrace, StepTracker
 
 logger = logging.getLogger(__name__)
@@ -115,12 +115,14 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
 
 def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, options: dict | None = None, fake: bool = True,
           seed: int = 0, gradient_checkpointing: bool = False, configs: list | None = None,
-          loss_chunk_tokens: int | None = None) -> TracedModel:
+          loss_chunk_tokens: int | None = None, offload_activations: str | None = None) -> TracedModel:
     """Build ``config``'s causal LM (fake or real CPU tensors), set it up for ``spec`` and run one
     tiny step so the optimizer state exists (what every later step starts from). ``configs``: our
     method's configs as ``paca train`` built them (copied; the bench's defaults otherwise).
     ``loss_chunk_tokens``: our methods' LM head + loss in chunks, as ``paca train`` runs them (the PEFT
-    peers and full fine-tuning have no chunked loss and ignore it)."""
+    peers and full fine-tuning have no chunked loss and ignore it). ``offload_activations``: modules
+    whose saved activations go to host memory (``paca train --offload-activations``), as on a device
+    with its own memory (:class:`~paca_core.plan.standins.PlannedActivationOffload`)."""
     from transformers import AutoModelForCausalLM
 
     from ..bench.worker import _host_tables, _table_tensors, prepare
@@ -150,6 +152,8 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
         prepared.module.train()
         if loss_chunk_tokens is not None and hasattr(prepared.module, "set_loss_chunk_tokens"):
             prepared.module.set_loss_chunk_tokens(loss_chunk_tokens)
+        if offload_activations:
+            PlannedActivationOffload(prepared.module, offload_activations)
         traced = TracedModel(spec, prepared, fake_mode, int(config.vocab_size))
         tables = _host_tables(prepared.module)
         plan_host_tables(tables)  # MEFT: worst-case row choices instead of data-dependent ones (standins.py)

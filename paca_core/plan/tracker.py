@@ -129,6 +129,11 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 _ACTIVE: list["StepTracker"] = []
 
 
+def active_tracker() -> "StepTracker | None":
+    """The tracker recording the current step, if any (for stand-ins that report to it)."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 @contextlib.contextmanager
 def host_memory() -> Iterator[None]:
     """Storages created inside the block live in host memory (MEFT's host side): the active tracker, if
@@ -155,6 +160,8 @@ class StepTracker(TorchDispatchMode):
         self._known: dict[int, Any] = {}  # id(storage) -> weakref of storages counted (baseline and new)
         self._excluded: set[int] = set()  # host storages (MEFT tables): not device memory
         self._host_depth = 0
+        self._saved_seen: set[int] = set()
+        self._saved_kept: list = []
         for tensor in host:
             storage = _storage(tensor)
             if storage is not None:
@@ -217,24 +224,29 @@ class StepTracker(TorchDispatchMode):
         finally:
             self._phase = previous
 
+    def note_saved(self, tensor: torch.Tensor) -> None:
+        """Count ``tensor`` as kept for backward on the device (each storage once, weights excluded); for
+        saved-tensor hooks installed inside :meth:`saving` (activation offload), which take over from it."""
+        storage = _storage(tensor)
+        if storage is not None and id(storage) not in self._weights and id(storage) not in self._excluded \
+                and id(storage) not in self._saved_seen:
+            self._saved_seen.add(id(storage))
+            self._saved_kept.append(storage)  # keeps ids unique while counting
+            self.trace.saved_bytes += storage.nbytes()
+            self.trace.saved_tensors += 1
+
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
         """Count what autograd keeps for backward inside the block: each storage once, weights excluded."""
-        seen: set[int] = set()
-        kept: list = []
+        self._saved_seen, self._saved_kept = set(), []
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = _storage(tensor)
-            if storage is not None and id(storage) not in self._weights and id(storage) not in seen:
-                seen.add(id(storage))
-                kept.append(storage)  # keeps ids unique while counting
-                self.trace.saved_bytes += storage.nbytes()
-                self.trace.saved_tensors += 1
+            self.note_saved(tensor)
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             yield
-        kept.clear()
+        self._saved_kept.clear()
 
     # -- ops -----------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
