@@ -71,7 +71,8 @@ def choose_lr(improvements: dict[str, dict[float, float]]) -> LrChoice:
 
     lr = max(lrs, key=score)
     worst_dataset = min(table, key=lambda d: table[d][lr])
-    best_lr = {d: max(by_lr, key=by_lr.get) for d, by_lr in table.items()}
+    # Over every lr run on the data set (edge extensions included), like the shares' denominators.
+    best_lr = {d: max(by_lr, key=lambda x: by_lr[x] if math.isfinite(by_lr[x]) else -math.inf) for d, by_lr in improvements.items()}
     return LrChoice(lr, table[worst_dataset][lr], worst_dataset, table, best_lr)
 
 
