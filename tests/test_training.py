@@ -289,6 +289,7 @@ def test_cli_defaults_are_parameter_matched_per_method():
     # LoRA as sqrt(8/r) (its best lr fell 2.5x from r=8 to r=32); below it, it stays.
     assert _default_lr(configs_for("--method", "paca", "--rank", "64")) == pytest.approx(1.25e-3)
     assert _default_lr(configs_for("--method", "lora", "--rank", "32")) == pytest.approx(2.5e-3)
+    assert _default_lr(configs_for("--method", "lorafa")) == 5e-3  # chosen by the same rule (docs/methods.md)
     assert _default_lr(configs_for("--method", "paca", "--rank", "4")) == 5e-3
     assert configs_for("--method", "lorafa", "--rank", "4")[0].r == 4
     assert configs_for("--method", "paca+full+velora", "--full-modules", "down_proj")[0].exclude_modules == ["down_proj"]
