@@ -378,6 +378,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def measures_this_machine(name: str) -> bool:
+    """Whether the profile ``name`` stands for the machine running the planner (calibrated by :func:`calibrate_cpu`)."""
+    return name.lower() == "cpu"
+
+
 def calibrate_cpu(seconds: float = 3.0, threads: int | None = None) -> DeviceProfile:
     """Measure this CPU and return it as the ``cpu`` profile (not saved: see :func:`save_calibration`).
 

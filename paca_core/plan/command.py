@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from devices.profiles import UnknownProfileError, calibrate_cpu, get_profile, load_profiles, save_calibration
+from devices.profiles import UnknownProfileError, calibrate_cpu, get_profile, load_profiles, measures_this_machine, save_calibration
 
 from .. import extras
 from ..atomic import write_bytes_atomic
@@ -82,12 +82,12 @@ def _profiles(text: str, calibrate: bool) -> list:
             profile = get_profile(name)
         except UnknownProfileError as error:
             raise PacaConfigError(str(error)) from None
-        if name.lower() == "cpu" and calibrate:
+        if calibrate and measures_this_machine(name):
             profile = calibrate_cpu()
             path = save_calibration(profile)
             logger.info("CPU calibrated: %s (saved to %s)", _profile_line(profile), path)
         profiles.append(profile)
-    if calibrate and "cpu" not in [p.name for p in profiles]:
+    if calibrate and not any(measures_this_machine(n) for n in names):
         raise PacaConfigError("--calibrate measures this CPU: add 'cpu' to --device-profile.")
     return profiles
 
@@ -97,16 +97,14 @@ def _profile_line(profile) -> str:
             f"bandwidth {profile.memory_bandwidth / 1e9:.1f} GB/s, launch {profile.launch_overhead_s * 1e6:.1f} µs")
 
 
-def _check_methods(methods: list[str], profiles: list) -> None:
+def _check_methods(methods: list[str]) -> None:
     from .trace import NOT_TRACEABLE, QUANTIZED
 
     for method in methods:
         if method in QUANTIZED:
-            no_kernels = [p.name for p in profiles if p.device_type == "hpu"]
-            where = f" (and bitsandbytes has no 4-bit kernels on Gaudi: {', '.join(no_kernels)})" if no_kernels else ""
             raise PacaConfigError(
-                f"{method}: the planner cannot trace bitsandbytes' 4-bit matmul on fake tensors{where}; "
-                "plan 'paca' or 'peft-lora' on the bf16 base instead."
+                f"{method}: the planner cannot trace bitsandbytes' 4-bit matmul on fake tensors (and bitsandbytes has "
+                "no 4-bit kernels on some devices, e.g. Gaudi); plan 'paca' or 'peft-lora' on the bf16 base instead."
             )
         if method in NOT_TRACEABLE:
             raise PacaConfigError(f"{method}: {NOT_TRACEABLE[method]}")
@@ -132,7 +130,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise PacaConfigError("--workers must be at least 1.")
     config = load_config(args.model)
     profiles = _profiles(args.device_profile, args.calibrate)
-    _check_methods(methods, profiles)
+    _check_methods(methods)
     settings = PlanSettings(dtype=getattr(torch, DTYPES[args.dtype]), rank=args.rank, match_params=args.match_params,
                             gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp,
                             options=(("target_modules", args.target_modules),) if args.target_modules else (),
