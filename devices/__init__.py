@@ -8,7 +8,7 @@ from typing import Any
 
 from .cpu import CpuRuntime
 from .cuda import CudaRuntime
-from .distributed import device_mesh, host_process_group, init_distributed, launched_world_size, world_size
+from .distributed import device_mesh, host_process_group, init_distributed, launched_world_size, shutdown_distributed, world_size
 from .graph_modes import (
     add_graph_mode_argument,
     apply_graph_mode,
@@ -86,6 +86,7 @@ __all__ = [
     "host_process_group",
     "host_tensor",
     "init_distributed",
+    "shutdown_distributed",
     "keeps_grad_buffers",
     "launched_world_size",
     "load_profiles",

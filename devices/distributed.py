@@ -44,6 +44,19 @@ def init_distributed(spec: str | torch.device | None = None) -> tuple[torch.devi
     return device, dist.get_rank(), dist.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly at the end of a run: wait for every process, then destroy it.
+    A process that exits with the group alive can abort in teardown (gloo threads: "terminate called
+    without an active exception") after its work is done. A no-op without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    _HOST_GROUP.clear()
+    dist.destroy_process_group()
+
+
 def device_mesh(device: torch.device | str):
     """A one-dimensional device mesh over every process (what FSDP2 shards across)."""
     import torch.distributed as dist

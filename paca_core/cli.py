@@ -253,6 +253,7 @@ def run_train(args: argparse.Namespace) -> int:
     if rank == 0:
         write_metrics(out / "metrics.json", metrics)
         _print_summary(metrics)
+    devices.shutdown_distributed()  # every rank waits for rank 0's writes, then leaves the group
     return 0
 
 
