@@ -159,7 +159,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model_path = assets.resolve_model_path(args.model)
-    if args.plan_check == "on" or (args.plan_check == "auto" and device.type != "cpu"):
+    if args.plan_check == "on" or (args.plan_check == "auto" and not devices.shares_host_memory(device)):
         from .plan.preflight import check_before_loading
 
         check_before_loading(model_path, args.method, configs, args.seq_len, args.batch_size, dtype,

@@ -70,7 +70,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     p.add_argument("--plan-check", default="auto", choices=("auto", "on", "off"),
         help="before loading weights, trace one step on fake tensors (as paca plan does) and warn if its peak exceeds the device's "
-        "memory; auto = on GPU/HPU, off on cpu")
+        "memory; auto = on devices with their own memory (GPU/HPU), off on cpu")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="model dtype; auto = fp32 on CPU, bf16 on GPU/HPU")
     p.add_argument("--seed", type=int, default=0, help="seeds column choice, data order and torch")
 
