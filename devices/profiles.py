@@ -51,7 +51,9 @@ SOURCE_PREFIXES = ("primary", "secondary", "assumption", "uncalibrated default",
 _SCALAR_FIELDS = ("memory_bytes", "usable_fraction", "runtime_reserve_bytes", "memory_bandwidth", "launch_overhead_s")
 _RATE_FIELDS = ("matmul_flops", "vector_flops")
 _REQUIRED = ("description", "device_type", *_SCALAR_FIELDS, "matmul_flops", "fuse_elementwise", "fusion_rule", "sources")
-_OPTIONAL = ("vector_flops",)
+_OPTIONAL = ("vector_flops", "four_bit_types")
+#: bitsandbytes' 4-bit weight types (QPaCA, PEFT QLoRA).
+FOUR_BIT_TYPES = ("nf4", "fp4")
 
 Bound = Literal["compute", "memory"]
 
@@ -90,12 +92,19 @@ class DeviceProfile:
     fusion_rule: str
     sources: Mapping[str, str]
     vector_flops: Mapping[str, float] = field(default_factory=dict)
+    #: The 4-bit weight types bitsandbytes has kernels for on this device (empty: none).
+    four_bit_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Read-only views, so a shared profile cannot be edited in place by one caller.
         for name in ("matmul_flops", "vector_flops", "sources"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        object.__setattr__(self, "four_bit_types", tuple(self.four_bit_types))
         self._validate()
+
+    def supports_4bit(self, kind: str) -> bool:
+        """Does bitsandbytes have kernels for this 4-bit weight type on this device?"""
+        return kind in self.four_bit_types
 
     # -- capacity ---------------------------------------------------------------------------------
     def usable_bytes(self) -> int:
@@ -168,6 +177,7 @@ class DeviceProfile:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
         for name in ("matmul_flops", "vector_flops", "sources"):
             data[name] = dict(data[name])
+        data["four_bit_types"] = list(self.four_bit_types)
         return data
 
     @classmethod
@@ -190,6 +200,11 @@ class DeviceProfile:
             raise ValueError(f"{where}: device_type {self.device_type!r} is not one of {DEVICE_TYPES}")
         if not isinstance(self.fuse_elementwise, bool):
             raise ValueError(f"{where}: fuse_elementwise must be true or false")
+        unknown_types = [kind for kind in self.four_bit_types if kind not in FOUR_BIT_TYPES]
+        if unknown_types:
+            raise ValueError(f"{where}: four_bit_types has unknown types {unknown_types} (known: {FOUR_BIT_TYPES})")
+        if self.four_bit_types and "four_bit_types" not in self.sources:
+            raise ValueError(f"{where}: four_bit_types needs an entry in 'sources'")
         for group in _RATE_FIELDS:
             bad = [key for key in getattr(self, group) if key not in DTYPE_KEYS]
             if bad:
@@ -202,7 +217,7 @@ class DeviceProfile:
             source = self.sources.get(key)
             if not isinstance(source, str) or not source.strip():
                 raise ValueError(f"{where}: {key} has no source (add it to 'sources')")
-        known = {key for key, _ in self.numeric_fields()} | {"fuse_elementwise", "fusion_rule", "description"}
+        known = {key for key, _ in self.numeric_fields()} | {"fuse_elementwise", "fusion_rule", "description", "four_bit_types"}
         stray = [key for key in self.sources if key not in known]
         if stray:
             raise ValueError(f"{where}: sources name no field of the profile: {stray}")
@@ -253,6 +268,14 @@ def load_calibration(path: Path) -> DeviceProfile:
     return profiles["cpu"]
 
 
+def _with_capabilities(calibrated: DeviceProfile, shipped: DeviceProfile) -> DeviceProfile:
+    """A calibration measures speeds; what the device supports (its 4-bit kernels) stays the shipped profile's."""
+    sources = dict(calibrated.sources)
+    if shipped.four_bit_types:
+        sources["four_bit_types"] = shipped.sources["four_bit_types"]
+    return dataclasses.replace(calibrated, four_bit_types=shipped.four_bit_types, sources=sources)
+
+
 def get_profile(name: str, calibrated_cache: Path | None = None) -> DeviceProfile:
     """The profile called ``name`` (case-insensitive).
 
@@ -268,7 +291,7 @@ def get_profile(name: str, calibrated_cache: Path | None = None) -> DeviceProfil
         path = Path(calibrated_cache) if calibrated_cache is not None else default_calibration_path()
         if path.is_file():
             try:
-                return load_calibration(path)
+                return _with_capabilities(load_calibration(path), profiles[key])
             except (OSError, ValueError, TypeError) as exc:
                 logger.warning("ignoring CPU calibration %s (%s); using uncalibrated defaults", path, exc)
         else:
@@ -442,7 +465,7 @@ def calibrate_cpu(seconds: float = 3.0, threads: int | None = None) -> DevicePro
         vector_flops={},
         memory_bandwidth=bandwidth,
         launch_overhead_s=launch,
-        sources=sources,
+        sources={**sources, **{k: v for k, v in defaults.sources.items() if k == "four_bit_types"}},
     )
     logger.info(
         "calibrated CPU: fp32 %.3g, bf16 %s FLOP/s, %.3g B/s, %.3g s per op",

@@ -32,14 +32,26 @@ except ImportError:
     HAVE_PEFT = False
 
 needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="HF PEFT is not installed")
+try:
+    import bitsandbytes  # noqa: F401
+
+    HAVE_BNB = True
+except ImportError:
+    HAVE_BNB = False
+needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (pip install 'paca-hal[quant]')")
 
 LORA_RANK = 4  # methods run at spec.rank(LORA_RANK, match_params=True), as the planner does
 SEQ, BATCH = 16, 2
-METHODS = ["paca", "lora", "lorafa", "velora", "paca+full+velora", "full", "floor", "peft-lora", "peft-lorafa"]
+METHODS = ["paca", "lora", "lorafa", "velora", "paca+full+velora", "full", "floor", "peft-lora", "peft-lorafa", "qpaca",
+           "peft-qlora"]
+
+
+def _marks(method: str) -> list:
+    return ([needs_peft] if method.startswith("peft-") else []) + ([needs_bnb] if method in ("qpaca", "peft-qlora") else [])
 
 
 def _method_params():
-    cases = [pytest.param(m, False, id=m, marks=[needs_peft] if m.startswith("peft-") else []) for m in METHODS]
+    cases = [pytest.param(m, False, id=m, marks=_marks(m)) for m in METHODS]
     # Tied embeddings: one storage for the input embedding and the LM head (full trains it: its gradient and state too).
     return cases + [pytest.param("full", True, id="full-tied")]
 
@@ -119,6 +131,17 @@ def test_fake_trace_equals_real_trace(method, tied):
     # steady step gives back everything it allocated.
     assert fake.baseline_bytes == fake_counts["weights"] + fake_counts["optimizer"]
     assert fake.end_bytes == fake.baseline_bytes
+
+
+@needs_peft
+@needs_bnb
+def test_4bit_gemm_flops_are_counted():
+    """bitsandbytes runs QLoRA's forward as one fused 4-bit GEMM op that torch's flop registry does not know;
+    the tracker counts it as the GEMM it is, so PEFT QLoRA does exactly PEFT LoRA's FLOPs."""
+    qlora, lora = _run("peft-qlora")["fake"][1], _run("peft-lora")["fake"][1]
+    fused = [op for op in qlora.ops if op.name == "bitsandbytes.gemm_4bit"]
+    assert fused and all(op.kind == "matmul" and op.flops > 0 for op in fused)
+    assert qlora.flops == lora.flops
 
 
 def test_paca_column_write_order_is_deterministic(monkeypatch):
@@ -489,9 +512,10 @@ def test_cli_plan_writes_records(tiny_config_file, tmp_path):
     (["--device-profile", "tpu-v9"], ["tpu-v9", "h100-80g", "gaudi2"]),
     (["--seq-len", "512"], ["512", "256"]),
     pytest.param(["--methods", "peft-lora+velora"], ["peft-lora+velora", "tensor values"], marks=[needs_peft]),
-    (["--methods", "qpaca"], ["qpaca", "fake tensors"]),
+    pytest.param(["--methods", "qpaca", "--quantize", "fp4", "--device-profile", "gaudi2"], ["qpaca", "gaudi2", "fp4", "--quantize nf4"],
+                 marks=[needs_bnb]),
     (["--fsdp"], ["--fsdp", "--world-size"]),
-], ids=["unknown-shape", "unknown-profile", "seq-above-context", "peft-velora-host-read", "qpaca", "fsdp-without-world-size"])
+], ids=["unknown-shape", "unknown-profile", "seq-above-context", "peft-velora-host-read", "fp4-on-gaudi", "fsdp-without-world-size"])
 def test_cli_plan_bad_input(argv, needles, tiny_config_file, caplog):
     from paca_core.cli import main
     from paca_core.plan.shapes import known_shapes
@@ -512,6 +536,39 @@ def test_cli_plan_bad_input(argv, needles, tiny_config_file, caplog):
         assert needle in message, (needle, message)
     if argv[1:] == ["no-such-shape"]:
         assert all(name in message for name in known_shapes())
+
+
+@needs_bnb
+def test_cli_plan_quantize_plans_the_4bit_forms(tiny_config_file, tmp_path):
+    """--quantize: paca is planned as QPaCA and peft-lora as PEFT QLoRA in the asked 4-bit type, methods without a
+    4-bit form stay on the --dtype base, and the output says that the 4-bit matmul is a stand-in."""
+    from paca_core.cli import main
+
+    methods = "paca,lora,peft-lora" if HAVE_PEFT else "paca,lora"
+    out = tmp_path / "plan"
+    assert main(["plan", "--model", str(tiny_config_file), "--methods", methods, "--quantize", "fp4", "--device-profile",
+                 "a100-80g", "--seq-len", "64", "--batch-size", "1", "--no-search", "--out", str(out)]) == 0
+    document = json.loads((out / "plan.json").read_text())
+    by_method = {r["method"]: r for r in document["records"]}
+    assert set(by_method) == ({"qpaca", "lora", "peft-qlora"} if HAVE_PEFT else {"qpaca", "lora"})
+    assert by_method["qpaca"]["quantize"] == "fp4" and by_method["lora"]["quantize"] is None
+    assert by_method["qpaca"]["notes"] and not by_method["lora"]["notes"]
+    assert any("stand-in" in note for note in document["notes"]) and "stand-in" in (out / "plan.md").read_text()
+    # The 4-bit base holds half a byte per projection weight (plus block scales): far less than bf16 LoRA's.
+    assert by_method["qpaca"]["bytes"]["weights"] < by_method["lora"]["bytes"]["weights"]
+
+
+@needs_bnb
+def test_train_preflight_plans_a_quantized_base(tiny_config_file):
+    """paca train --quantize nf4: the preflight traces QPaCA on fake tensors (the 4-bit stand-in) and plans less
+    than the bf16 PaCA run at the same shape."""
+    from paca_core.methods import PaCAConfig
+    from paca_core.plan.preflight import planned_peak
+
+    folder = tiny_config_file.parent
+    plain = planned_peak(folder, "paca", [PaCAConfig(r=4, seed=0)], 32, 2, torch.float32)
+    quantized = planned_peak(folder, "paca", [PaCAConfig(r=4, seed=0, quantize="nf4")], 32, 2, torch.float32)
+    assert 0 < quantized < plain
 
 
 def test_train_preflight_warns_before_loading_when_the_plan_does_not_fit(tiny_config_file, caplog):

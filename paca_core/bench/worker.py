@@ -127,7 +127,7 @@ def _quantize(model: nn.Module, options: dict) -> nn.Module:
     except ImportError as error:
         raise Unavailable(f"paca_core.quantization cannot be imported ({error})") from None
     try:
-        return quantize_base(model, "nf4", target_modules=_target_list(options.get("target_modules")))
+        return quantize_base(model, options.get("quantize") or "nf4", target_modules=_target_list(options.get("target_modules")))
     except ImportError as error:
         raise Unavailable(str(error).splitlines()[0]) from None
 
@@ -211,7 +211,9 @@ def _counted_step(prepared: Prepared, ids: torch.Tensor, device: torch.device) -
         after_backward=count_gradients,
     )
     saved, grads = counts["saved"], counts["grads"]
-    params = _tensor_bytes(list(module.parameters()) + list(module.buffers()))
+    from ..quantization import quant_state_tensors
+
+    params = _tensor_bytes(list(module.parameters()) + list(module.buffers()) + quant_state_tensors(module))
     optimizer_state = _optimizer_state_bytes(prepared.optimizer) + prepared.extra_state()
     host_tables = _tensor_bytes(v for t in _host_tables(module) for v in _table_tensors(t))
     return {

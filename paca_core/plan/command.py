@@ -7,6 +7,7 @@ docs/plan.md for how the simulation was checked on this CPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from devices.profiles import UnknownProfileError, calibrate_cpu, get_profile, load_profiles, measures_this_machine, save_calibration
+from devices.profiles import FOUR_BIT_TYPES, UnknownProfileError, calibrate_cpu, get_profile, load_profiles, measures_this_machine, save_calibration
 
 from .. import extras
 from ..atomic import write_bytes_atomic
@@ -24,6 +25,7 @@ from ..errors import PacaConfigError
 from .planner import PlanSettings, plan_records
 from .report import markdown_table, plot_plan
 from .shapes import known_shapes, load_config
+from .trace import QUANTIZED
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ def add_plan_parser(sub) -> None:
     )
     p.add_argument("--model", default="llama-3.1-8b",
                    help=f"a built-in shape ({', '.join(known_shapes())}), a local HF model folder, or a config.json")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated paca train / paca bench method names (PEFT peers: peft-lora, peft-lorafa)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated paca train / paca bench method names (PEFT peers: peft-lora, peft-lorafa; "
+                   "4-bit bases: qpaca, peft-qlora)")
     p.add_argument("--device-profile", default="h100-80g", help=f"comma-separated profiles: {', '.join(load_profiles())}")
     p.add_argument("--calibrate", action="store_true", help="with the cpu profile: measure this CPU's GEMM throughput and memory bandwidth first (saved for later plans)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -65,6 +68,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--offload-activations", default=None, metavar="MODULES",
                    help="plan with what autograd saves inside these modules in host memory ('decoder-layers', names or a regex), "
                    "as paca train --offload-activations does on a GPU/HPU")
+    p.add_argument("--quantize", choices=FOUR_BIT_TYPES, default=None,
+                   help="plan on a 4-bit bitsandbytes base: paca as QPaCA and peft-lora as PEFT QLoRA (methods without a 4-bit "
+                   "form stay on the --dtype base); qpaca and peft-qlora in --methods use it too (default nf4)")
     p.add_argument("--world-size", type=int, default=1, help="processes (with --fsdp: bytes per rank)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding over --world-size ranks")
     p.add_argument("--no-search", dest="search", action="store_false", help="skip the max_seq_len / max_batch_size searches")
@@ -97,17 +103,42 @@ def _profile_line(profile) -> str:
             f"bandwidth {profile.memory_bandwidth / 1e9:.1f} GB/s, launch {profile.launch_overhead_s * 1e6:.1f} µs")
 
 
-def _check_methods(methods: list[str]) -> None:
-    from .trace import NOT_TRACEABLE, QUANTIZED
+#: The 4-bit form of each method that has one (``--quantize``).
+QUANTIZED_FORMS = {"paca": "qpaca", "peft-lora": "peft-qlora"}
+
+
+def _quantized_methods(methods: list[str], kind: str | None) -> list[str]:
+    """``methods`` with ``--quantize``: each method that has a 4-bit form planned in that form."""
+    if kind is None:
+        return methods
+    plain = [m for m in methods if m not in QUANTIZED_FORMS and m not in QUANTIZED]
+    if plain:
+        logger.info("--quantize %s: %s %s no 4-bit form in paca-hal and %s planned on the --dtype base.", kind, ", ".join(plain),
+                    "has" if len(plain) == 1 else "have", "is" if len(plain) == 1 else "are")
+    return list(dict.fromkeys(QUANTIZED_FORMS.get(m, m) for m in methods))
+
+
+def _check_methods(methods: list[str], profiles: list, kind: str) -> None:
+    """Refuse, before any tracing, a method the planner cannot trace or a profile cannot run."""
+    from .trace import NOT_TRACEABLE
 
     for method in methods:
-        if method in QUANTIZED:
-            raise PacaConfigError(
-                f"{method}: the planner cannot trace bitsandbytes' 4-bit matmul on fake tensors (and bitsandbytes has "
-                "no 4-bit kernels on some devices, e.g. Gaudi); plan 'paca' or 'peft-lora' on the bf16 base instead."
-            )
         if method in NOT_TRACEABLE:
             raise PacaConfigError(f"{method}: {NOT_TRACEABLE[method]}")
+        if method not in QUANTIZED:
+            continue
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise PacaConfigError(f"{method} plans a bitsandbytes 4-bit base: pip install 'paca-hal[quant]' (the planner "
+                                  "traces bitsandbytes' own quantize and dequantize ops, on fake tensors).")
+        for profile in profiles:
+            if profile.supports_4bit(kind):
+                continue
+            if profile.four_bit_types:
+                remedy = f"use --quantize {profile.four_bit_types[0]} (the 4-bit types it has: {', '.join(profile.four_bit_types)})"
+            else:
+                remedy = "plan paca or peft-lora on the --dtype base instead"
+            raise PacaConfigError(f"{method} cannot run on {profile.name}: bitsandbytes has no {kind} kernels there (the "
+                                  f"profile's four_bit_types and its source say so); {remedy}.")
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -116,7 +147,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from ..bench.specs import parse_method_spec
 
     started = time.perf_counter()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _quantized_methods([m.strip().lower() for m in args.methods.split(",") if m.strip()], args.quantize)
     for method in methods:
         parse_method_spec(method)  # unknown names fail before any work
     seq_lens, batch_sizes = _ints(args.seq_len, "--seq-len"), _ints(args.batch_size, "--batch-size")
@@ -130,12 +161,13 @@ def run_plan(args: argparse.Namespace) -> int:
         raise PacaConfigError("--workers must be at least 1.")
     config = load_config(args.model)
     profiles = _profiles(args.device_profile, args.calibrate)
-    _check_methods(methods)
+    kind = args.quantize or "nf4"
+    _check_methods(methods, profiles, kind)
     settings = PlanSettings(dtype=getattr(torch, DTYPES[args.dtype]), rank=args.rank, match_params=args.match_params,
                             gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp,
                             options=(("target_modules", args.target_modules),) if args.target_modules else (),
                             loss_chunk_tokens=parse_loss_chunk_tokens(args.loss_chunk_tokens),
-                            offload_activations=args.offload_activations)
+                            offload_activations=args.offload_activations, quantize=kind)
     records = plan_records(config, args.model, methods, profiles, settings, seq_lens, batch_sizes,
                            progress=lambda m: logger.info("Tracing %s on %s (fake tensors, no weights)", m, args.model),
                            search=args.search, workers=args.workers)
@@ -143,16 +175,18 @@ def run_plan(args: argparse.Namespace) -> int:
     document = {
         "command": "paca " + " ".join(sys.argv[sys.argv.index("plan"):]) if "plan" in sys.argv else "paca plan (from Python)",
         "model": args.model,
-        "settings": {"offload_activations": args.offload_activations, "target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
+        "settings": {"offload_activations": args.offload_activations, "target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "quantize": args.quantize, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
                      "world_size": args.world_size, "fsdp": args.fsdp, "seq_lens": seq_lens, "batch_sizes": batch_sizes},
         "profiles": {p.name: p.to_dict() for p in profiles},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "planner_seconds": round(elapsed, 1)},
-        "notes": NOTES,
+        "notes": NOTES + list(dict.fromkeys(note for r in records for note in r["notes"])),
         "records": records,
     }
     table = markdown_table(records)
     print(table)
     print(f"\n({elapsed:.0f} s; simulated from traced steps and device profiles, not measured on the hardware)")
+    for note in document["notes"][len(NOTES):]:
+        print(f"Note: {note}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(args.out / "plan.json", json.dumps(document, indent=1, default=str).encode())

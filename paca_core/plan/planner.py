@@ -20,7 +20,7 @@ from ..bench.specs import MethodSpec, parse_method_spec
 from ..errors import PacaConfigError
 from .estimate import estimate_time
 from .shapes import context_length
-from .trace import TracedModel, build, trace_step
+from .trace import QUANTIZED_NOTE, TracedModel, build, trace_step
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class PlanSettings:
     loss_chunk_tokens: int | None = None
     #: Modules whose saved activations go to host memory (paca train --offload-activations), or None.
     offload_activations: str | None = None
+    #: The 4-bit type of the quantized methods (qpaca, peft-qlora): nf4 or fp4.
+    quantize: str = "nf4"
 
 
 @dataclass
@@ -94,12 +96,25 @@ class MethodTracer:
         self._cache: dict[tuple[int, int], Measurement] = {}
         self.traces = 0
 
+    @property
+    def quantize(self) -> str | None:
+        """The 4-bit type this method's base is planned in (None: the planned dtype)."""
+        if self.spec.kind == "quantized":
+            return self.settings.quantize
+        return next((c.quantize for c in self.configs or () if getattr(c, "quantize", None)), None)
+
+    def options(self) -> dict:
+        options = dict(self.settings.options)
+        if self.spec.kind == "quantized":
+            options["quantize"] = self.settings.quantize
+        return options
+
     def _build(self) -> list[TracedModel]:
         if self._models is None:
             models = []
             for layers in TRACED_LAYERS if self.layers > TRACED_LAYERS[1] else (self.layers,):
                 models.append(build(_with_layers(self.config, layers), self.spec, self.rank, self.settings.dtype,
-                                    dict(self.settings.options), fake=self.fake,
+                                    self.options(), fake=self.fake,
                                     gradient_checkpointing=self.settings.gradient_checkpointing, configs=self.configs,
                                     loss_chunk_tokens=self.settings.loss_chunk_tokens,
                                     offload_activations=self.settings.offload_activations))
@@ -335,6 +350,8 @@ def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSetting
         "gradient_checkpointing": settings.gradient_checkpointing,
         "loss_chunk_tokens": settings.loss_chunk_tokens if tracer.spec.kind in ("ours", "quantized") else None,
         "offload_activations": settings.offload_activations,
+        "quantize": tracer.quantize,
+        "notes": [QUANTIZED_NOTE] if tracer.quantize else [],
         "trainable_params": counts["trainable_params"],
         "total_params": counts["total_params"],
         "bytes": per_rank,

@@ -27,8 +27,13 @@ from .tracker import StepTrace, StepTracker
 
 logger = logging.getLogger(__name__)
 
-#: Methods whose 4-bit matmul cannot run on fake tensors (bitsandbytes kernels): not traced.
+#: Methods on a 4-bit base: traced with bitsandbytes' own ops on fake tensors, the packed weight in a
+#: plain parameter (``paca_core.quantization``'s fake layer); plans say so.
 QUANTIZED = ("qpaca", "peft-qlora")
+#: What plans of those methods say about the stand-in.
+QUANTIZED_NOTE = ("4-bit base planned with a stand-in: bitsandbytes' quantize/dequantize ops run as their registered "
+                  "fake kernels (real shapes and bytes, no arithmetic); the packed weight sits in a plain parameter "
+                  "instead of bitsandbytes' Params4bit.")
 #: Methods whose step depends on values, not only shapes, and why they are not planned.
 NOT_TRACEABLE: dict[str, str] = {}
 
@@ -107,6 +112,13 @@ def _bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _weight_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters, buffers and 4-bit layers' quantization state: what the model holds before a step."""
+    from ..quantization import quant_state_tensors
+
+    return list(module.parameters()) + list(module.buffers()) + quant_state_tensors(module)
+
+
 def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     if optimizer is None:
         return []
@@ -129,11 +141,6 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
 
     if spec.name in NOT_TRACEABLE and fake:
         raise PacaConfigError(f"{spec.name}: {NOT_TRACEABLE[spec.name]}")
-    if spec.name in QUANTIZED and fake:
-        raise PacaConfigError(
-            f"{spec.name}: bitsandbytes' 4-bit kernels do not run on fake tensors, so the planner cannot trace it yet; "
-            "plan 'paca' or 'peft-lora' on the bf16 base instead."
-        )
     fake_mode = None
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -166,7 +173,7 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
         traced.counts = {
             "trainable_params": sum(p.numel() for p in prepared.params) + prepared.extra_trainable,
             "total_params": sum(p.numel() for p in module.parameters()),
-            "weights": _bytes(list(module.parameters()) + list(module.buffers())),
+            "weights": _bytes(_weight_tensors(module)),
             "optimizer": _bytes(_optimizer_tensors(prepared.optimizer)),
             "host": _bytes(traced.host_tensors),
         }
@@ -207,7 +214,7 @@ def trace_step(traced: TracedModel, seq_len: int, batch_size: int) -> tuple[Step
     prepared = traced.prepared
     with traced.context():
         ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
-        baseline = list(prepared.module.parameters()) + list(prepared.module.buffers()) + _optimizer_tensors(prepared.optimizer)
+        baseline = _weight_tensors(prepared.module) + _optimizer_tensors(prepared.optimizer)
         tracker = StepTracker(baseline, host=traced.host_tensors)
         with tracker, _data_dependence_explained(traced.spec.name):
             counted = _step(prepared, ids, tracker)

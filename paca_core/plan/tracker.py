@@ -46,10 +46,18 @@ _NO_KERNEL = {
 }
 
 
-#: CPU's fused attention ops do the work of the flash kernels (torch counts those): same formula, same arguments.
+def _gemm_4bit_flops(a, b, shape_b, *args, out_val=None, **kwargs) -> int:
+    """bitsandbytes' fused 4-bit GEMM (dequantize + matmul in one kernel): ``a (..., K) @ W (N, K)ᵀ``."""
+    return 2 * a.numel() * int(shape_b[0])
+
+
+#: Ops torch's flop registry does not know. CPU's fused attention ops do the work of the flash kernels
+#: (torch counts those): same formula, same arguments. bitsandbytes' 4-bit GEMM/GEMV (QLoRA's forward).
 _EXTRA_FLOPS = {
     "aten._scaled_dot_product_flash_attention_for_cpu": flop_registry[_aten._scaled_dot_product_flash_attention],
     "aten._scaled_dot_product_flash_attention_for_cpu_backward": flop_registry[_aten._scaled_dot_product_flash_attention_backward],
+    "bitsandbytes.gemm_4bit": _gemm_4bit_flops,
+    "bitsandbytes.gemv_4bit": _gemm_4bit_flops,
 }
 
 
