@@ -283,19 +283,24 @@ def test_paca_peak_on_real_tensors_independent_checks():
 
 
 # --- 4. tracing 1 and 2 layers and extrapolating equals tracing the whole stack ------------------------
-@pytest.mark.parametrize("method,gradient_checkpointing", [
-    ("paca", False), ("paca", True), ("paca+full+velora", False), ("paca+full+velora", True), ("lora", False), ("full", True),
-], ids=lambda v: {False: "no-gc", True: "gc"}.get(v, v) if isinstance(v, bool) else v)
-def test_layer_reduction_is_exact(method, gradient_checkpointing):
+@pytest.mark.parametrize("method,gradient_checkpointing,offload", [
+    ("paca", False, None), ("paca", True, None), ("paca+full+velora", False, None), ("paca+full+velora", True, None),
+    ("lora", False, None), ("full", True, None), ("paca", False, "decoder-layers"), ("paca", True, "decoder-layers"),
+], ids=lambda v: {False: "no-gc", True: "gc", None: "", "decoder-layers": "offload"}.get(v, v) if v in (False, True, None, "decoder-layers") else v)
+def test_layer_reduction_is_exact(method, gradient_checkpointing, offload):
     config = tiny_llama_config(num_hidden_layers=5)
     profiles = [get_profile("gaudi2"), get_profile("h100-80g")]
-    settings = PlanSettings(dtype=torch.float32, rank=LORA_RANK, gradient_checkpointing=gradient_checkpointing)
+    settings = PlanSettings(dtype=torch.float32, rank=LORA_RANK, gradient_checkpointing=gradient_checkpointing,
+                            offload_activations=offload)
     tracer = MethodTracer(config, method, settings, profiles)
-    measured = tracer.measure(SEQ, BATCH)
-    assert [_decoder_layers(m.prepared.module) for m in tracer._build()] == [1, 2]  # traced reduced
+    seq = 512 if offload else SEQ  # tensors above the offload's 64 KiB threshold
+    measured = tracer.measure(seq, BATCH)
+    # Traced reduced: 1 and 2 layers; with offload 3 and 4 (backward holds up to three layers' tensors).
+    assert [_decoder_layers(m.prepared.module) for m in tracer._build()] == ([3, 4] if offload else [1, 2])
 
-    full = build(config, tracer.spec, tracer.rank, torch.float32, gradient_checkpointing=gradient_checkpointing)
-    trace, counts = trace_step(full, SEQ, BATCH)
+    full = build(config, tracer.spec, tracer.rank, torch.float32, gradient_checkpointing=gradient_checkpointing,
+                 offload_activations=offload)
+    trace, counts = trace_step(full, seq, BATCH)
     expected = {"weights": counts["weights"], "gradients": counts["gradients"], "optimizer": counts["optimizer"],
                 "saved_activations": trace.saved_bytes, "peak": trace.peak_bytes, "host": counts["host"]}
     assert set(expected) == set(BYTE_KINDS)
@@ -310,7 +315,7 @@ def test_layer_reduction_is_exact(method, gradient_checkpointing):
             assert math.isclose(timing[name], getattr(estimate, name), rel_tol=1e-6, abs_tol=1e-15), (profile.name, name)
         assert timing["bound"] == estimate.bound
     assert tracer.traces == 2
-    assert tracer.measure(SEQ, BATCH) is measured and tracer.traces == 2  # cached
+    assert tracer.measure(seq, BATCH) is measured and tracer.traces == 2  # cached
 
 
 # --- 5. the searches -----------------------------------------------------------------------------------

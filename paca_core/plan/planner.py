@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 #: Layer counts traced; the line through them is exact for a homogeneous stack (tests/test_plan.py).
 TRACED_LAYERS = (1, 2)
+#: With activation offload, backward has up to three layers' tensors on the device at once (the one it
+#: is finishing, the current one and the one prefetched), so the peak grows along one line only from
+#: three layers on (tests/test_plan.py checks the 5-layer trace).
+TRACED_LAYERS_OFFLOAD = (3, 4)
 #: Granularity of the searched sequence length (tokens); batch sizes are searched one by one.
 SEQ_STEP = 64
 MAX_BATCH = 1 << 14
@@ -73,9 +77,9 @@ def _with_layers(config, layers: int):
     return type(config).from_dict(fields)
 
 
-def _affine(a: float, b: float, layers: int) -> float:
-    """Value at ``layers`` on the line through (TRACED_LAYERS[0], a) and (TRACED_LAYERS[1], b)."""
-    l0, l1 = TRACED_LAYERS
+def _affine(a: float, b: float, layers: int, traced: tuple[int, int] = TRACED_LAYERS) -> float:
+    """Value at ``layers`` on the line through (traced[0], a) and (traced[1], b)."""
+    l0, l1 = traced
     return a + (b - a) * (layers - l0) / (l1 - l0)
 
 
@@ -92,6 +96,7 @@ class MethodTracer:
         self.layers = int(config.num_hidden_layers)
         self.rank = getattr(configs[0], "r", None) if configs else self.spec.rank(settings.rank, settings.match_params)
         self.fake = fake
+        self.traced_layers = TRACED_LAYERS_OFFLOAD if settings.offload_activations else TRACED_LAYERS
         self._models: list[TracedModel] | None = None
         self._cache: dict[tuple[int, int], Measurement] = {}
         self.traces = 0
@@ -112,7 +117,7 @@ class MethodTracer:
     def _build(self) -> list[TracedModel]:
         if self._models is None:
             models = []
-            for layers in TRACED_LAYERS if self.layers > TRACED_LAYERS[1] else (self.layers,):
+            for layers in self.traced_layers if self.layers > self.traced_layers[1] else (self.layers,):
                 models.append(build(_with_layers(self.config, layers), self.spec, self.rank, self.settings.dtype,
                                     self.options(), fake=self.fake,
                                     gradient_checkpointing=self.settings.gradient_checkpointing, configs=self.configs,
@@ -126,7 +131,8 @@ class MethodTracer:
         models = self._build()
         if len(models) == 1:
             return dict(models[0].counts)
-        return {k: int(round(_affine(models[0].counts[k], models[1].counts[k], self.layers))) for k in models[0].counts}
+        return {k: int(round(_affine(models[0].counts[k], models[1].counts[k], self.layers, self.traced_layers)))
+                for k in models[0].counts}
 
     def layer_weight_bytes(self) -> int:
         models = self._build()
@@ -158,7 +164,7 @@ class MethodTracer:
         if len(parts) == 1:
             full = {k: float(v) for k, v in parts[0].items()}
         else:
-            full = {k: _affine(parts[0][k], parts[1][k], self.layers) for k in parts[0]}
+            full = {k: _affine(parts[0][k], parts[1][k], self.layers, self.traced_layers) for k in parts[0]}
             full["peak"] = max([full["peak"]] + [v for k, v in full.items() if k.startswith("peak:")])
         measurement = Measurement(
             bytes={k: int(round(full[k])) for k in BYTE_KINDS},
