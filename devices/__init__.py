@@ -8,7 +8,15 @@ from typing import Any
 
 from .cpu import CpuRuntime
 from .cuda import CudaRuntime
-from .distributed import device_mesh, host_process_group, init_distributed, launched_world_size, shutdown_distributed, world_size
+from .distributed import (
+    device_mesh,
+    host_process_group,
+    init_distributed,
+    launched_world_size,
+    local_world_size,
+    shutdown_distributed,
+    world_size,
+)
 from .graph_modes import (
     add_graph_mode_argument,
     apply_graph_mode,
@@ -30,6 +38,7 @@ from .registry import (
     default_dtype,
     device_choices,
     device_name,
+    free_memory_bytes,
     make_adamw,
     memory_stats,
     new_event,
@@ -80,6 +89,7 @@ __all__ = [
     "device_choices",
     "device_mesh",
     "device_name",
+    "free_memory_bytes",
     "get_profile",
     "graph_mode_choices",
     "graph_mode_of",
@@ -89,6 +99,7 @@ __all__ = [
     "shutdown_distributed",
     "keeps_grad_buffers",
     "launched_world_size",
+    "local_world_size",
     "load_profiles",
     "make_adamw",
     "memory_stats",

@@ -20,6 +20,18 @@ def _read_status_kib(field: str) -> int | None:
     return None
 
 
+def _meminfo_available_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo: free memory plus caches the kernel can drop (Linux >= 3.14)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class CpuRuntime(DeviceRuntime):
     name = "cpu"
     auto_priority = 0  # always there: the last resort of ``auto``
@@ -52,6 +64,12 @@ class CpuRuntime(DeviceRuntime):
             current, peak = current * 1024, peak * 1024
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
         return MemoryStats(str(device), current, peak, total, source)
+
+    def free_bytes(self, device: torch.device) -> int | None:
+        available = _meminfo_available_bytes()
+        if available is None and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")  # free pages only: an underestimate
+        return available
 
     def reset_peak_memory_stats(self, device: torch.device) -> None:
         # Linux resets the VmHWM high-water mark when "5" is written to clear_refs.

@@ -63,6 +63,9 @@ class CudaRuntime(DeviceRuntime):
             "torch.cuda allocator",
         )
 
+    def free_bytes(self, device: torch.device) -> int | None:
+        return int(torch.cuda.mem_get_info(device)[0])  # the driver's figure: other processes' use counts too
+
     def reset_peak_memory_stats(self, device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 

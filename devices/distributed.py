@@ -17,6 +17,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """Processes of this launch on this machine (``LOCAL_WORLD_SIZE``, set by torchrun; 1 when not
+    launched): they share the host's memory."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+
+
 def world_size() -> int:
     """Processes in the initialised process group (1 when there is none)."""
     import torch.distributed as dist

@@ -107,6 +107,12 @@ class HpuRuntime(DeviceRuntime):
             str(device), int(stats.get("InUse", 0)), int(stats.get("MaxInUse", 0)), stats.get("Limit"), "torch.hpu memory_stats"
         )
 
+    def free_bytes(self, device: torch.device) -> int | None:
+        """``Limit - InUse`` of ``torch.hpu.memory_stats``: the bridge's allocator owns the card's memory."""
+        stats = self._torch_hpu().memory_stats(device)
+        limit = stats.get("Limit")
+        return None if limit is None else max(0, int(limit) - int(stats.get("InUse", 0)))
+
     def reset_peak_memory_stats(self, device: torch.device) -> None:
         self._torch_hpu().reset_peak_memory_stats(device)
 

@@ -180,6 +180,12 @@ def memory_stats(device: torch.device | str) -> MemoryStats:
     return runtime_for(device).memory_stats(device)
 
 
+def free_memory_bytes(device: torch.device | str) -> int | None:
+    """Bytes new allocations on ``device`` could still get now, whatever its type; None when unknown."""
+    device = torch.device(device)
+    return runtime_for(device).free_bytes(device)
+
+
 def reset_peak_memory_stats(device: torch.device | str) -> None:
     """Start a new peak-memory window on ``device``."""
     device = torch.device(device)

@@ -150,6 +150,11 @@ class DeviceRuntime(ABC):
     def memory_stats(self, device: torch.device) -> MemoryStats:
         """Current and peak memory of ``device``."""
 
+    def free_bytes(self, device: torch.device) -> int | None:
+        """Bytes new allocations on ``device`` could still get now (what ``paca train --seq-len auto``
+        plans against by default); None when the device cannot tell, so callers ask the user instead."""
+        return None
+
     @abstractmethod
     def reset_peak_memory_stats(self, device: torch.device) -> None:
         """Start a new peak-memory window for ``device``."""

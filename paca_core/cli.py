@@ -8,6 +8,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,7 +21,10 @@ from .plan.command import add_plan_parser
 from .errors import PacaConfigError
 from .methods import default_lr as _registry_default_lr
 from .methods import method_help, primary_name
-from .train_options import DEFAULT_LR, DEFAULT_RANK, DTYPES, add_train_arguments, build_configs, default_lr_for
+from .train_options import DEFAULT_LR, DEFAULT_RANK, DTYPES, add_train_arguments, build_configs, default_lr_for, is_auto
+
+if TYPE_CHECKING:
+    from .plan.auto_shape import ShapeChoice
 
 logger = logging.getLogger("paca_core")
 
@@ -128,17 +132,21 @@ def run_train(args: argparse.Namespace) -> int:
     from .dataset import load_dataset, split_held_out
     from .chunked_loss import parse_loss_chunk_tokens
     from .model import prepare_model
+    from .plan.auto_shape import parse_budget
     from .trainer import Trainer, TrainingArguments, write_metrics
 
     # Validate everything cheap before loading anything.
     configs = build_configs(args)
     loss_chunk_tokens = parse_loss_chunk_tokens(args.loss_chunk_tokens)
+    budget = parse_budget(args.memory_budget) if args.memory_budget is not None else None
+    auto = is_auto(args.seq_len) or is_auto(args.batch_size)
+    recorded = _recorded_shape(args.resume) if auto and args.resume else None
     lr = args.lr if args.lr is not None else _default_lr(configs)
     train_args = TrainingArguments(
         output_dir=args.out,
         max_steps=args.steps,
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=1 if is_auto(args.batch_size) else args.batch_size,  # auto: chosen before loading, below
         grad_accum=args.grad_accum,
         lr=lr,
         weight_decay=args.weight_decay,
@@ -159,13 +167,32 @@ def run_train(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model_path = assets.resolve_model_path(args.model)
-    if args.plan_check == "on" or (args.plan_check == "auto" and not devices.shares_host_memory(device)):
+    host_memory = devices.shares_host_memory(device)
+    # Offload moves nothing where device memory is host memory, so the plan leaves it out there, as the run does.
+    planned_offload = None if host_memory else args.offload_activations
+    shape = None
+    if recorded is not None:
+        _reuse_recorded_shape(args, recorded)
+    elif auto:
+        from .plan.auto_shape import choose_with_tracer
+        from .plan.preflight import step_tracer
+
+        if budget is None:
+            budget = _default_budget(device, world_size)
+        tracer = step_tracer(model_path, args.method, configs, dtype, world_size, train_args.fsdp, loss_chunk_tokens,
+                             args.gradient_checkpointing, planned_offload)
+        shape = choose_with_tracer(tracer, args.seq_len, args.batch_size, budget, include_host=host_memory)
+        args.seq_len, args.batch_size = shape.seq_len, shape.batch_size
+        logger.info("%s", _describe_choice(shape))
+    elif args.plan_check == "on" or (args.plan_check == "auto" and not host_memory):
         from .plan.preflight import check_before_loading
 
         check_before_loading(model_path, args.method, configs, args.seq_len, args.batch_size, dtype,
-                             devices.memory_stats(device).total_bytes, world_size=world_size, fsdp=train_args.fsdp,
-                             loss_chunk_tokens=loss_chunk_tokens,
-                             gradient_checkpointing=args.gradient_checkpointing)
+                             budget if budget is not None else devices.memory_stats(device).total_bytes,
+                             world_size=world_size, fsdp=train_args.fsdp, loss_chunk_tokens=loss_chunk_tokens,
+                             gradient_checkpointing=args.gradient_checkpointing, offload_activations=planned_offload,
+                             include_host=host_memory)
+    train_args.batch_size = args.batch_size
     model, tokenizer = assets.load_model_and_tokenizer(model_path, dtype=dtype)
     data_path = assets.default_dataset_path() if args.data == "default" else Path(args.data)
     data = load_dataset(data_path, tokenizer, args.seq_len)
@@ -174,6 +201,8 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         train_data, eval_data = split_held_out(data, args.eval_fraction, args.seed)
     logger.info("Data: %d training and %d held-out examples of %d tokens from %s", len(train_data), len(eval_data), args.seq_len, data_path)
+    if shape is not None and "batch_size" in shape.chosen:
+        train_args.batch_size = args.batch_size = _batch_within_data(args.batch_size, len(train_data), world_size)
 
     paca_model = prepare_model(model, configs, device=device)
     paca_model.set_loss_chunk_tokens(loss_chunk_tokens)
@@ -216,6 +245,8 @@ def run_train(args: argparse.Namespace) -> int:
         "dtype": str(dtype).replace("torch.", ""),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": _version_of("transformers")},
         "configs": [c.to_dict() for c in configs],
+        "seq_len": args.seq_len,
+        "auto_shape": _auto_shape_record(shape, recorded, args),
         "training": vars(train_args),
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -255,6 +286,87 @@ def run_train(args: argparse.Namespace) -> int:
         _print_summary(metrics)
     devices.shutdown_distributed()  # every rank waits for rank 0's writes, then leaves the group
     return 0
+
+
+def _recorded_shape(resume: str) -> dict[str, int]:
+    """The shape the checkpoint being resumed was trained at: a resumed auto run must keep it (the data position
+    counts its batches), so it is re-used, not planned again. Read before anything loads."""
+    from .checkpoint import CheckpointError
+    from .training_state import has_training_state, recorded_shape
+
+    directory = Path(resume)
+    if has_training_state(directory / "checkpoint"):
+        directory = directory / "checkpoint"
+    if not has_training_state(directory):
+        raise CheckpointError(f"{directory} is not a resumable checkpoint (expected <out>/checkpoint).")
+    shape = recorded_shape(directory)
+    if shape is None:
+        raise PacaConfigError(
+            f"--resume {resume} with --seq-len/--batch-size auto: this checkpoint does not record the sequence length and "
+            "batch size it was trained at (written before paca-hal recorded them), and planning them again could change "
+            "them. Pass the run's --seq-len and --batch-size as numbers (its metrics.json lists them)."
+        )
+    return shape
+
+
+def _reuse_recorded_shape(args: argparse.Namespace, recorded: dict[str, int]) -> None:
+    """``auto`` on resume: the checkpoint's values, said at INFO; given numbers are kept as given."""
+    for name in ("seq_len", "batch_size"):
+        if is_auto(getattr(args, name)):
+            setattr(args, name, recorded[name])
+            logger.info("--%s auto on resume: %d, as the checkpoint recorded (not planned again).", name.replace("_", "-"), recorded[name])
+
+
+def _default_budget(device: torch.device, world_size: int) -> int:
+    """The device's free memory for this process; processes on one machine split host memory between them.
+    Under a launch every process takes the smallest figure, so all choose the same shape."""
+    free = devices.free_memory_bytes(device)
+    if free is None:
+        raise PacaConfigError(f"{device} cannot tell how much memory is free: pass --memory-budget (e.g. 24GiB) with auto.")
+    if devices.shares_host_memory(device):
+        free //= max(1, devices.local_world_size())
+    if world_size > 1:
+        import torch.distributed as dist
+
+        smallest = torch.tensor([free], dtype=torch.int64)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=devices.host_process_group())
+        free = int(smallest.item())
+    return free
+
+
+def _describe_choice(shape: "ShapeChoice") -> str:
+    """The INFO line of an auto choice: the shape, its planned peak, the budget, and where the figure comes from."""
+    from .plan.auto_shape import format_bytes
+
+    def flag(name: str, value: int) -> str:
+        return f"--{name.replace('_', '-')} {value}" + (" (auto)" if name in shape.chosen else "")
+
+    return (f"{flag('seq_len', shape.seq_len)} at {flag('batch_size', shape.batch_size)}: planned peak "
+            f"{format_bytes(shape.peak_bytes)} per process of a {format_bytes(shape.budget_bytes)} memory budget "
+            "(paca plan's trace, before loading weights).")
+
+
+def _batch_within_data(batch_size: int, examples: int, world_size: int) -> int:
+    """An auto batch larger than the training split allows (one global batch) drops to what it holds: a smaller
+    batch never plans a higher peak, and the data size was unknown when the batch was chosen."""
+    most = max(1, examples // max(1, world_size))
+    if batch_size > most:
+        logger.info("--batch-size auto: %d fits the budget, but the training split holds %d examples per process; "
+                    "using %d.", batch_size, most, most)
+        return most
+    return batch_size
+
+
+def _auto_shape_record(shape: "ShapeChoice | None", recorded: dict[str, int] | None, args: argparse.Namespace) -> dict | None:
+    """What metrics.json says about an auto shape: planned here (and how), or re-used from the checkpoint."""
+    if shape is not None:
+        record = shape.as_dict()
+        if args.batch_size != shape.batch_size:  # lowered to the data: the planned peak is that of the larger batch
+            record.update(batch_size=args.batch_size, planned_batch_size=shape.batch_size)
+        return record
+    if recorded is not None:
+        return {**recorded, "source": f"checkpoint {args.resume}"}
+    return None
 
 
 def _accelerate_asks_for_fsdp() -> bool:

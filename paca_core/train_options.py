@@ -24,6 +24,24 @@ DEFAULT_RANK = RegistryView("default_rank")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+AUTO = "auto"
+
+
+def int_or_auto(text: str) -> int | str:
+    """argparse type of ``--seq-len`` / ``--batch-size``: a whole number as before, or ``auto`` (chosen by the planner)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a whole number, or 'auto' (the largest that fits --memory-budget)") from None
+
+
+def is_auto(value: int | str) -> bool:
+    """Whether a ``--seq-len`` / ``--batch-size`` value asks the planner to choose."""
+    return value == AUTO
+
+
 def _lr_rules() -> str:
     """Each method's default lr as ``--help`` states it (a number, or its rule in r)."""
     return ", ".join(f"{m.name} {m.default_lr!r}" if callable(m.default_lr) else f"{m.name} {m.default_lr:g}"
@@ -41,8 +59,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out for evaluation")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps (0: use --epochs)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per example")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
+    p.add_argument("--seq-len", type=int_or_auto, default=128, metavar="N|auto",
+        help="tokens per example; auto: the longest multiple of 64 whose step fits --memory-budget at --batch-size "
+        "(capped by the model's context), traced before loading as paca plan does")
+    p.add_argument("--batch-size", type=int_or_auto, default=4, metavar="N|auto",
+        help="examples per micro-batch; auto: the largest batch whose step fits --memory-budget at --seq-len "
+        "(with --seq-len auto too: the length first at batch 1, then the batch)")
+    p.add_argument("--memory-budget", default=None, metavar="BYTES",
+        help="memory per process that --seq-len/--batch-size auto must fit (e.g. 24GiB, 512MiB, 16GB, 80e9); also what "
+        "--plan-check compares against. Default: the device's free memory (host memory shared by the processes on a machine)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--rank", type=int, default=None, help=f"r (PaCA: columns per layer; LoRA: rank); default per method, parameter-matched: {dict(DEFAULT_RANK)}")
     p.add_argument("--alpha", type=float, default=None, help="scaling numerator (update = alpha/r · delta); default r (scaling 1). Under Adam, PaCA's alpha/r and --lr are one "
@@ -115,4 +140,4 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-__all__ = ["DEFAULT_LR", "DEFAULT_RANK", "DTYPES", "PacaConfigError", "add_train_arguments", "build_configs", "default_lr_for", "train_parser"]
+__all__ = ["AUTO", "DEFAULT_LR", "DEFAULT_RANK", "DTYPES", "PacaConfigError", "add_train_arguments", "build_configs", "default_lr_for", "int_or_auto", "is_auto", "train_parser"]

@@ -192,7 +192,10 @@ class Trainer:
         }
         with atomic_directory(directory) as staging:
             write_adapter_files(self.model, staging, tensors=tensors)
-            write_training_state(staging, training_state, summary={"step": self.state.step, "total_steps": self.total_steps})
+            # The shape too: the data position counts batches of it, so a resumed `--seq-len auto` run re-uses it.
+            summary = {"step": self.state.step, "total_steps": self.total_steps,
+                       "seq_len": int(self.train_data.input_ids.shape[1]), "batch_size": self.args.batch_size}
+            write_training_state(staging, training_state, summary=summary)
         logger.info("Checkpoint at step %d saved to %s", self.state.step, directory)
         if self.world_size > 1:
             torch.distributed.barrier()

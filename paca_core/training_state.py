@@ -152,6 +152,20 @@ def has_training_state(directory: Path) -> bool:
     return (directory / STATE_NAME).is_file() or (directory / LEGACY_STATE_NAME).is_file()
 
 
+def recorded_shape(directory: str | Path) -> dict[str, int] | None:
+    """``{"seq_len", "batch_size"}`` a checkpoint was trained at (its :data:`STATE_JSON` summary), so a resumed
+    ``--seq-len auto`` run keeps the shape its data position counts in; None when the checkpoint does not say
+    (written before paca-hal recorded it, or a 0.1.0 pickle). Reads JSON only."""
+    try:
+        document = json.loads((Path(directory) / STATE_JSON).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    shape = {key: document.get(key) for key in ("seq_len", "batch_size")}
+    return shape if all(isinstance(v, int) and v > 0 for v in shape.values()) else None
+
+
 def read_training_state(directory: str | Path, trust_checkpoint: bool = False, trust_hint: str | None = None) -> dict[str, Any]:
     """The state :func:`write_training_state` wrote, or a 0.1.0 ``trainer_state.pt`` read as safely as it can be.
 

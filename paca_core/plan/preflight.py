@@ -32,29 +32,49 @@ class PreflightResult:
         return self.peak_bytes <= self.device_bytes
 
 
-def planned_peak(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype,
-                 world_size: int = 1, fsdp: bool = False, loss_chunk_tokens: int | None = None,
-                 gradient_checkpointing: bool = False) -> int:
-    """Peak bytes per process of one ``paca train`` step, traced on fake tensors from ``model_path``'s
-    config.json (under FSDP: this rank's shards plus the all-gather buffers)."""
-    from .planner import MethodTracer, PlanSettings, per_rank_bytes
+def step_tracer(model_path: Path, method: str, configs: list, dtype: torch.dtype, world_size: int = 1, fsdp: bool = False,
+                loss_chunk_tokens: int | None = None, gradient_checkpointing: bool = False,
+                offload_activations: str | None = None):
+    """A :class:`~.planner.MethodTracer` of ``paca train``'s step with these levers, from ``model_path``'s
+    config.json alone; it caches traces by shape, so searching many shapes re-builds nothing."""
+    from .planner import MethodTracer, PlanSettings
     from .shapes import load_config
 
     settings = PlanSettings(dtype=dtype, world_size=world_size, fsdp=fsdp, loss_chunk_tokens=loss_chunk_tokens,
-                            gradient_checkpointing=gradient_checkpointing)
-    tracer = MethodTracer(load_config(str(model_path)), method, settings, profiles=(), configs=configs)
-    return per_rank_bytes(tracer.measure(seq_len, batch_size), settings, tracer.layer_weight_bytes())["peak"]
+                            gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations)
+    return MethodTracer(load_config(str(model_path)), method, settings, profiles=(), configs=configs)
+
+
+def traced_peak(tracer, seq_len: int, batch_size: int, include_host: bool = False) -> int:
+    """Per-process peak bytes of ``tracer``'s step at one shape. ``include_host``: the device's memory is host
+    memory (CPU), so what the method keeps in host memory (MEFT's rows, offloaded activations) counts too."""
+    from .planner import per_rank_bytes
+
+    per_rank = per_rank_bytes(tracer.measure(seq_len, batch_size), tracer.settings, tracer.layer_weight_bytes())
+    return per_rank["peak"] + (per_rank["host"] if include_host else 0)
+
+
+def planned_peak(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype,
+                 world_size: int = 1, fsdp: bool = False, loss_chunk_tokens: int | None = None,
+                 gradient_checkpointing: bool = False, offload_activations: str | None = None,
+                 include_host: bool = False) -> int:
+    """Peak bytes per process of one ``paca train`` step, traced on fake tensors from ``model_path``'s
+    config.json (under FSDP: this rank's shards plus the all-gather buffers)."""
+    tracer = step_tracer(model_path, method, configs, dtype, world_size, fsdp, loss_chunk_tokens, gradient_checkpointing,
+                         offload_activations)
+    return traced_peak(tracer, seq_len, batch_size, include_host)
 
 
 def check_before_loading(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype,
                          device_bytes: int | None, world_size: int = 1, fsdp: bool = False, loss_chunk_tokens: int | None = None,
-                         gradient_checkpointing: bool = False) -> PreflightResult | None:
+                         gradient_checkpointing: bool = False, offload_activations: str | None = None,
+                         include_host: bool = False) -> PreflightResult | None:
     """Warn when the planned peak exceeds ``device_bytes``; None when it cannot be planned (said at debug level)."""
     if device_bytes is None:
         return None
     try:
         peak = planned_peak(model_path, method, configs, seq_len, batch_size, dtype, world_size, fsdp, loss_chunk_tokens,
-                            gradient_checkpointing)
+                            gradient_checkpointing, offload_activations, include_host)
     except (PacaConfigError, NotImplementedError, RuntimeError, TypeError, ValueError) as error:
         logger.debug("No memory plan before loading (%s)", error)
         return None
