@@ -144,6 +144,24 @@ def test_4bit_gemm_flops_are_counted():
     assert qlora.flops == lora.flops
 
 
+@pytest.mark.parametrize("entry", ["paca@gc", "lora@gc", "paca@all", pytest.param("peft-lora@gc", marks=[needs_peft]),
+                                   pytest.param("peft-lora@chunked-loss", marks=[needs_peft])])
+def test_fake_trace_equals_real_trace_with_levers(entry):
+    """Levers too (paca bench's ``method@gc+chunked-loss+offload``): without a KV cache transformers checks with a
+    host read whether rows pack several sequences; the plan answers as the real step does (not packed), so
+    the fake trace takes the same causal attention path, op by op."""
+    spec = parse_method_spec(entry)
+    config = tiny_llama_config()
+    runs = []
+    for fake in (True, False):
+        traced = build(config, spec, spec.rank(LORA_RANK, True), torch.float32, fake=fake, seed=0, loss_chunk_tokens=8)
+        runs.append(trace_step(traced, SEQ, BATCH))
+    (fake, fake_counts), (real, real_counts) = runs
+    assert _summary(fake, fake_counts) == _summary(real, real_counts)
+    strip = lambda ops: [(o.name, o.phase, o.kind, o.flops, o.bytes_read, o.bytes_written, o.dtype) for o in ops]  # noqa: E731
+    assert strip(fake.ops) == strip(real.ops)
+
+
 def test_paca_column_write_order_is_deterministic(monkeypatch):
     import paca_core.layers.partial_connection as partial_connection
 

@@ -20,7 +20,8 @@ from ..methods import external_method_modules
 from . import report
 from .models import MODEL_HELP, parse_model, synthetic_config
 from .search import parse_bytes, search_max
-from .specs import DEFAULT_METHODS, OPTIONAL_METHODS, PEER_METHODS, MethodSpec, parse_method_list, required_packages
+from .max_context import DEFAULT_ENTRIES
+from .specs import DEFAULT_METHODS, LEVERS, OPTIONAL_METHODS, PEER_METHODS, MethodSpec, parse_method_list, required_packages
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,15 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     )
     devices.add_device_argument(p)
     devices.add_graph_mode_argument(p)
-    p.add_argument("--mode", default="speed", choices=["speed", "accuracy", "both"], help="speed/memory, held-out loss after fine-tuning, or both")
+    p.add_argument("--mode", default="speed", choices=["speed", "accuracy", "both", "max-context"],
+                   help="speed/memory, held-out loss after fine-tuning, both, or the longest sequence under --memory-budget")
     p.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
+        default=None,
         help=f"comma-separated: peers {', '.join(PEER_METHODS)}; 4-bit {', '.join(OPTIONAL_METHODS)} (need bitsandbytes); "
-        "or any `paca train --method` string (paca, lora, lorafa, velora, meft, paca+full+velora, ...)",
+        "or any `paca train --method` string (paca, lora, lorafa, velora, meft, paca+full+velora, ...); add levers after @: "
+        f"{', '.join(LEVERS)} joined by + or 'all' (peft-lora@gc, paca@all). Default: {','.join(DEFAULT_METHODS)}; "
+        f"max-context: {DEFAULT_ENTRIES}",
     )
     p.add_argument("--model", default="smollm2-135m-shape", help=f"speed mode: {MODEL_HELP}")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto = fp32 on CPU, bf16 on GPU/HPU")
@@ -57,7 +61,10 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--velora-groups", type=int, default=None, help="VeLoRA G for ours and PEFT's (default: paca train's, 32)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps after the counted first step")
-    p.add_argument("--memory-budget", default=None, help="also search the largest --search size that fits, e.g. 8GiB (CPU: counted bytes)")
+    p.add_argument("--memory-budget", default=None, help="also search the largest --search size that fits, e.g. 8GiB (CPU: counted bytes); "
+                   "max-context: the budget for the live-bytes high-water mark")
+    p.add_argument("--plan-model", default=None, help="max-context: also plan this shape (e.g. llama-3.1-8b) on --plan-profile (simulated)")
+    p.add_argument("--plan-profile", default="a100-80g", help="max-context: the device profile for --plan-model")
     p.add_argument("--search", default="seq", choices=["seq", "batch"], help="what the memory-budget search varies")
     p.add_argument("--search-step", type=int, default=None, help="search granularity (default 64 tokens, or 1 example)")
     p.add_argument("--search-max", type=int, default=None, help="largest size tried (default 131072 tokens, or 4096 examples)")
@@ -142,7 +149,9 @@ def _lr(spec: MethodSpec, args: argparse.Namespace, rank: int | None = None) -> 
 def run_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    specs = parse_method_list(args.methods)
+    if args.mode == "max-context":
+        return run_max_context(args)
+    specs = parse_method_list(args.methods or ",".join(DEFAULT_METHODS))
     extras.require(required_packages(specs))  # before any work: a missing extra is named, nothing is run
     plots = extras.installed("matplotlib")
     seq_lens, batches = _int_list(args.seq_len, "--seq-len"), _int_list(args.batch_size, "--batch-size")
@@ -231,6 +240,105 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"No PNG plots: matplotlib is not installed ({extras.install_hint('matplotlib')}).")
     failed = [r for r in speed_records + accuracy_records if r.get("status") == "error"]
     return 1 if failed else 0
+
+
+def run_max_context(args: argparse.Namespace) -> int:
+    """The longest sequence each entry trains at under --memory-budget: planned, then measured (max_context.py)."""
+    from tqdm.auto import tqdm
+
+    from devices.profiles import UnknownProfileError, get_profile
+
+    from . import max_context
+    from .worker import DTYPES
+
+    specs = parse_method_list(args.methods or max_context.DEFAULT_ENTRIES)
+    max_context.check_entries(specs)
+    extras.require(required_packages(specs))
+    if not args.memory_budget:
+        raise PacaConfigError("--mode max-context needs --memory-budget (e.g. 1.25GiB): the budget each entry's step must fit.")
+    budget = parse_bytes(args.memory_budget)
+    device = devices.resolve_device(args.device)
+    if not devices.shares_host_memory(device):
+        raise PacaConfigError(f"--mode max-context measures live bytes on host tensors; on {device} use --mode speed with "
+                              "--memory-budget (the device's own peak) instead.")
+    batch = _int_list(args.batch_size, "--batch-size")[0]
+    lora_rank = _int_list(args.rank, "--rank")[0]
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else devices.default_dtype(device)
+    options = {k: v for k, v in _job_base(args)["options"].items() if v}
+    config = _model_config(args.model)
+    profile = None
+    if args.plan_model:
+        try:
+            profile = get_profile(args.plan_profile)
+        except UnknownProfileError as error:
+            raise PacaConfigError(str(error)) from None
+    environment = _environment(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    records, planned_records = [], []
+    bar = tqdm(total=len(specs) * (2 if profile else 1), desc="max-context", unit="entry", disable=args.no_progress, dynamic_ncols=True)
+    for spec in specs:
+        bar.set_postfix_str(spec.name)
+        records.append(max_context.search_entry(config, spec, batch, budget, dtype, lora_rank, args.match_params, options).as_dict())
+        bar.update(1)
+    if profile is not None:
+        from ..plan.shapes import load_config
+
+        big = load_config(args.plan_model)
+        for spec in specs:
+            bar.set_postfix_str(f"{spec.name} on {args.plan_model}")
+            longest, context = max_context.planned_longest(big, spec, batch, profile.usable_bytes(), _torch_dtype("bf16"), lora_rank,
+                                                           args.match_params, options)
+            planned_records.append({"method": spec.name, "levers": list(spec.levers), "batch_size": batch, "context": context,
+                                    "budget_bytes": profile.usable_bytes(), "planned_max_seq_len": longest, "capped": longest >= context})
+            bar.update(1)
+    bar.close()
+    max_context.add_context_ratios(records)
+    max_context.add_context_ratios(planned_records)
+    document = {
+        "command": _command_line(), "environment": environment,
+        "settings": {"mode": "max-context", "model": args.model, "dtype": str(dtype).replace("torch.", ""), "batch_size": batch,
+                     "rank": lora_rank, "match_params": args.match_params, "memory_budget": budget,
+                     "plan_model": args.plan_model, "plan_profile": args.plan_profile if profile else None},
+        "max_context": records, "planned_max_context": planned_records,
+    }
+    report.write_json(out / "bench.json", document)
+    text = _context_report(document, budget, profile)
+    (out / "bench.md").write_text(text)
+    print(text)
+    if extras.installed("matplotlib"):
+        max_context.plot_context(records, out / "max_context.png", f"{args.model}, batch {batch}, budget {args.memory_budget} (this CPU)")
+        if planned_records:
+            max_context.plot_context(planned_records, out / "max_context_planned.png",
+                                     f"{args.plan_model} on {args.plan_profile}, batch {batch} (simulated)")
+    print(f"Wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _context_report(document: dict, budget: int, profile) -> str:
+    from .max_context import context_markdown
+
+    s, env = document["settings"], document["environment"]
+    lines = ["# paca bench --mode max-context", "", f"- command: `{document['command']}`",
+             f"- device: {env['device_name']} ({env['device']}); model {s['model']}, {s['dtype']}, batch {s['batch_size']}, "
+             f"LoRA rank {s['rank']} (PaCA at matched parameters); budget {budget / 2**30:.2f} GiB",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), "",
+             "Longest sequence whose training step's live-bytes high-water mark fits the budget: planned by `paca plan`'s "
+             "trace, then measured by one real step at that length and one 64 tokens longer on this CPU (real tensors, full "
+             "depth). Our methods run with paca train's chunked loss. Activation offload has no separate device memory to "
+             "free on CPU, so its transfers run as the planner's stand-in: device bytes as on an accelerator, host copies "
+             "counted apart.", "", context_markdown(document["max_context"]), ""]
+    if document["planned_max_context"]:
+        lines += [f"## {s['plan_model']} on {s['plan_profile']} (simulated, {profile.usable_bytes() / 2**30:.1f} GiB usable, bf16)", "",
+                  context_markdown(document["planned_max_context"], measured=False), ""]
+    return "\n".join(lines)
 
 
 def _command_line() -> str:

@@ -21,6 +21,12 @@ from ..train_options import build_configs, train_parser
 PEER_METHODS = ("floor", "full", "peft-lora", "peft-lora+velora", "peft-lorafa")
 #: 4-bit entries; slow to set up and need bitsandbytes, so only run when listed in --methods.
 OPTIONAL_METHODS = ("qpaca", "peft-qlora")
+#: Memory levers an entry can add after ``@`` (``paca@gc+offload``): HF gradient checkpointing, the
+#: LM head + loss in chunks (our chunked loss; for the peers, the same pure-torch "fused linear cross
+#: entropy" around their model), and activation offload of the decoder layers.
+LEVERS = ("gc", "chunked-loss", "offload")
+#: ``@all``: every lever.
+ALL_LEVERS = "all"
 #: What ``paca bench`` measures when --methods is not given.
 DEFAULT_METHODS = PEER_METHODS + ("lora", "lorafa", "velora", "paca", "paca+full+velora", "meft")
 
@@ -46,6 +52,13 @@ class MethodSpec:
     uses_rank: bool
     #: r multiplier that matches LoRA's trainable parameters (2 for PaCA / LoRA-FA style methods).
     match_factor: int
+    #: Memory levers on top of the method (``LEVERS``), in that order; the name carries them after ``@``.
+    levers: tuple[str, ...] = ()
+
+    @property
+    def method(self) -> str:
+        """The entry without its levers (``paca@gc`` → ``paca``)."""
+        return self.name.split("@", 1)[0]
 
     def rank(self, lora_rank: int, match_params: bool) -> int | None:
         """The rank this method runs at when LoRA runs at ``lora_rank``."""
@@ -66,8 +79,32 @@ def _peer_kind(name: str) -> str:
     return "quantized" if name in OPTIONAL_METHODS else "peft"
 
 
+def parse_levers(text: str) -> tuple[str, ...]:
+    """``gc+offload`` → ``("gc", "offload")`` in ``LEVERS`` order; ``all`` → every lever."""
+    names = [t.strip() for t in text.lower().split("+") if t.strip()]
+    if names == [ALL_LEVERS]:
+        return LEVERS
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise PacaConfigError(f"levers {text!r}: write one or more of {', '.join(LEVERS)} joined by '+', or '{ALL_LEVERS}' "
+                              "(e.g. paca@gc+offload).")
+    return tuple(lever for lever in LEVERS if lever in names)
+
+
 def parse_method_spec(text: str) -> MethodSpec:
-    """A :class:`MethodSpec` for a --methods entry (peer name or a ``paca train --method`` string)."""
+    """A :class:`MethodSpec` for a --methods entry (peer name or a ``paca train --method`` string),
+    optionally with levers after ``@`` (``peft-lora@gc``, ``paca@all``)."""
+    method, _, lever_text = text.strip().lower().partition("@")
+    if not lever_text:
+        return _parse_plain_spec(method)
+    levers = parse_levers(lever_text)
+    plain = _parse_plain_spec(method)
+    if plain.kind == "floor" and "chunked-loss" in levers:
+        raise PacaConfigError("floor trains nothing through its loss; it takes gc and offload, not chunked-loss.")
+    return MethodSpec(f"{plain.name}@{'+'.join(levers)}", plain.kind, plain.equivalent, plain.uses_rank, plain.match_factor, levers)
+
+
+def _parse_plain_spec(text: str) -> MethodSpec:
     name = text.strip().lower()
     if name == "floor":
         return MethodSpec(name, "floor", "floor", uses_rank=False, match_factor=1)

@@ -29,6 +29,7 @@ import torch.nn as nn
 import devices
 
 from ..base_config import LLAMA_PROJECTIONS, parse_targets
+from ..errors import PacaConfigError
 from ..layers import AdapterLayer
 from ..measure import count_saved_tensors
 from ..methods import import_method_modules
@@ -152,14 +153,14 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
         model.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
         return Prepared(model, params, make_adamw(params), _lm_loss(model))
-    if spec.name in ("peft-lora", "peft-lora+velora", "peft-lorafa", "peft-qlora"):
+    if spec.method in ("peft-lora", "peft-lora+velora", "peft-lorafa", "peft-qlora"):
         _import_peft()
         import peft
 
-        if spec.name == "peft-qlora":
+        if spec.method == "peft-qlora":
             model = _quantize(model, options)
-        peft_model = peft.get_peft_model(model, _peft_lora_config(rank, options, velora=spec.name == "peft-lora+velora"))
-        if spec.name == "peft-lorafa":
+        peft_model = peft.get_peft_model(model, _peft_lora_config(rank, options, velora=spec.method == "peft-lora+velora"))
+        if spec.method == "peft-lorafa":
             from peft.optimizers import create_lorafa_optimizer
 
             optimizer = create_lorafa_optimizer(peft_model, r=rank, lora_alpha=rank, lr=lr)
@@ -171,8 +172,8 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
     # Ours (and qpaca): the `paca train --method` string through the train CLI's parser.
     from ..model import prepare_model
 
-    method = "paca" if spec.name == "qpaca" else spec.name
-    if spec.name == "qpaca":
+    method = "paca" if spec.method == "qpaca" else spec.method
+    if spec.method == "qpaca":
         model = _quantize(model, options)
     configs = configs if configs is not None else build_our_configs(method, rank or 8, options)
     adapted = prepare_model(model, configs, device=device if place else None)
@@ -182,6 +183,38 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
     extra_trainable = sum(t.keys.numel() + t.values.numel() for t in tables)
     host_state = lambda: _tensor_bytes(v for t in tables for v in t.optimizer_state().values())  # noqa: E731
     return Prepared(adapted, params, make_adamw(params), _lm_loss(adapted), host_state, extra_trainable)
+
+
+def apply_levers(prepared: Prepared, model: nn.Module, levers: tuple[str, ...], offload=None,
+                 loss_chunk_tokens: int | None = None) -> None:
+    """Add an entry's memory levers (``MethodSpec.levers``) to a prepared method, as ``paca train`` would.
+
+    ``model``: the Hugging Face model ``prepare`` set up (PEFT injects into it in place). ``offload``:
+    the activation-offload class (the planner passes its stand-in). ``loss_chunk_tokens``: chunk size
+    for ``chunked-loss`` (default: paca train's)."""
+    from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, chunked_causal_lm_forward
+
+    if "gc" in levers:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise PacaConfigError(f"{type(model).__name__} does not support gradient checkpointing (lever 'gc').")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if "chunked-loss" in levers:
+        chunk = loss_chunk_tokens or DEFAULT_LOSS_CHUNK_TOKENS
+        if hasattr(prepared.module, "set_loss_chunk_tokens"):  # ours: paca train's own chunked loss
+            prepared.module.set_loss_chunk_tokens(chunk)
+        else:  # a peer: the same pure-torch fused linear cross entropy around its model
+
+            def chunked_forward(ids: torch.Tensor) -> torch.Tensor:
+                output = chunked_causal_lm_forward(model, chunk, input_ids=ids, labels=ids)
+                if output is None:
+                    raise PacaConfigError(f"lever 'chunked-loss' does not apply to {type(model).__name__} (see the log).")
+                return output.loss
+
+            prepared.forward = chunked_forward
+    if "offload" in levers:
+        from ..offload import ActivationOffload
+
+        (offload or ActivationOffload)(model, "decoder-layers")
 
 
 def _step(prepared: Prepared, ids: torch.Tensor, device: torch.device, max_grad_norm: float = 0.0, after_backward=None) -> torch.Tensor:
@@ -241,6 +274,7 @@ def _setup(job: dict) -> tuple[MethodSpec, ModelChoice, torch.device, Prepared, 
     model, tokenizer = build_model(choice, dtype, device, seed=job.get("seed", 0))
     torch.manual_seed(job.get("seed", 0))
     prepared = prepare(spec, model, job.get("rank"), job.get("options", {}), device, job.get("lr", 1e-4))
+    apply_levers(prepared, model, spec.levers)
     devices.apply_graph_mode(prepared.module, device, graph_mode)
     prepared.set_to_none = grads_to_none(prepared.module)  # as the Trainer: captured graphs keep gradient buffers
     job["resolved"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "graph_mode": graph_mode}

@@ -96,7 +96,8 @@ class MethodTracer:
         self.layers = int(config.num_hidden_layers)
         self.rank = getattr(configs[0], "r", None) if configs else self.spec.rank(settings.rank, settings.match_params)
         self.fake = fake
-        self.traced_layers = TRACED_LAYERS_OFFLOAD if settings.offload_activations else TRACED_LAYERS
+        offload = settings.offload_activations or "offload" in self.spec.levers
+        self.traced_layers = TRACED_LAYERS_OFFLOAD if offload else TRACED_LAYERS
         self._models: list[TracedModel] | None = None
         self._cache: dict[tuple[int, int], Measurement] = {}
         self.traces = 0

@@ -10,6 +10,9 @@ shapes and code paths, so the device bytes of a plan are those of a step whose r
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from devices import Transfer
@@ -17,6 +20,40 @@ from devices import Transfer
 from ..layers.host_rows import HostRowTable, RowSelection
 from ..offload import ActivationOffload, _Offloaded
 from .tracker import active_tracker, host_memory
+
+
+@contextlib.contextmanager
+def unpacked_sequences() -> Iterator[None]:
+    """Plan rows as ``paca train`` feeds them: one sequence per row (positions 0..S-1), not packed.
+
+    Without a KV cache (gradient checkpointing turns it off) transformers asks whether the rows pack
+    several sequences (``find_packed_sequence_indices``) with a host read; on fake tensors it cannot
+    read and assumes they may, which builds a full attention mask instead of the causal kernel. Here the
+    same check's ops run and the answer is the real one for such rows: not packed."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # transformers without masking_utils has no such check
+        yield
+        return
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+
+    def planned(position_ids: torch.Tensor):
+        from torch._subclasses.fake_tensor import is_fake
+
+        packed = original(position_ids)
+        if packed is not None and is_fake(packed):
+            (packed[:, -1] == 0).all()  # the check the real step runs (its answer read on the host)
+            return None
+        return packed
+
+    masking_utils.find_packed_sequence_indices = planned
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
 
 
 class PlannedHostRows(HostRowTable):

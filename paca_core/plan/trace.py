@@ -22,7 +22,7 @@ from ..bench.models import _default_dtype
 from ..bench.specs import MethodSpec
 from ..errors import PacaConfigError
 from ..steps import train_step
-from .standins import PlannedActivationOffload, plan_host_tables
+from .standins import PlannedActivationOffload, plan_host_tables, unpacked_sequences
 from .tracker import StepTrace, StepTracker
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,12 @@ class TracedModel:
     counts: dict[str, int] = field(default_factory=dict)
 
     def context(self):
-        return self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
+        if self.fake_mode is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.fake_mode)
+        stack.enter_context(unpacked_sequences())
+        return stack
 
 
 def _apply_overwriting(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
@@ -137,7 +142,7 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
     with its own memory (:class:`~paca_core.plan.standins.PlannedActivationOffload`)."""
     from transformers import AutoModelForCausalLM
 
-    from ..bench.worker import _host_tables, _table_tensors, prepare
+    from ..bench.worker import _host_tables, _table_tensors, apply_levers, prepare
 
     if spec.name in NOT_TRACEABLE and fake:
         raise PacaConfigError(f"{spec.name}: {NOT_TRACEABLE[spec.name]}")
@@ -147,7 +152,7 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
 
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with (fake_mode or contextlib.nullcontext()), (_fake_safe_conversion() if fake else contextlib.nullcontext()), \
-            torch.device("cpu"), _default_dtype(dtype):
+            (unpacked_sequences() if fake else contextlib.nullcontext()), torch.device("cpu"), _default_dtype(dtype):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, **_dtype_argument(dtype))  # config.json's torch_dtype must not win
         if gradient_checkpointing:
@@ -161,6 +166,10 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
             prepared.module.set_loss_chunk_tokens(loss_chunk_tokens)
         if offload_activations:
             PlannedActivationOffload(prepared.module, offload_activations)
+        # The entry's own levers (paca bench's ``method@gc+chunked-loss+offload``), less those asked for above.
+        levers = tuple(lever for lever in spec.levers if not (lever == "gc" and gradient_checkpointing)
+                       and not (lever == "offload" and offload_activations))
+        apply_levers(prepared, model, levers, offload=PlannedActivationOffload, loss_chunk_tokens=loss_chunk_tokens)
         traced = TracedModel(spec, prepared, fake_mode, int(config.vocab_size))
         tables = _host_tables(prepared.module)
         plan_host_tables(tables)  # MEFT: worst-case row choices instead of data-dependent ones (standins.py)
