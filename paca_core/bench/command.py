@@ -288,7 +288,7 @@ def run_max_context(args: argparse.Namespace) -> int:
         big = load_config(args.plan_model)
         for spec in specs:
             bar.set_postfix_str(f"{spec.name} on {args.plan_model}")
-            longest, context = max_context.planned_longest(big, spec, batch, profile.usable_bytes(), _torch_dtype("bf16"), lora_rank,
+            longest, context = max_context.planned_longest(big, spec, batch, profile.usable_bytes(), DTYPES["bf16"], lora_rank,
                                                            args.match_params, options)
             planned_records.append({"method": spec.name, "levers": list(spec.levers), "batch_size": batch, "context": context,
                                     "budget_bytes": profile.usable_bytes(), "planned_max_seq_len": longest, "capped": longest >= context})
@@ -314,12 +314,6 @@ def run_max_context(args: argparse.Namespace) -> int:
                                      f"{args.plan_model} on {args.plan_profile}, batch {batch} (simulated)")
     print(f"Wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def _context_report(document: dict, budget: int, profile) -> str:

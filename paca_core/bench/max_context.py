@@ -24,6 +24,7 @@ import torch
 
 from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS
 from ..errors import PacaConfigError
+from ..plan.planner import SEQ_STEP
 from .specs import MethodSpec
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ logger = logging.getLogger(__name__)
 #: What ``--mode max-context`` compares when --methods is not given: PEFT LoRA as it comes, with HF
 #: gradient checkpointing and with a chunked loss; PaCA as paca train runs it, and with every lever.
 DEFAULT_ENTRIES = "peft-lora,peft-lora@gc,peft-lora@chunked-loss,paca,paca@all"
-#: Granularity of the searched sequence length (tokens).
-SEQ_STEP = 64
 
 
 @dataclass
