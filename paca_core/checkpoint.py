@@ -34,12 +34,13 @@ def _base_model_name(model: nn.Module) -> str | None:
 def adapter_state(adapted_model) -> dict[str, torch.Tensor]:
     """The tensors that define the adapter, keyed ``<module>.<tensor>`` (e.g. ``…q_proj.paca_delta``).
 
-    Under FSDP this gathers the shards: every process must call it (in the same order).
+    Under FSDP and ZeRO-3 this gathers the shards: every process must call it (in the same order).
     """
     state = {}
-    for name, layer in adapted_model.adapter_layers().items():
-        for key, tensor in layer.adapter_state().items():
-            state[f"{name}.{key}"] = full_tensor(tensor.detach()).to("cpu").contiguous()
+    with torch.no_grad():
+        for name, layer in adapted_model.adapter_layers().items():
+            for key, tensor in layer.adapter_state().items():
+                state[f"{name}.{key}"] = full_tensor(tensor).detach().to("cpu").contiguous()
     return state
 
 

@@ -82,8 +82,14 @@ def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor. A collective for DTensors: every rank must call it, in the same order."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
+    """The whole tensor. A collective for DTensors and ZeRO-3 parameters: every rank must call it, in the same order."""
+    if is_sharded(tensor):
+        return tensor.full_tensor()
+    if hasattr(tensor, "ds_tensor"):  # a DeepSpeed ZeRO-3 parameter (paca_core/zero.py)
+        from .zero import full_parameter
+
+        return full_parameter(tensor)
+    return tensor
 
 
 def wrap_local(local: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .dataset import TokenizedData
 from .errors import OOM_LEVERS, CheckpointError, NonFiniteLossError, TrainingOutOfMemoryError, is_out_of_memory
 from .sharding import full_tensor, gathered_optimizer_state, load_optimizer_state, shard_model
 from .steps import evaluate, grads_to_none, train_step
+from .zero import ZeroEngine, build_config, require_deepspeed
 from .training_state import (  # noqa: F401 - STATE_NAME, STATE_JSON, LEGACY_STATE_NAME: the file names, re-exported
     LEGACY_STATE_NAME,
     STATE_JSON,
@@ -64,6 +65,9 @@ class TrainingArguments:
     #: Under a multi-process launch, shard base weights and adapters with FSDP2 instead of
     #: replicating them with DDP (paca_core/sharding.py).
     fsdp: bool = False
+    #: DeepSpeed ZeRO instead of DDP/FSDP: a stage name (zero1/zero2/zero3), a JSON path or a config dict
+    #: (paca_core/zero.py). Needs a multi-process launch (torchrun, deepspeed, accelerate launch).
+    deepspeed: str | dict | None = None
 
     def validate(self) -> None:
         problems = []
@@ -83,6 +87,10 @@ class TrainingArguments:
             problems.append(f"max_skipped_steps must be >= 1 (got {self.max_skipped_steps})")
         if self.scheduler not in ("cosine", "linear", "constant"):
             problems.append(f"scheduler must be cosine, linear or constant (got {self.scheduler!r})")
+        if self.deepspeed is not None and self.fsdp:
+            problems.append("--deepspeed and --fsdp are two engines for the same job: pass one of them")
+        if self.deepspeed is not None and self.on_nan == "skip":
+            problems.append("--on-nan skip is not available under --deepspeed (its engine applies every update it reduces); use --on-nan stop")
         if problems:
             raise ValueError("; ".join(problems) + ".")
 
@@ -124,7 +132,22 @@ class Trainer:
         # share of every global batch of world × batch_size examples.
         self.rank, self.world_size = _process_group()
         self.sharded = args.fsdp
-        if args.fsdp:
+        self.zero: ZeroEngine | None = None  # DeepSpeed: made when training starts, after any resume
+        self.zero_config: dict | None = None
+        if args.deepspeed is not None:
+            if not _distributed_initialized():
+                raise ValueError(
+                    "--deepspeed runs one process per device under a launcher, and this is a single process: launch with "
+                    "torchrun --nproc-per-node N -m paca_core train ..., deepspeed --num_gpus N ..., or accelerate launch "
+                    "--use_deepspeed; or drop --deepspeed."
+                )
+            require_deepspeed()
+            self.zero_config = build_config(
+                args.deepspeed, micro_batch_size=args.batch_size, grad_accum=args.grad_accum, world_size=self.world_size,
+                max_grad_norm=args.max_grad_norm, dtype=_base_dtype(model),
+            )
+            self.network = model
+        elif args.fsdp:
             if not _distributed_initialized():
                 raise ValueError(
                     "--fsdp shards the model across processes, and this is a single process: launch with "
@@ -174,7 +197,9 @@ class Trainer:
         directory = Path(directory or self.checkpoint_dir)
         # FSDP: every rank takes part in gathering the shards. DDP: every rank holds the same state.
         # Either way rank 0 writes and the others wait for it.
-        if self.sharded:
+        if self.zero is not None:  # collectives: every rank gathers
+            tensors, optimizer_state = adapter_state(self.model), self.zero.full_optimizer_state()
+        elif self.sharded:
             tensors, optimizer_state = adapter_state(self.model), gathered_optimizer_state(self.optimizer)
         elif self.rank == 0:
             tensors, optimizer_state = adapter_state(self.model), self.optimizer.state_dict()
@@ -208,6 +233,8 @@ class Trainer:
         vouches for the folder, so an old (paca-hal 0.1.0) ``trainer_state.pt`` that needs unrestricted
         unpickling may be loaded (the CLI's ``--trust-checkpoint``); without it such a file is refused.
         """
+        if self.zero is not None:
+            raise CheckpointError("Resume before training starts: under DeepSpeed the checkpoint is loaded before the engine partitions the model.")
         directory = Path(directory)
         if has_training_state(directory / "checkpoint"):
             directory = directory / "checkpoint"
@@ -279,6 +306,7 @@ class Trainer:
     def train(self) -> TrainerState:
         """Run until ``total_steps``; on Ctrl-C or SIGTERM save a checkpoint and raise KeyboardInterrupt."""
         args = self.args
+        self._start_engine()
         self.model.train()
         micro_batches = self._micro_batches()
         self._stop_requested = False
@@ -291,7 +319,14 @@ class Trainer:
             skipped_in_a_row = 0
             while self.state.step < self.total_steps and not self._stop_requested:
                 tokens: list[int] = []
-                result = train_step(
+                result = self.zero.train_step(
+                    lambda batch: self.network(**batch).loss,
+                    self._on_device(micro_batches, tokens),
+                    self.device,
+                    args.grad_accum,
+                    scheduler=self.scheduler,
+                    should_apply=_finite,
+                ) if self.zero is not None else train_step(
                     lambda batch: self.network(**batch).loss,
                     self._on_device(micro_batches, tokens),
                     self.optimizer,
@@ -335,6 +370,12 @@ class Trainer:
             logger.warning("Interrupted at step %d: checkpoint saved to %s; continue with --resume %s", self.state.step, path, path)
             raise KeyboardInterrupt
         return self.state
+
+    def _start_engine(self) -> None:
+        """DeepSpeed: wrap the model now (a resumed checkpoint is already in it and the optimizer)."""
+        if self.zero_config is not None and self.zero is None:
+            self.zero = ZeroEngine(self.model, self.optimizer, self.zero_config)
+            self.network = self.zero.engine
 
     def _on_device(self, micro_batches, tokens: list[int]):
         """The next micro-batches, moved to the device; counts their tokens into ``tokens``."""
@@ -394,6 +435,12 @@ def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
 
 def _distributed_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _base_dtype(model) -> torch.dtype:
+    """The dtype of the model's frozen weights (what --dtype loaded), for DeepSpeed's precision sections."""
+    frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    return frozen[0] if frozen else torch.float32
 
 
 def _process_group() -> tuple[int, int]:

@@ -27,6 +27,7 @@ from backends import Backend, get_backend
 
 from ..indices import check_columns
 from ..sharding import full_tensor, gather_rows, is_sharded, local_rows, wrap_local
+from ..zero import is_partitioned, write_partitioned_columns
 from .base import LinearAdapterLayer
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class PaCALinear(LinearAdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) in float32: ``scaling·delta`` in the selected columns, zero elsewhere."""
-        return partial_connection_delta(self, full_tensor(self.paca_delta.detach()))  # FSDP: gathered (every rank calls this)
+        return partial_connection_delta(self, full_tensor(self.paca_delta).detach())  # FSDP/ZeRO-3: gathered (every rank calls this)
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy / pickle: register the copy so the optimizer hook keeps it adapted too.
@@ -302,7 +303,13 @@ def _sync_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
 
 @torch.no_grad()
 def sync_layers(layers: list[PaCALinear]) -> None:
-    """Rewrite the adapted columns of ``layers``, batched per device so a backend can use one launch."""
+    """Rewrite the adapted columns of ``layers``, batched per device so a backend can use one launch.
+
+    Under DeepSpeed ZeRO-3 each rank writes its own flat partition of the weights (paca_core/zero.py)."""
+    partitioned = [layer for layer in layers if is_partitioned(layer.base_layer.weight)]
+    if partitioned:
+        write_partitioned_columns(partitioned)
+        layers = [layer for layer in layers if not is_partitioned(layer.base_layer.weight)]
     by_device: dict[torch.device, list[tuple[PaCALinear, tuple]]] = {}
     for layer in layers:
         parts = layer._local_parts()

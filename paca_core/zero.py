@@ -1,0 +1,420 @@
+"""DeepSpeed ZeRO 1/2/3 for adapted models (``paca train --deepspeed``, ``TrainingArguments(deepspeed=...)``).
+
+DeepSpeed is an optional extra (``pip install 'paca-hal[deepspeed]'``) imported only here, and only
+when asked for. What it must know about our layers, and what we need from it, lives in this module:
+
+* **Config.** A stage name (``zero1``/``zero2``/``zero3``) expands to a config built from our flags;
+  a user's JSON gets our flags only in its ``"auto"`` fields, and a value that contradicts a flag is
+  an error, never silently overridden (:func:`build_config`).
+* **ZeRO-3 partitions every parameter** (flattened, split by element count, empty outside the
+  forward that needs it). Adapter layers read their base layer's weight inside their own forward, so
+  the base layer's parameters are registered as the adapter layer's *external* parameters: DeepSpeed
+  gathers them for that forward and its backward (:func:`initialize`).
+* **After each optimizer step** the layers that update themselves from a global optimizer post-step
+  hook (PaCA's column write, MEFT's host update) find their parameters by identity; DeepSpeed's inner
+  optimizer steps flat partitions instead, so :func:`after_step` calls those hooks once more with the
+  model's own parameters. Under ZeRO-3 PaCA writes the adapted entries that fall in each rank's own
+  flat partition after one all-gather of the small (out × r) deltas (:func:`write_partitioned_columns`);
+  the frozen weights themselves never cross.
+* **Checkpoints** hold whole tensors in the single-process format: adapters gathered, optimizer state
+  assembled with DeepSpeed's tensor-fragment API (:func:`full_optimizer_state`), so a ZeRO checkpoint
+  resumes with any number of processes, with or without DeepSpeed (:func:`restore_optimizer_state`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import PacaConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Built-in stage names for ``--deepspeed``.
+STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+INSTALL_HINT = "pip install 'paca-hal[deepspeed]' (on CPU-only machines: DS_BUILD_OPS=0 pip install deepspeed)"
+#: Optimizer-state keys of AdamW, the optimizer paca train builds.
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@functools.lru_cache(maxsize=None)
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def require_deepspeed():
+    """The ``deepspeed`` module, or a clear error saying how to install it."""
+    if not deepspeed_available():
+        raise PacaConfigError(f"--deepspeed needs DeepSpeed, which is not installed: {INSTALL_HINT}.")
+    import deepspeed
+
+    return deepspeed
+
+
+# --- config ---------------------------------------------------------------------------------------
+def _read_config(spec: str | Path | dict) -> tuple[dict, str]:
+    """The config as a dict (a copy) and where it came from, for messages."""
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec), "the DeepSpeed config"
+    text = str(spec)
+    if text.lower() in STAGES:
+        return {"zero_optimization": {"stage": STAGES[text.lower()]}}, f"--deepspeed {text.lower()}"
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise PacaConfigError(
+            f"--deepspeed {text!r}: not a stage name ({', '.join(STAGES)}) and no such JSON file. Pass zero1, zero2, "
+            "zero3 or the path of a DeepSpeed config."
+        )
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PacaConfigError(f"--deepspeed {path}: not valid JSON ({error}).") from None
+    if not isinstance(document, dict):
+        raise PacaConfigError(f"--deepspeed {path}: a DeepSpeed config is a JSON object, found {type(document).__name__}.")
+    return document, str(path)
+
+
+def config_stage(config: dict) -> int:
+    """The ZeRO stage of a built config (0 when it has none)."""
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def build_config(
+    spec: str | Path | dict,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    max_grad_norm: float,
+    dtype: torch.dtype,
+) -> dict:
+    """The DeepSpeed config for a run: ``spec`` (stage name, JSON path or dict) with our flags filled in.
+
+    Our flags fill the fields a built-in stage leaves open and a user's ``"auto"`` (or missing) fields:
+    the micro-batch and accumulation, the global batch (micro × accumulation × processes), gradient
+    clipping and the precision (``bf16``/``fp16`` follow the model's dtype). A user's value that
+    differs from the flag is an error that names both. paca-hal builds the optimizer and schedule
+    itself, so ``optimizer``/``scheduler`` sections are refused rather than ignored.
+    """
+    config, origin = _read_config(spec)
+    problems: list[str] = []
+    zero = config.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise PacaConfigError(f"{origin}: 'zero_optimization' must be an object.")
+    stage = zero.get("stage", "auto")
+    if stage == "auto":
+        problems.append("'zero_optimization.stage' must be set (1, 2 or 3)")
+    elif not (isinstance(stage, int) and stage in (1, 2, 3)):
+        problems.append(
+            f"ZeRO stage must be 1, 2 or 3 (got {stage!r}); stage 0 is plain data parallelism, which paca train runs as "
+            "DDP without --deepspeed"
+        )
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            problems.append(
+                f"remove its '{section}' section: paca train builds AdamW and the learning-rate schedule from its own flags "
+                "(--lr, --weight-decay, --warmup-steps)"
+            )
+    for kind in ("offload_param", "offload_optimizer"):
+        if str((zero.get(kind) or {}).get("device", "none")).lower() == "nvme":
+            problems.append(f"{kind} to NVMe is not supported by paca-hal's adapters; use device 'cpu' or 'none'")
+    flags = {
+        "train_micro_batch_size_per_gpu": (micro_batch_size, "--batch-size"),
+        "gradient_accumulation_steps": (grad_accum, "--grad-accum"),
+        "train_batch_size": (micro_batch_size * grad_accum * world_size, f"--batch-size × --grad-accum × {world_size} processes"),
+        "gradient_clipping": (float(max_grad_norm), "--max-grad-norm"),
+    }
+    for key, (value, flag) in flags.items():
+        current = config.get(key, "auto")
+        if current == "auto":
+            config[key] = value
+        elif not isinstance(current, (int, float)) or float(current) != float(value):
+            problems.append(f"'{key}' is {current!r} but {flag} means {value!r} (set it to \"auto\" or make them agree)")
+    for section, wanted in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        block = config.setdefault(section, {})
+        enabled = block.get("enabled", "auto")
+        if enabled == "auto":
+            block["enabled"] = wanted
+        elif bool(enabled) != wanted:
+            problems.append(
+                f"'{section}.enabled' is {enabled!r} but the model is loaded as {str(dtype).replace('torch.', '')} "
+                f"(--dtype): pass --dtype {section if enabled else 'fp32'} or set it to \"auto\""
+            )
+    if problems:
+        raise PacaConfigError(f"{origin}: " + "; ".join(problems) + ".")
+    # Quiet and permissive defaults, only where the user did not choose: our AdamW may be a device's
+    # fused one (Habana FusedAdamW), which DeepSpeed has not listed as tested.
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("steps_per_print", 2**31 - 1)
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+# --- ZeRO-3 parameters ----------------------------------------------------------------------------
+def is_partitioned(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ZeRO-3 parameter (its data lives in per-rank flat partitions)."""
+    return hasattr(tensor, "ds_id") and hasattr(tensor, "ds_tensor")
+
+
+@contextlib.contextmanager
+def gathered(parameters: Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """ZeRO-3 parameters made whole for the block (a collective: every rank enters it, in the same order).
+
+    ``modifier_rank``: the rank whose in-place changes are kept (re-partitioned) on exit; None: read only.
+    A no-op for ordinary tensors.
+    """
+    partitioned = [p for p in parameters if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
+def full_parameter(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole copy of a ZeRO-3 parameter (a collective); other tensors as they are."""
+    if not is_partitioned(tensor):
+        return tensor
+    with gathered([tensor]):
+        return tensor.detach().clone()
+
+
+def _partition_bounds(parameter: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of the flat elements this rank's partition of a ZeRO-3 parameter holds."""
+    import torch.distributed as dist
+
+    size = int(parameter.ds_tensor.ds_numel)
+    rank = dist.get_rank(group=parameter.ds_process_group)
+    return rank * size, (rank + 1) * size
+
+
+@torch.no_grad()
+def write_partitioned_columns(layers: list) -> None:
+    """PaCA's column write under ZeRO-3: ``weight[:, idx] = original + scaling·delta`` on each rank's partition.
+
+    The (out × r) deltas are all-gathered once for all layers; the adapted values are rounded exactly as
+    the backend's write rounds them (it writes them); then each rank copies the entries whose flat
+    position ``row·in + column`` falls inside its own partition. No frozen weight is gathered. A weight
+    DeepSpeed keeps whole between forwards (smaller than ``stage3_param_persistence_threshold``) gets
+    the columns in that whole copy too.
+    """
+    from backends import get_backend
+
+    layers = [layer for layer in layers if is_partitioned(layer.base_layer.weight)]
+    if not layers:
+        return
+    with gathered([layer.paca_delta for layer in layers]):
+        for layer in layers:
+            weight = layer.base_layer.weight
+            partition = weight.ds_tensor
+            adapted = torch.empty(layer.out_features, layer.r, dtype=partition.dtype, device=partition.device)
+            every = torch.arange(layer.r, device=partition.device)
+            get_backend(partition.device).write_adapted_columns(
+                [adapted], [every], [layer.paca_original_columns.to(partition.device)],
+                [layer.paca_delta.detach().to(partition.device)], [layer.scaling],
+            )
+            local, source = _local_positions(layer, weight)
+            partition.view(-1).index_copy_(0, local, adapted.view(-1).index_select(0, source))
+            if weight.data.numel() == weight.ds_numel:  # held whole between forwards (a small, persistent parameter)
+                weight.data.view(layer.out_features, layer.in_features).index_copy_(1, layer.paca_indices.to(weight.device), adapted.to(weight.device))
+            layer._mark_applied()
+
+
+def _local_positions(layer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions in this rank's partition, positions in the (out, r) adapted block) of the adapted entries."""
+    key = (int(layer.paca_indices.sum()), tuple(layer.paca_indices[:4].tolist()), layer.r)
+    cached = getattr(layer, "_zero3_positions", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    start, end = _partition_bounds(weight)
+    rows = torch.arange(layer.out_features, device=layer.paca_indices.device).unsqueeze(1)
+    flat = (rows * layer.in_features + layer.paca_indices.unsqueeze(0)).reshape(-1)
+    inside = (flat >= start) & (flat < end)
+    device = weight.ds_tensor.device
+    local = (flat[inside] - start).to(device)
+    source = inside.nonzero().squeeze(1).to(device)
+    layer._zero3_positions = (key, local, source)
+    return local, source
+
+
+# --- the engine -------------------------------------------------------------------------------------
+def _register_base_parameters(model: nn.Module) -> int:
+    """ZeRO-3: an adapter layer's forward reads its base layer's parameters, so DeepSpeed must gather
+    them for that layer's forward and backward too."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    count = 0
+    for layer in model.adapter_layers().values():
+        base = getattr(layer, "base_layer", None)
+        if base is None:
+            continue
+        for parameter in base.parameters():
+            register_external_parameter(layer, parameter)
+            count += 1
+    return count
+
+
+def refuse_unsupported(model: nn.Module, stage: int) -> None:
+    """Layers whose state DeepSpeed cannot hold are refused before anything is partitioned."""
+    refusing = sorted({type(layer).__name__ for layer in model.adapter_layers().values() if not layer.shardable})
+    if refusing:
+        raise PacaConfigError(
+            f"{', '.join(refusing)} cannot run under DeepSpeed ZeRO (its bitsandbytes 4-bit base weights are not "
+            "parameters ZeRO can broadcast or partition); train it with DDP (drop --deepspeed)."
+        )
+
+
+class ZeroEngine:
+    """A DeepSpeed engine over an adapted model, with what our loop and checkpoints need from it."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+        deepspeed = require_deepspeed()
+        self.stage = config_stage(config)
+        refuse_unsupported(model, self.stage)
+        self.model = model
+        self.client_optimizer = optimizer
+        #: The model's parameters per optimizer group, in order, before DeepSpeed swaps in flat partitions.
+        self.group_parameters = [list(group["params"]) for group in optimizer.param_groups]
+        pending = {p: dict(optimizer.state[p]) for params in self.group_parameters for p in params if p in optimizer.state}
+        for parameter in pending:
+            del optimizer.state[parameter]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        if self.stage == 3:
+            registered = _register_base_parameters(model)
+            for layer in model.adapter_layers().values():
+                layer.mark_sharded()
+            logger.info("DeepSpeed ZeRO-3: %d base parameters gathered with their adapter layers", registered)
+        if pending:
+            self.restore_optimizer_state(pending)
+        logger.info("DeepSpeed ZeRO-%d engine over %d processes", self.stage, self.engine.world_size)
+
+    @property
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer DeepSpeed steps (on flat partitions)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def parameters_in_order(self) -> list[torch.Tensor]:
+        return [p for params in self.group_parameters for p in params]
+
+    # --- one step --------------------------------------------------------------------------------
+    def train_step(self, forward, micro_batches, device: torch.device, grad_accum: int, scheduler=None, should_apply=None):
+        """:func:`paca_core.steps.train_step` through the engine: DeepSpeed scales, reduces, clips and steps.
+
+        ``should_apply(loss, None)`` is asked after the last backward, before the update: False leaves the
+        update unapplied (the caller stops; skipping steps is not offered under DeepSpeed).
+        """
+        import devices
+
+        from .steps import StepResult
+
+        step_loss = torch.zeros((), device=device)
+        batches = [batch for _, batch in zip(range(grad_accum), micro_batches)]
+        for index, batch in enumerate(batches):
+            loss = forward(batch)
+            self.engine.backward(loss)  # divides by the accumulation steps itself
+            step_loss += loss.detach() / grad_accum
+            if index < len(batches) - 1:
+                self.engine.step()  # not a boundary: bookkeeping only
+        devices.step_boundary(device)
+        if should_apply is not None and not should_apply(step_loss, None):
+            return StepResult(step_loss, None, applied=False)
+        self.engine.step()
+        self.after_step()
+        if scheduler is not None:
+            scheduler.step()
+        devices.step_boundary(device)
+        return StepResult(step_loss, None, applied=True)
+
+    def after_step(self) -> None:
+        """Run the global optimizer post-step hooks with the model's own parameters (see module doc)."""
+        from torch.optim import optimizer as optim_module
+
+        view = _ParameterGroupsView(self.group_parameters, self.inner_optimizer.param_groups)
+        for hook in list(getattr(optim_module, "_global_optimizer_post_hooks", {}).values()):
+            hook(view, (), {})
+
+    # --- optimizer state, whole --------------------------------------------------------------------
+    def _step_count(self) -> torch.Tensor | None:
+        for state in self.inner_optimizer.state.values():
+            if "step" in state:
+                return state["step"].detach().clone()
+        return None
+
+    def full_optimizer_state(self) -> dict:
+        """The optimizer's state dict in torch AdamW's single-process format (a collective under ZeRO-3)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        step = self._step_count()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for index, parameter in enumerate(self.parameters_in_order()):
+            entry = {}
+            for key in ADAM_STATE_KEYS:
+                value = safe_get_full_optimizer_state(parameter, key) if step is not None else None
+                if value is not None:
+                    entry[key] = value.detach().to("cpu").reshape(parameter.ds_shape if is_partitioned(parameter) else parameter.shape).clone()
+            if entry:
+                entry["step"] = step.to("cpu").clone()  # one tensor per parameter: AdamW increments it in place
+                state[index] = entry
+        groups, first = [], 0
+        for params, live in zip(self.group_parameters, self.inner_optimizer.param_groups):
+            groups.append({**{k: v for k, v in live.items() if k != "params"}, "params": list(range(first, first + len(params)))})
+            first += len(params)
+        return {"state": state, "param_groups": groups}
+
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """The fp32 flat partitions DeepSpeed's inner optimizer steps (ZeRO-3 and ZeRO-1/2 name them differently)."""
+        for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+            flats = getattr(self.optimizer, name, None)
+            if flats:
+                return list(flats)
+        return [p for group in self.inner_optimizer.param_groups for p in group["params"]]
+
+    def restore_optimizer_state(self, pending: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+        """Put whole per-parameter AdamW state (from a checkpoint) into DeepSpeed's partitions."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        steps = [entry["step"] for entry in pending.values() if "step" in entry]
+        inner = self.inner_optimizer
+        for flat in self._flat_partitions():  # torch AdamW creates its state lazily; make it now, as it would
+            if flat not in inner.state or "exp_avg" not in inner.state[flat]:
+                inner.state[flat] = {
+                    "step": steps[0].detach().clone().to(torch.float32) if steps else torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                }
+        link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2 link each parameter's view into the flat state after its first step
+            self.optimizer._hp_optimizer_states_linked = False
+            link()
+        for parameter, entry in pending.items():
+            for key in ADAM_STATE_KEYS:
+                if key in entry:
+                    safe_set_full_optimizer_state(parameter, entry[key].to(torch.float32), key)
+
+
+class _ParameterGroupsView:
+    """What a global optimizer post-step hook reads: param groups holding the model's own parameters,
+    with the live hyperparameters (lr after the schedule, betas, eps, weight decay) of DeepSpeed's groups."""
+
+    def __init__(self, group_parameters: list[list[torch.Tensor]], live_groups: list[dict]):
+        self.param_groups = [
+            {**{k: v for k, v in live.items() if k != "params"}, "params": params}
+            for params, live in zip(group_parameters, live_groups)
+        ]
+
+
+__all__ = [
+    "INSTALL_HINT", "STAGES", "ZeroEngine", "build_config", "config_stage", "deepspeed_available", "full_parameter",
+    "gathered", "is_partitioned", "require_deepspeed", "write_partitioned_columns",
+]
