@@ -20,3 +20,9 @@ fi
 if ! "$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('bitsandbytes') is None)"; then
   pip_install --no-deps "bitsandbytes==0.50.2"
 fi
+# DeepSpeed (optional extra paca-hal[deepspeed]): --no-deps so pip never swaps torch, DS_BUILD_OPS=0 so
+# nothing compiles at install time (no CUDA toolkit needed); its light requirements explicitly.
+if ! "$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('deepspeed') is None)"; then
+  DS_BUILD_OPS=0 pip_install --no-deps "deepspeed==0.19.8"
+  pip_install hjson ninja py-cpuinfo msgpack einops "pydantic>=2"
+fi
