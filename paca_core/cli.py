@@ -19,6 +19,7 @@ from .base_config import MethodConfig, parse_targets
 from .bench.command import add_bench_parser
 from .plan.command import add_plan_parser
 from .errors import PacaConfigError
+from .zero import requested_stage
 from .methods import default_lr as _registry_default_lr
 from .methods import method_help, primary_name
 from .train_options import DEFAULT_LR, DEFAULT_RANK, DTYPES, add_train_arguments, build_configs, default_lr_for, is_auto
@@ -64,6 +65,15 @@ def _add_train_parser(sub) -> None:
         help="under torchrun/accelerate launch: shard base weights and adapters across processes with FSDP2 "
         "(default: DDP, a full copy per process)",
     )
+    p.add_argument(
+        "--deepspeed", default=None, metavar="zero1|zero2|zero3|PATH.json",
+        help="train under DeepSpeed ZeRO (launch with torchrun, deepspeed or accelerate launch; needs paca-hal[deepspeed]). "
+        "A stage name expands to a config from these flags (micro-batch --batch-size, --grad-accum, --max-grad-norm, bf16 "
+        "when --dtype is bf16); in your JSON these flags fill only \"auto\" fields, and a value that contradicts them is an "
+        "error. zero3 partitions base weights too. `accelerate launch --use_deepspeed` sets it for you",
+    )
+    # The deepspeed launcher passes --local_rank=N to the script (it sets LOCAL_RANK too, which is what we read).
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(handler=run_train)
 
 
@@ -80,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paca", description="Memory-efficient fine-tuning on CPU, CUDA and Intel Gaudi.")
     parser.add_argument("--version", action="version", version=f"paca-hal {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The deepspeed launcher puts --local_rank=N before the subcommand (it sets LOCAL_RANK too, which is what we read).
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
     _add_adapter_command(sub, "merge", "fold an adapter into its base model and save a plain HF model", "where to write the merged model", run_merge)
@@ -158,8 +170,11 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         on_nan=args.on_nan,
         fsdp=args.fsdp or _accelerate_asks_for_fsdp(),
+        deepspeed=args.deepspeed or _accelerate_deepspeed_spec(args),
     )
     train_args.validate()
+    # The planner's sharded layout (base weights and adapters split over the processes) is also ZeRO-3's.
+    shards_weights = train_args.fsdp or (train_args.deepspeed is not None and requested_stage(train_args.deepspeed) == 3)
     device, rank, world_size = devices.init_distributed(args.device)  # torchrun: one process per device
     graph_mode = devices.resolve_graph_mode(device, args.graph_mode)
     dtype = _resolve_dtype(args.dtype, device)
@@ -179,7 +194,7 @@ def run_train(args: argparse.Namespace) -> int:
 
         if budget is None:
             budget = _default_budget(device, world_size)
-        tracer = step_tracer(model_path, args.method, configs, dtype, world_size, train_args.fsdp, loss_chunk_tokens,
+        tracer = step_tracer(model_path, args.method, configs, dtype, world_size, shards_weights, loss_chunk_tokens,
                              args.gradient_checkpointing, planned_offload)
         shape = choose_with_tracer(tracer, args.seq_len, args.batch_size, budget, include_host=host_memory)
         args.seq_len, args.batch_size = shape.seq_len, shape.batch_size
@@ -189,7 +204,7 @@ def run_train(args: argparse.Namespace) -> int:
 
         check_before_loading(model_path, args.method, configs, args.seq_len, args.batch_size, dtype,
                              budget if budget is not None else devices.memory_stats(device).total_bytes,
-                             world_size=world_size, fsdp=train_args.fsdp, loss_chunk_tokens=loss_chunk_tokens,
+                             world_size=world_size, fsdp=shards_weights, loss_chunk_tokens=loss_chunk_tokens,
                              gradient_checkpointing=args.gradient_checkpointing, offload_activations=planned_offload,
                              include_host=host_memory)
     train_args.batch_size = args.batch_size
@@ -372,6 +387,33 @@ def _auto_shape_record(shape: "ShapeChoice | None", recorded: dict[str, int] | N
 def _accelerate_asks_for_fsdp() -> bool:
     """``accelerate launch --use_fsdp`` (or an accelerate config with FSDP) sets this for the processes it starts."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def _accelerate_deepspeed_spec(args: argparse.Namespace) -> str | dict | None:
+    """What ``accelerate launch --use_deepspeed`` asked for, from the variables it sets for its processes.
+
+    Its config file if it named one, else its ZeRO stage (default 2, accelerate's) with its offload
+    devices. Its accumulation and clipping must agree with ours (they are the same two numbers).
+    """
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true", "yes"):
+        return None
+    problems = []
+    for name, ours, flag in (("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", args.grad_accum, "--grad-accum"),
+                             ("ACCELERATE_GRADIENT_CLIPPING", args.max_grad_norm, "--max-grad-norm")):
+        value = env.get(name)
+        if value not in (None, "", "auto", "none") and float(value) != float(ours):
+            problems.append(f"accelerate's {name.split('_', 1)[1].lower()} is {value} but {flag} is {ours}")
+    if problems:
+        raise PacaConfigError("; ".join(problems) + ": make them agree (paca train takes these from its own flags).")
+    if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        return env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    zero = {"stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}
+    for kind in ("optimizer", "param"):
+        device = env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind.upper()}_DEVICE")
+        if device and device != "none":
+            zero[f"offload_{kind}"] = {"device": device}
+    return {"zero_optimization": zero}
 
 
 def _safe_exp(value: float) -> float:

@@ -83,6 +83,13 @@ def _read_config(spec: str | Path | dict) -> tuple[dict, str]:
     return document, str(path)
 
 
+def requested_stage(spec: str | Path | dict) -> int | None:
+    """The ZeRO stage ``spec`` asks for (None when it does not say), before any flags are filled in."""
+    config, _ = _read_config(spec)
+    stage = (config.get("zero_optimization") or {}).get("stage")
+    return stage if isinstance(stage, int) else None
+
+
 def config_stage(config: dict) -> int:
     """The ZeRO stage of a built config (0 when it has none)."""
     return int((config.get("zero_optimization") or {}).get("stage", 0))

@@ -122,6 +122,11 @@ def _accelerate(mode):
             "--dynamo_backend", "no", "--main_process_port", "{port}", "-m"]
 
 
+def _accelerate_deepspeed():
+    command = _accelerate("--use_deepspeed")
+    return [*command[:-1], "--zero_stage", "3", "--gradient_accumulation_steps", "1", "--gradient_clipping", "1.0", "-m"]
+
+
 LAUNCHES = {
     # torchrun + DDP (a full copy per process)
     "torchrun-ddp": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"], []),
@@ -130,6 +135,11 @@ LAUNCHES = {
     # accelerate launch: its torchrun-based launchers; --use_fsdp reaches paca train as ACCELERATE_USE_FSDP
     "accelerate-ddp": (_accelerate("--multi_gpu"), []),
     "accelerate-fsdp": (_accelerate("--use_fsdp"), []),
+    # DeepSpeed ZeRO (tests/test_deepspeed.py has the rest): under torchrun, its own launcher (which passes
+    # --local_rank), and accelerate launch --use_deepspeed (which reaches paca train as ACCELERATE_* variables)
+    "torchrun-zero3": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"], ["--deepspeed", "zero3"]),
+    "deepspeed-zero2": (["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "{port}", "--module"], ["--deepspeed", "zero2"]),
+    "accelerate-deepspeed": (_accelerate_deepspeed(), []),
 }
 
 
@@ -146,6 +156,9 @@ def test_paca_train_launched_on_two_processes_equals_one_process_with_the_global
     launcher, extra = LAUNCHES[launch]
     if launch.startswith("accelerate"):
         pytest.importorskip("accelerate")
+    if "zero" in launch or "deepspeed" in launch:
+        pytest.importorskip("deepspeed")
+    if "{port}" in launcher:
         port = str(_free_port())
         command = [sys.executable, *(port if part == "{port}" else part for part in launcher), "paca_core", "train"]
     else:
@@ -158,3 +171,4 @@ def test_paca_train_launched_on_two_processes_equals_one_process_with_the_global
     assert (tmp_path / "checkpoint" / "trainer_state.safetensors").is_file()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["training"]["fsdp"] == ("fsdp" in launch)
+    assert bool(metrics["training"]["deepspeed"]) == ("zero" in launch or "deepspeed" in launch)
