@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from .errors import PacaConfigError
+from .errors import CheckpointError, PacaConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 INSTALL_HINT = "pip install 'paca-hal[deepspeed]' (on CPU-only machines: DS_BUILD_OPS=0 pip install deepspeed)"
 #: Optimizer-state keys of AdamW, the optimizer paca train builds.
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+#: What a resumed optimizer group takes from the saved one (the schedule's lr and AdamW's settings); the
+#: implementation flags (fused, foreach) stay DeepSpeed's.
+SCHEDULED_HYPERPARAMETERS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,29 +290,47 @@ class ZeroEngine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
         deepspeed = require_deepspeed()
-        self.stage = config_stage(config)
-        refuse_unsupported(model, self.stage)
-        self.model = model
-        self.client_optimizer = optimizer
+        refuse_unsupported(model, config_stage(config))
         #: The model's parameters per optimizer group, in order, before DeepSpeed swaps in flat partitions.
-        self.group_parameters = [list(group["params"]) for group in optimizer.param_groups]
-        pending = {p: dict(optimizer.state[p]) for params in self.group_parameters for p in params if p in optimizer.state}
+        group_parameters = [list(group["params"]) for group in optimizer.param_groups]
+        pending = {p: dict(optimizer.state[p]) for params in group_parameters for p in params if p in optimizer.state}
         for parameter in pending:
             del optimizer.state[parameter]
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        if self.stage == 3:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self._attach(model, engine, group_parameters)
+        if pending:
+            self.restore_optimizer_state(pending)
+
+    @classmethod
+    def around(cls, engine) -> "ZeroEngine":
+        """The same view of an engine someone else made (the Hugging Face Trainer through accelerate)."""
+        self = cls.__new__(cls)
+        refuse_unsupported(engine.module, int(engine.zero_optimization_stage()))
+        self._attach(engine.module, engine, model_parameter_groups(engine.optimizer))
+        return self
+
+    def _attach(self, model: nn.Module, engine, group_parameters: list[list[torch.Tensor]]) -> None:
+        self.model = model
+        self.engine = engine
+        self.optimizer = engine.optimizer  # DeepSpeed's ZeRO optimizer (its inner torch optimizer steps the partitions)
+        self.group_parameters = group_parameters
+        self.stage = int(engine.zero_optimization_stage())
+        if self.stage == 3 and not getattr(model, "_paca_zero3_registered", False):
             registered = _register_base_parameters(model)
             for layer in model.adapter_layers().values():
                 layer.mark_sharded()
+            model._paca_zero3_registered = True
             logger.info("DeepSpeed ZeRO-3: %d base parameters gathered with their adapter layers", registered)
-        if pending:
-            self.restore_optimizer_state(pending)
-        logger.info("DeepSpeed ZeRO-%d engine over %d processes", self.stage, self.engine.world_size)
+        logger.info("DeepSpeed ZeRO-%d engine over %d processes", self.stage, engine.world_size)
 
     @property
     def inner_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer DeepSpeed steps (on flat partitions)."""
         return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def model_param_groups(self) -> list[dict]:
+        """The optimizer's param groups as they would be without DeepSpeed: live hyperparameters, model parameters."""
+        return _ParameterGroupsView(self.group_parameters, self.inner_optimizer.param_groups).param_groups
 
     def parameters_in_order(self) -> list[torch.Tensor]:
         return [p for params in self.group_parameters for p in params]
@@ -345,11 +366,7 @@ class ZeroEngine:
 
     def after_step(self) -> None:
         """Run the global optimizer post-step hooks with the model's own parameters (see module doc)."""
-        from torch.optim import optimizer as optim_module
-
-        view = _ParameterGroupsView(self.group_parameters, self.inner_optimizer.param_groups)
-        for hook in list(getattr(optim_module, "_global_optimizer_post_hooks", {}).values()):
-            hook(view, (), {})
+        run_post_step_hooks(self.group_parameters, self.inner_optimizer.param_groups)
 
     # --- optimizer state, whole --------------------------------------------------------------------
     def _step_count(self) -> torch.Tensor | None:
@@ -378,6 +395,21 @@ class ZeroEngine:
             groups.append({**{k: v for k, v in live.items() if k != "params"}, "params": list(range(first, first + len(params)))})
             first += len(params)
         return {"state": state, "param_groups": groups}
+
+    def load_optimizer_state_dict(self, state_dict: dict) -> None:
+        """The inverse of :meth:`full_optimizer_state` (one saved by any process count, or by torch's AdamW in
+        one process): whole per-parameter state into this engine's partitions, and the saved hyperparameters
+        (the scheduled lr) into its live groups."""
+        saved_groups = align_saved_groups(state_dict.get("param_groups", []), self.model_param_groups())
+        state = {int(index): entry for index, entry in state_dict["state"].items()}
+        pending = {
+            parameter: state[int(index)]
+            for saved, parameters in zip(saved_groups, self.group_parameters)
+            for index, parameter in zip(saved["params"], parameters) if int(index) in state
+        }
+        for live, saved in zip(self.inner_optimizer.param_groups, saved_groups):
+            live.update({key: saved[key] for key in SCHEDULED_HYPERPARAMETERS if key in saved})
+        self.restore_optimizer_state(pending)
 
     def _flat_partitions(self) -> list[torch.Tensor]:
         """The fp32 flat partitions DeepSpeed's inner optimizer steps (ZeRO-3 and ZeRO-1/2 name them differently)."""
@@ -410,6 +442,84 @@ class ZeroEngine:
                     safe_set_full_optimizer_state(parameter, entry[key].to(torch.float32), key)
 
 
+def model_parameter_groups(zero_optimizer) -> list[list[torch.Tensor]]:
+    """The model's own parameters behind each param group of a ZeRO optimizer's inner torch optimizer.
+
+    ZeRO-1/2 keep one list per group (``bit16_groups``); ZeRO-3 splits groups into sub-groups and maps each
+    back (``sub_group_to_group_id``). Anything else steps the model's parameters directly.
+    """
+    inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
+    groups: list[list[torch.Tensor]] = [[] for _ in inner.param_groups]
+    if hasattr(zero_optimizer, "fp16_groups") and hasattr(zero_optimizer, "sub_group_to_group_id"):
+        for sub_group, parameters in enumerate(zero_optimizer.fp16_groups):
+            groups[zero_optimizer.sub_group_to_group_id[sub_group]].extend(parameters)
+    elif hasattr(zero_optimizer, "bit16_groups"):
+        for index, parameters in enumerate(zero_optimizer.bit16_groups):
+            groups[index].extend(parameters)
+    else:
+        groups = [list(group["params"]) for group in inner.param_groups]
+    return groups
+
+
+def match_saved_groups(saved_groups: list[dict], live_groups: list[dict]) -> list[int | None]:
+    """For each of ``live_groups``, the index of the saved optimizer param group it continues (None: an empty
+    live group), matched in order by parameter count with empty groups left out: DeepSpeed drops them, and
+    the Hugging Face Trainer makes an empty no-decay group when every trainable tensor decays."""
+    saved = iter([index for index, group in enumerate(saved_groups) if group["params"]])
+    sources: list[int | None] = []
+    for live in live_groups:
+        if not live["params"]:
+            sources.append(None)
+            continue
+        index = next(saved, None)
+        if index is None or len(saved_groups[index]["params"]) != len(live["params"]):
+            break
+        sources.append(index)
+    else:
+        if next(saved, None) is None:
+            return sources
+    raise CheckpointError(
+        f"The saved optimizer has groups of {[len(g['params']) for g in saved_groups]} parameters, this one "
+        f"{[len(g['params']) for g in live_groups]}: the checkpoint was written for another adapter or optimizer setup."
+    )
+
+
+def align_saved_groups(saved_groups: list[dict], live_groups: list[dict]) -> list[dict]:
+    """The saved param groups in ``live_groups``' layout (:func:`match_saved_groups`); an empty live group
+    keeps its own hyperparameters."""
+    return [
+        saved_groups[source] if source is not None else {**{k: v for k, v in live.items() if k != "params"}, "params": []}
+        for source, live in zip(match_saved_groups(saved_groups, live_groups), live_groups)
+    ]
+
+
+def align_scheduler_state(state: dict, saved_groups: list[dict], live_groups: list[dict]) -> dict:
+    """A torch LR scheduler's state (per-group lists: ``base_lrs``, ``_last_lr``, ``lr_lambdas``) saved with
+    ``saved_groups``, laid out for ``live_groups`` as :func:`align_saved_groups` lays out the optimizer."""
+    sources = match_saved_groups(saved_groups, live_groups)
+    aligned = dict(state)
+    for key, fill in (("base_lrs", "initial_lr"), ("_last_lr", "lr"), ("lr_lambdas", None)):
+        values = state.get(key)
+        if isinstance(values, list) and len(values) == len(saved_groups):
+            aligned[key] = [values[s] if s is not None else (live.get(fill, live.get("lr")) if fill else None)
+                            for s, live in zip(sources, live_groups)]
+    return aligned
+
+
+def run_post_step_hooks(group_parameters: list[list[torch.Tensor]], live_groups: list[dict]) -> None:
+    """torch's global optimizer post-step hooks (PaCA's column write, MEFT's host update), called with the
+    model's own parameters once DeepSpeed has copied the step into them.
+
+    They also fire inside DeepSpeed's step, for its inner optimizer over flat partitions; there they find
+    none of their layers' parameters and do nothing (and ZeRO-1/2 have not copied the new values back yet).
+    """
+    from torch.optim import optimizer as optim_module
+
+    view = _ParameterGroupsView(group_parameters, live_groups)
+    for hook in list(getattr(optim_module, "_global_optimizer_post_hooks", {}).values()):
+        hook(view, (), {})
+
+
 class _ParameterGroupsView:
     """What a global optimizer post-step hook reads: param groups holding the model's own parameters,
     with the live hyperparameters (lr after the schedule, betas, eps, weight decay) of DeepSpeed's groups."""
@@ -422,6 +532,6 @@ class _ParameterGroupsView:
 
 
 __all__ = [
-    "INSTALL_HINT", "STAGES", "ZeroEngine", "build_config", "config_stage", "deepspeed_available", "full_parameter",
+    "INSTALL_HINT", "STAGES", "ZeroEngine", "align_saved_groups", "align_scheduler_state", "match_saved_groups", "model_parameter_groups", "run_post_step_hooks", "build_config", "config_stage", "deepspeed_available", "full_parameter",
     "gathered", "is_partitioned", "require_deepspeed", "write_partitioned_columns",
 ]

@@ -14,22 +14,35 @@ What a plain ``Trainer`` would get wrong with an :class:`~paca_core.AdaptedModel
 Per-step synchronisation needs nothing from the trainer: PaCA's columns and MEFT's host update run
 in a global optimizer post-step hook, whatever optimizer (or accelerate wrapper) the trainer uses.
 
+Under DeepSpeed (``TrainingArguments(deepspeed=...)``, ZeRO 1/2/3) the mixin adds what the engine
+hides: those hooks run after each applied step with the model's own parameters (DeepSpeed steps flat
+partitions), ZeRO-3 gathers each adapter layer's base weights for its forward, checkpoints hold the
+gathered adapter and the whole AdamW state in paca-hal's safetensors format (``paca_optimizer/``:
+resumable with any process count, never a pickle) instead of DeepSpeed's per-rank files, and
+``resume_from_checkpoint`` loads the adapter before the engine partitions the model.
+
 Usage: ``trainer = PacaTrainer(model=prepare_model(hf_model, PaCAConfig(r=16)), args=..., ...)``, or
 mix :class:`PacaTrainerMixin` into your own Trainer subclass (``class T(PacaTrainerMixin, SFTTrainer)``)
 and add ``PacaCallback()`` to its callbacks.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import weakref
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from .._version import __version__
-from ..checkpoint import load_adapter_tensors, read_adapter_tensors, write_adapter_files
-from ..training_state import check_host_state, read_host_state, read_legacy_pickle, write_host_state
+from ..checkpoint import adapter_state, load_adapter_tensors, read_adapter_tensors, write_adapter_files
+from ..errors import CheckpointError, PacaConfigError
+from ..sharding import load_optimizer_state
+from ..training_state import (
+    check_host_state, read_host_state, read_legacy_pickle, read_training_state, write_host_state, write_training_state,
+)
 from ..model import AdaptedModel
 
 logger = logging.getLogger(__name__)
@@ -40,6 +53,9 @@ LEGACY_HOST_STATE_NAME = "paca_host_optimizer.pt"  # the same as a torch.save pi
 TRUST_HINT = "`trainer.train(resume_from_checkpoint=..., trust_checkpoint=True)`"
 MODEL_CARD_NAME = "README.md"  # where transformers and TRL write the model card
 LIBRARY_NAME = "paca-hal"
+ZERO_OPTIMIZER_DIR = "paca_optimizer"  # under DeepSpeed: the whole AdamW state (safetensors + JSON), beside the adapter
+OPTIMIZER_NAME = "optimizer.pt"  # transformers' name for the optimizer state without DeepSpeed
+SCHEDULER_NAME = "scheduler.pt"  # transformers' name for the scheduler state (a weights-only torch.save)
 MODEL_CARD_HEADING = "## paca-hal adapter"
 MODEL_CARD_USAGE = MODEL_CARD_HEADING + """
 
@@ -98,6 +114,8 @@ class PacaTrainerMixin:
                 "launch without FSDP), or FSDP2 through `paca train --fsdp` / paca_core.sharding.shard_model."
             )
         adapted = adapted_model(self.model)
+        if adapted is not None and getattr(self, "is_deepspeed_enabled", False):
+            self._paca_deepspeed_init(adapted)
         if adapted is not None:
             adapted.default_loss_chunking()  # the LM head + loss in chunks in training (paca_core/chunked_loss.py)
         if adapted is not None and self.args.label_names is None:
@@ -128,9 +146,12 @@ class PacaTrainerMixin:
         adapted = self._adapted()
         if adapted is None:
             return super()._save(output_dir, state_dict)
-        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        self._write_adapter(adapted, Path(output_dir if output_dir is not None else self.args.output_dir))
+
+    def _write_adapter(self, adapted: AdaptedModel, output_dir: Path, tensors: dict | None = None) -> None:
+        """The adapter files (``tensors``: already gathered, under ZeRO-3), the tokenizer and the arguments."""
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_adapter_files(adapted, output_dir)  # tensors are moved to the CPU first
+        write_adapter_files(adapted, output_dir, tensors=tensors)  # tensors are moved to the CPU first
         if getattr(self, "processing_class", None) is not None:
             self.processing_class.save_pretrained(str(output_dir))
         self._save_extra(output_dir)
@@ -139,6 +160,115 @@ class PacaTrainerMixin:
         torch.save(self.args, output_dir / TRAINING_ARGS_NAME)
         logger.info("Saved paca-hal adapter (%s) to %s", adapted.method, output_dir)
 
+    # --- DeepSpeed ---------------------------------------------------------------------------------
+    def _paca_deepspeed_init(self, adapted: AdaptedModel) -> None:
+        from ..zero import refuse_unsupported
+
+        stage = int(self.accelerator.state.deepspeed_plugin.zero_stage)
+        refuse_unsupported(adapted, stage)
+        if stage == 3 and self.args.load_best_model_at_end:
+            raise PacaConfigError(
+                "load_best_model_at_end is not supported with paca-hal adapters under ZeRO-3 (the model is partitioned "
+                "by then); set it to False and load the best checkpoint afterwards with PacaModel.from_pretrained."
+            )
+        if not any(isinstance(c, _ZeroStepCallback) for c in self.callback_handler.callbacks):
+            self.add_callback(_ZeroStepCallback(self))
+
+    def _paca_zero(self):
+        """paca_core.zero's view of the DeepSpeed engine this trainer made; None before it exists or without DeepSpeed."""
+        engine = getattr(self, "model_wrapped", None)
+        if not getattr(self, "is_deepspeed_enabled", False) or not hasattr(engine, "zero_optimization_stage"):
+            return None
+        cached = getattr(self, "_paca_zero_view", None)
+        if cached is None or cached.engine is not engine:
+            from ..zero import ZeroEngine
+
+            cached = self._paca_zero_view = ZeroEngine.around(engine)
+        return cached
+
+    def compute_loss(self, model, *args, **kwargs):
+        if hasattr(model, "zero_optimization_stage"):  # the DeepSpeed engine: ZeRO-3 must know before its first forward
+            self._paca_zero()
+        return super().compute_loss(model, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        adapted = self._adapted()
+        if adapted is None or not getattr(self, "is_deepspeed_enabled", False):
+            return super().save_model(output_dir, _internal_call)
+        # The adapter only, gathered by every rank (ZeRO-3 partitions it) and written by one; not DeepSpeed's
+        # whole-model state dict, which would copy the frozen base into every checkpoint.
+        tensors = adapter_state(adapted)
+        if self.args.should_save:
+            self._write_adapter(adapted, Path(output_dir if output_dir is not None else self.args.output_dir), tensors)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save")
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        zero = self._paca_zero()
+        if zero is None or self._adapted() is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        state = zero.full_optimizer_state()  # a collective: every rank
+        if not self.args.should_save:
+            return
+        directory = Path(output_dir) / ZERO_OPTIMIZER_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        write_training_state(directory, {"optimizer": state}, summary={"zero_stage": zero.stage, "world_size": zero.engine.world_size})
+        if self.lr_scheduler is not None and not _is_deepspeed_scheduler(self.lr_scheduler):
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Whole AdamW state written under DeepSpeed (``paca_optimizer/``) or without it (``optimizer.pt``), into
+        DeepSpeed's partitions or a plain optimizer: a checkpoint resumes with any process count, either way."""
+        zero = self._paca_zero()
+        folder = Path(checkpoint) if checkpoint is not None else None
+        ours = folder is not None and (folder / ZERO_OPTIMIZER_DIR).is_dir()
+        if self._adapted() is None or folder is None or (zero is None and not ours):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        if ours:
+            state = read_training_state(folder / ZERO_OPTIMIZER_DIR)["optimizer"]  # safetensors + JSON: runs no code
+        elif (folder / OPTIMIZER_NAME).is_file():  # written without DeepSpeed: tensors and numbers only
+            state = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+        else:
+            raise CheckpointError(f"{folder} has neither {ZERO_OPTIMIZER_DIR}/ nor {OPTIMIZER_NAME}: no optimizer state to resume.")
+        from ..zero import align_saved_groups, align_scheduler_state
+
+        saved_groups = state["param_groups"]
+        if zero is not None:
+            live_groups = zero.model_param_groups()  # the model's parameters, not DeepSpeed's flat partitions
+            zero.load_optimizer_state_dict(state)
+        else:
+            live_groups = self.optimizer.param_groups
+            state["param_groups"] = align_saved_groups(saved_groups, live_groups)
+            load_optimizer_state(self.optimizer, state)  # FSDP/DDP/one process: re-sharded like the parameters
+        scheduler = folder / SCHEDULER_NAME
+        if scheduler.is_file() and self.lr_scheduler is not None and not _is_deepspeed_scheduler(self.lr_scheduler):
+            saved = torch.load(scheduler, map_location="cpu", weights_only=True)
+            self.lr_scheduler.load_state_dict(align_scheduler_state(saved, saved_groups, live_groups))
+        logger.info("Restored the optimizer%s and scheduler from %s", f" (ZeRO-{zero.stage} partitions)" if zero else "", folder)
+
+    def _paca_resume_under_deepspeed(self, resume, trust_checkpoint: bool):
+        """Under DeepSpeed, a paca-hal checkpoint's adapter goes into the model before the engine partitions
+        it; transformers' DeepSpeed-checkpoint loader is told to leave such a folder alone."""
+        adapted = self._adapted()
+        if resume in (None, False) or adapted is None or not getattr(self, "is_deepspeed_enabled", False):
+            return contextlib.nullcontext()
+        if resume is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume = get_last_checkpoint(self.args.output_dir)
+            if resume is None:
+                return contextlib.nullcontext()  # transformers says there is none
+        folder = Path(resume)
+        if not _is_paca_checkpoint(folder):
+            return contextlib.nullcontext()  # DeepSpeed's own checkpoint (global_step*): transformers loads it
+        if self._paca_zero() is not None:
+            raise PacaConfigError(
+                "Resume a paca-hal checkpoint under DeepSpeed with a new trainer: this one's engine has already "
+                "partitioned the model, and the adapter is loaded before that."
+            )
+        _load_paca_checkpoint(adapted, folder, trust_checkpoint)
+        return _skipping_deepspeed_loader(folder)
+
     def _save_extra(self, output_dir: Path) -> None:
         """Subclasses save what their trainer adds (GaudiTrainer: the Gaudi config)."""
 
@@ -146,8 +276,10 @@ class PacaTrainerMixin:
         """The base trainer's ``train``. ``trust_checkpoint=True``: you vouch for ``resume_from_checkpoint``, so
         paca-hal 0.1.0 host-state pickles that the restricted loader refuses may be unpickled in full."""
         self._paca_trust_checkpoint = trust_checkpoint
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
         try:
-            return super().train(*args, **kwargs)
+            with self._paca_resume_under_deepspeed(resume, trust_checkpoint):
+                return super().train(*args, **kwargs)
         finally:
             self._paca_trust_checkpoint = False
 
@@ -181,6 +313,51 @@ def _read_host_state(directory: Path, trust_checkpoint: bool) -> dict[str, dict[
     if legacy.is_file():
         return check_host_state(read_legacy_pickle(legacy, trust_checkpoint, TRUST_HINT), legacy)
     return None
+
+
+def _is_paca_checkpoint(folder: Path) -> bool:
+    """A folder paca-hal's trainer wrote (adapter files, no DeepSpeed ``global_step*`` folder)."""
+    return (folder / "adapter_config.json").is_file() and not any(folder.glob("global_step*"))
+
+
+def _is_deepspeed_scheduler(scheduler) -> bool:
+    """A scheduler DeepSpeed runs itself (a ``scheduler`` section in the user's config): its state is DeepSpeed's."""
+    return type(scheduler).__name__ in ("DeepSpeedSchedulerWrapper", "DummyScheduler")
+
+
+@contextlib.contextmanager
+def _skipping_deepspeed_loader(folder: Path):
+    """transformers resumes DeepSpeed runs only from DeepSpeed's per-rank checkpoint files, through
+    ``transformers.trainer.deepspeed_load_checkpoint`` (no method to override). For the duration of one
+    ``train`` call that name skips ``folder``, whose adapter is already loaded and whose optimizer state
+    ``_load_optimizer_and_scheduler`` restores; every other folder goes to the original."""
+    import transformers.trainer as trainer_module
+
+    original = trainer_module.deepspeed_load_checkpoint
+
+    def load(engine, checkpoint_path, *args, **kwargs):
+        if Path(checkpoint_path).resolve() == folder.resolve():
+            return None
+        return original(engine, checkpoint_path, *args, **kwargs)
+
+    trainer_module.deepspeed_load_checkpoint = load
+    try:
+        yield
+    finally:
+        trainer_module.deepspeed_load_checkpoint = original
+
+
+class _ZeroStepCallback(TrainerCallback):
+    """Under DeepSpeed: after each applied optimizer step, the global post-step hooks (PaCA's columns,
+    MEFT's host update) with the model's own parameters (paca_core.zero.run_post_step_hooks)."""
+
+    def __init__(self, trainer):
+        self.trainer = weakref.proxy(trainer)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        zero = self.trainer._paca_zero()
+        if zero is not None and zero.engine.was_step_applied():  # fp16 overflow: no step, nothing to write
+            zero.after_step()
 
 
 def model_card_tags(adapted: AdaptedModel) -> list[str]:
