@@ -67,6 +67,7 @@ def prepare_model(
             f"r={narrow[0][1].r} exceeds the input width of {listed}; choose r <= "
             f"{min(m.in_features for _, _, m in narrow)} or exclude those modules."
         )
+    _refuse_partitioned(plan)
     if device is not None:
         move_model(model, resolve_device(device))  # refused for offloaded or device_map-dispatched models
     check_targets_placement(plan)  # before any surgery: methods that cannot use an offloaded weight say so
@@ -81,6 +82,18 @@ def prepare_model(
         _apply_modifier(model, modifier, created)
     logger.info("%s: adapted %d modules on %s", method_name(configs), len(plan), _devices_text(created.values()))
     return AdaptedModel(model, configs)
+
+
+def _refuse_partitioned(plan: dict[str, tuple[MethodConfig, nn.Module]]) -> None:
+    """Weights DeepSpeed ZeRO-3 partitioned while loading (``zero.Init``) are empty here: adapters built on
+    them would read nothing (PaCA's columns) and silently train a different model."""
+    partitioned = [name for name, (_, module) in plan.items() if hasattr(getattr(module, "weight", None), "ds_tensor")]
+    if partitioned:
+        raise PacaConfigError(
+            f"{partitioned[0]} (and {len(partitioned) - 1} more) were partitioned by DeepSpeed ZeRO-3 while loading "
+            "(TrainingArguments(deepspeed=<stage 3>) made before from_pretrained turns on zero.Init). Load the model "
+            "and call prepare_model first, then make the TrainingArguments: the Trainer partitions the prepared model."
+        )
 
 
 def _devices_text(layers: Iterable[AdapterLayer]) -> str:

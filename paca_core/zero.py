@@ -302,11 +302,14 @@ class ZeroEngine:
             self.restore_optimizer_state(pending)
 
     @classmethod
-    def around(cls, engine) -> "ZeroEngine":
-        """The same view of an engine someone else made (the Hugging Face Trainer through accelerate)."""
+    def around(cls, engine, model: nn.Module | None = None) -> "ZeroEngine":
+        """The same view of an engine someone else made (the Hugging Face Trainer through accelerate).
+
+        ``model``: the AdaptedModel, when the engine wraps its inner transformers model (TRL's trainer)."""
         self = cls.__new__(cls)
-        refuse_unsupported(engine.module, int(engine.zero_optimization_stage()))
-        self._attach(engine.module, engine, model_parameter_groups(engine.optimizer))
+        model = model if model is not None else engine.module
+        refuse_unsupported(model, int(engine.zero_optimization_stage()))
+        self._attach(model, engine, model_parameter_groups(engine.optimizer))
         return self
 
     def _attach(self, model: nn.Module, engine, group_parameters: list[list[torch.Tensor]]) -> None:

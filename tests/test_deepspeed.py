@@ -217,3 +217,22 @@ def test_deepspeed_with_fsdp_or_in_one_process_is_refused(tmp_path):
         TrainingArguments(output_dir=str(tmp_path), max_steps=1, deepspeed="zero2", on_nan="skip").validate()
     with pytest.raises(ValueError, match="torchrun"):
         _trainer("paca", str(tmp_path), 1, deepspeed="zero2")
+
+
+def _partitioned_load_worker(rank, world, init_file, out_dir):
+    import deepspeed
+
+    _init(rank, world, init_file)
+    try:
+        with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 2, "zero_optimization": {"stage": 3}}):
+            base = tiny_llama(seed=0)  # as from_pretrained under TrainingArguments(deepspeed=<stage 3>)
+        with pytest.raises(PacaConfigError, match="partitioned by DeepSpeed ZeRO-3 while loading"):
+            prepare_model(base, PaCAConfig(r=4))
+        open(f"{out_dir}/refused-rank{rank}", "w").close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_partitioned_while_loading_is_refused_with_what_to_do(tmp_path):
+    _spawn(_partitioned_load_worker, tmp_path, str(tmp_path))
+    assert (tmp_path / "refused-rank0").is_file() and (tmp_path / "refused-rank1").is_file()

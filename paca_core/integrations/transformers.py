@@ -113,9 +113,9 @@ class PacaTrainerMixin:
                 "gather a full model state dict, not our adapter). Use this trainer with DDP (torchrun/accelerate "
                 "launch without FSDP), or FSDP2 through `paca train --fsdp` / paca_core.sharding.shard_model."
             )
+        if self._adapted() is not None and getattr(self, "is_deepspeed_enabled", False):
+            self._paca_deepspeed_init(self._adapted())  # also for PacaSFTTrainer, which holds the inner model
         adapted = adapted_model(self.model)
-        if adapted is not None and getattr(self, "is_deepspeed_enabled", False):
-            self._paca_deepspeed_init(adapted)
         if adapted is not None:
             adapted.default_loss_chunking()  # the LM head + loss in chunks in training (paca_core/chunked_loss.py)
         if adapted is not None and self.args.label_names is None:
@@ -183,7 +183,7 @@ class PacaTrainerMixin:
         if cached is None or cached.engine is not engine:
             from ..zero import ZeroEngine
 
-            cached = self._paca_zero_view = ZeroEngine.around(engine)
+            cached = self._paca_zero_view = ZeroEngine.around(engine, self._adapted())
         return cached
 
     def compute_loss(self, model, *args, **kwargs):

@@ -28,7 +28,7 @@ CONFIGS = {
     "paca": lambda: PaCAConfig(r=4),
     "lora": lambda: LoRAConfig(r=4),
     "meft": lambda: MEFTConfig(num_rows=64, top_k=4, rows_per_step=64),  # no row dropped: 1 and 2 processes agree
-}
+}  # and "sft": PaCA through PacaSFTTrainer (TRL)
 
 
 def deepspeed_config(stage: int) -> dict | None:
@@ -72,14 +72,28 @@ def use_gloo_for_deepspeed() -> None:
 
 
 def run(out: str, per_device_batch: int, method: str, stage: int, steps: int, save: int, resume: str | None) -> None:
-    model = prepare_model(tiny_llama(seed=0), CONFIGS[method]())
-    args = TrainingArguments(
+    settings = dict(
         output_dir=out, max_steps=steps, per_device_train_batch_size=per_device_batch, learning_rate=1e-2,
         save_steps=save, report_to=[], use_cpu=stage == 0, seed=0, lr_scheduler_type="linear", warmup_steps=1,
-        data_seed=0, logging_steps=1, deepspeed=deepspeed_config(stage), max_grad_norm=1.0,
+        data_seed=0, logging_steps=1, deepspeed=deepspeed_config(stage), max_grad_norm=1.0, bf16=False,
         accelerator_config={"use_configured_state": True} if stage else None,
     )
-    trainer = PacaTrainer(model=model, args=args, train_dataset=Rows())
+    if method == "sft":  # PaCA through TRL's SFTTrainer (which is handed the inner transformers model)
+        import datasets
+        import trl
+
+        from paca_core.integrations.trl import PacaSFTTrainer
+        from tests.conftest import SAMPLE_TEXT, build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer(Path(out) / f"tokenizer-rank{os.environ.get('RANK', '0')}")
+        base = tiny_llama(seed=0, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        model = prepare_model(base, PaCAConfig(r=4))
+        lines = [line for line in SAMPLE_TEXT.splitlines() if line.strip()]
+        trainer = PacaSFTTrainer(model=model, args=trl.SFTConfig(**settings, max_length=32),
+                                 train_dataset=datasets.Dataset.from_dict({"text": lines}), processing_class=tokenizer)
+    else:
+        model = prepare_model(tiny_llama(seed=0), CONFIGS[method]())
+        trainer = PacaTrainer(model=model, args=TrainingArguments(**settings), train_dataset=Rows())
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(f"{out}/final")
     state = snapshot(model)
