@@ -414,6 +414,20 @@ def test_per_rank_bytes_by_hand():
     assert per_rank_bytes(m, PlanSettings(world_size=4, fsdp=True), 100)["peak"] == 10000 + 200
 
 
+def test_per_rank_bytes_under_deepspeed_zero_stages():
+    m = Measurement(bytes={"weights": 1001, "gradients": 203, "optimizer": 2002, "saved_activations": 5000,
+                           "peak": 9000, "host": 7}, flops=1, bytes_moved=1, kernels=1)
+    m.phase_peaks = {"forward": 5000, "backward": 8800, "optimizer": 9000}
+    # ZeRO-3 partitions what FSDP2 shards: the same bytes per rank
+    assert per_rank_bytes(m, PlanSettings(world_size=4, zero=3), 100) == per_rank_bytes(m, PlanSettings(world_size=4, fsdp=True), 100)
+    one = per_rank_bytes(m, PlanSettings(), 100)
+    zero1 = per_rank_bytes(m, PlanSettings(world_size=4, zero=1), 100)  # optimizer state only; no all-gathers
+    assert zero1 == dict(one, optimizer=501, peak=max(5000 - 1501, 8800 - 1501, 9000 - 1501))
+    zero2 = per_rank_bytes(m, PlanSettings(world_size=4, zero=2), 100)  # and gradients, reduce-scattered in backward
+    assert zero2 == dict(one, optimizer=501, gradients=51, peak=max(5000 - 1501, 8800 - 1501 - 152 + 100, 9000 - 1501 - 152))
+    assert per_rank_bytes(m, PlanSettings(world_size=1, zero=3), 100) == one  # one process: nothing to shard
+
+
 def test_per_rank_bytes_on_a_traced_model():
     config = tiny_llama_config(num_hidden_layers=3)
     tracer = MethodTracer(config, "paca", PlanSettings(dtype=torch.float32, rank=LORA_RANK), [])
@@ -538,7 +552,10 @@ def test_cli_plan_writes_records(tiny_config_file, tmp_path):
     pytest.param(["--methods", "qpaca", "--quantize", "fp4", "--device-profile", "gaudi2"], ["qpaca", "gaudi2", "fp4", "--quantize nf4"],
                  marks=[needs_bnb]),
     (["--fsdp"], ["--fsdp", "--world-size"]),
-], ids=["unknown-shape", "unknown-profile", "seq-above-context", "peft-velora-host-read", "fp4-on-gaudi", "fsdp-without-world-size"])
+    (["--zero", "3"], ["--zero", "--world-size"]),
+    (["--zero", "2", "--fsdp", "--world-size", "2"], ["--zero", "--fsdp", "choose one"]),
+], ids=["unknown-shape", "unknown-profile", "seq-above-context", "peft-velora-host-read", "fp4-on-gaudi", "fsdp-without-world-size",
+        "zero-without-world-size", "zero-with-fsdp"])
 def test_cli_plan_bad_input(argv, needles, tiny_config_file, caplog):
     from paca_core.cli import main
     from paca_core.plan.shapes import known_shapes

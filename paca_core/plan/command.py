@@ -73,6 +73,9 @@ def add_plan_parser(sub) -> None:
                    "form stay on the --dtype base); qpaca and peft-qlora in --methods use it too (default nf4)")
     p.add_argument("--world-size", type=int, default=1, help="processes (with --fsdp: bytes per rank)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding over --world-size ranks")
+    p.add_argument("--zero", type=int, choices=(1, 2, 3), default=0,
+                   help="DeepSpeed ZeRO stage over --world-size ranks (paca train --deepspeed zeroN): 1 shards optimizer state, "
+                   "2 also gradients, 3 also the frozen base weights (bytes per rank as FSDP2's)")
     p.add_argument("--no-search", dest="search", action="store_false", help="skip the max_seq_len / max_batch_size searches")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes tracing methods side by side (tracing is single-threaded)")
@@ -155,6 +158,10 @@ def run_plan(args: argparse.Namespace) -> int:
         raise PacaConfigError("--world-size must be at least 1.")
     if args.fsdp and args.world_size < 2:
         raise PacaConfigError("--fsdp shards over --world-size ranks: pass --world-size 2 or more.")
+    if args.zero and args.world_size < 2:
+        raise PacaConfigError("--zero shards over --world-size ranks: pass --world-size 2 or more.")
+    if args.zero and args.fsdp:
+        raise PacaConfigError("--zero and --fsdp are two engines for the same job: choose one.")
     if args.rank < 1:
         raise PacaConfigError("--rank must be at least 1.")
     if args.workers < 1:
@@ -164,7 +171,7 @@ def run_plan(args: argparse.Namespace) -> int:
     kind = args.quantize or "nf4"
     _check_methods(methods, profiles, kind)
     settings = PlanSettings(dtype=getattr(torch, DTYPES[args.dtype]), rank=args.rank, match_params=args.match_params,
-                            gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp,
+                            gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp, zero=args.zero,
                             options=(("target_modules", args.target_modules),) if args.target_modules else (),
                             loss_chunk_tokens=parse_loss_chunk_tokens(args.loss_chunk_tokens),
                             offload_activations=args.offload_activations, quantize=kind)
@@ -176,7 +183,7 @@ def run_plan(args: argparse.Namespace) -> int:
         "command": "paca " + " ".join(sys.argv[sys.argv.index("plan"):]) if "plan" in sys.argv else "paca plan (from Python)",
         "model": args.model,
         "settings": {"offload_activations": args.offload_activations, "target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "quantize": args.quantize, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
-                     "world_size": args.world_size, "fsdp": args.fsdp, "seq_lens": seq_lens, "batch_sizes": batch_sizes},
+                     "world_size": args.world_size, "fsdp": args.fsdp, "zero": args.zero, "seq_lens": seq_lens, "batch_sizes": batch_sizes},
         "profiles": {p.name: p.to_dict() for p in profiles},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "planner_seconds": round(elapsed, 1)},
         "notes": NOTES + list(dict.fromkeys(note for r in records for note in r["notes"])),
@@ -207,8 +214,9 @@ NOTES = [
     "communication buffers other than FSDP's all-gathers are not included.",
     "Attention is traced through the CPU's fused SDPA kernel, which keeps what the flash/fused kernels on CUDA and Gaudi keep; "
     "its FLOPs are counted as torch's FlopCounterMode counts flash attention (no causal halving).",
-    "With --fsdp, bytes per rank shard weights, gradients and optimizer state by 1/N and add two decoder layers of "
-    "all-gather buffers; communication time is not modelled.",
+    "With --fsdp or --zero 3, bytes per rank shard weights, gradients and optimizer state by 1/N and add two decoder "
+    "layers of all-gather buffers (--zero 2: gradients and optimizer state; --zero 1: optimizer state); communication "
+    "time and DeepSpeed's fp32 master copies of trainable parameters under bf16 are not modelled.",
 ]
 
 

@@ -44,6 +44,9 @@ class PlanSettings:
     gradient_checkpointing: bool = False
     world_size: int = 1
     fsdp: bool = False
+    #: DeepSpeed ZeRO stage over world_size ranks (0: none): 1 shards optimizer state, 2 also gradients,
+    #: 3 also the weights (the bytes rule of FSDP2's full sharding).
+    zero: int = 0
     options: tuple = ()  # (name, value) pairs for the method's paca train flags
     #: Our methods' LM head + loss in chunks of this many tokens, as paca train runs them (None: full logits).
     loss_chunk_tokens: int | None = None
@@ -182,32 +185,46 @@ class MethodTracer:
         return measurement
 
 
+def sharded_kinds(settings: PlanSettings) -> tuple[str, ...]:
+    """What each of the ranks holds 1/N of: FSDP2 and ZeRO-3 everything per parameter, ZeRO-2 gradients and
+    optimizer state, ZeRO-1 optimizer state; nothing for one process or DDP."""
+    if settings.world_size <= 1:
+        return ()
+    if settings.fsdp or settings.zero == 3:
+        return ("weights", "gradients", "optimizer")
+    return {1: ("optimizer",), 2: ("gradients", "optimizer")}.get(settings.zero, ())
+
+
 def per_rank_bytes(measurement: Measurement, settings: PlanSettings, layer_weight_bytes: int) -> dict[str, int]:
-    """Device bytes per process. One process: as traced. FSDP over N ranks: each rank keeps 1/N of the
-    weights, gradients and optimizer state (FSDP2 shards every parameter) and gathers one decoder
+    """Device bytes per process. One process or DDP: as traced. Sharded over N ranks (:func:`sharded_kinds`):
+    each rank keeps 1/N of what is sharded. With sharded weights (FSDP2, ZeRO-3) it gathers one decoder
     layer's full weights at a time, with the next one prefetched (two layers of all-gather buffers).
 
     The peak is taken per phase. Forward loses the other ranks' weights and optimizer state; backward
-    also their gradients (FSDP reduce-scatters each layer's gradient as it is produced) but holds one
-    layer's unsharded gradient while it does. In the optimizer step and the column write, activations
-    are gone and everything live is per parameter (weights, gradients, state and the optimizer's
-    temporaries, which FSDP computes on the local shards), so those phases are divided by N."""
+    also their gradients (reduce-scattered as they are produced) but holds one layer's unsharded
+    gradient while it does. In the optimizer step and the column write, activations are gone and
+    everything live is per parameter (weights, gradients, state and the optimizer's temporaries, which
+    run on the local shards), so with sharded weights those phases are divided by N; otherwise they
+    lose the other ranks' optimizer state (and gradients, ZeRO-2)."""
     out = dict(measurement.bytes)
-    if not settings.fsdp or settings.world_size <= 1:
-        out["all_gather_buffers"] = 0
+    kinds = sharded_kinds(settings)
+    out["all_gather_buffers"] = 0
+    if not kinds:
         return out
     n = settings.world_size
     full = {kind: out[kind] for kind in ("weights", "gradients", "optimizer")}
-    for kind in full:
+    for kind in kinds:
         out[kind] = math.ceil(full[kind] / n)
-    out["all_gather_buffers"] = 2 * layer_weight_bytes
     saved = {kind: full[kind] - out[kind] for kind in full}
+    weights_sharded = "weights" in kinds
+    if weights_sharded:
+        out["all_gather_buffers"] = 2 * layer_weight_bytes
     phase_peaks = measurement.phase_peaks or {"forward": measurement.bytes["peak"]}
-    in_flight_gradient = min(layer_weight_bytes, full["gradients"])
+    in_flight_gradient = min(layer_weight_bytes, full["gradients"]) if "gradients" in kinds else 0
 
     def phase_peak(phase: str, peak: int) -> int:
         if phase in ("optimizer", "column_write"):
-            return math.ceil(peak / n)
+            return math.ceil(peak / n) if weights_sharded else peak - saved["optimizer"] - saved["gradients"]
         if phase == "backward":
             return peak - saved["weights"] - saved["optimizer"] - saved["gradients"] + in_flight_gradient
         return peak - saved["weights"] - saved["optimizer"]
@@ -354,6 +371,7 @@ def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSetting
         "rank": tracer.rank,
         "world_size": settings.world_size,
         "fsdp": settings.fsdp,
+        "zero": settings.zero,
         "gradient_checkpointing": settings.gradient_checkpointing,
         "loss_chunk_tokens": settings.loss_chunk_tokens if tracer.spec.kind in ("ours", "quantized") else None,
         "offload_activations": settings.offload_activations,
