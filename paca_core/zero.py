@@ -291,13 +291,13 @@ class ZeroEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
         deepspeed = require_deepspeed()
         refuse_unsupported(model, config_stage(config))
-        #: The model's parameters per optimizer group, in order, before DeepSpeed swaps in flat partitions.
-        group_parameters = [list(group["params"]) for group in optimizer.param_groups]
-        pending = {p: dict(optimizer.state[p]) for params in group_parameters for p in params if p in optimizer.state}
+        # State a resume put into the optimizer: DeepSpeed would drop it; it goes into the partitions after.
+        pending = {p: dict(optimizer.state[p]) for group in optimizer.param_groups for p in group["params"] if p in optimizer.state}
         for parameter in pending:
             del optimizer.state[parameter]
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        self._attach(model, engine, group_parameters)
+        # The model's parameters per group as DeepSpeed keeps them (it drops empty groups).
+        self._attach(model, engine, model_parameter_groups(engine.optimizer))
         if pending:
             self.restore_optimizer_state(pending)
 
