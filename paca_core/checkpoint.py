@@ -111,6 +111,15 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return document
 
 
+def config_differences(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[str]:
+    """``key: checkpoint X vs now Y`` for each method-config field that differs (the method first)."""
+    saved_methods = [c.get("method") for c in saved]
+    current_methods = [c.get("method") for c in current]
+    if saved_methods != current_methods:
+        return [f"method: checkpoint {'+'.join(map(str, saved_methods))!r} vs now {'+'.join(map(str, current_methods))!r}"]
+    return [f"{key}: checkpoint {s.get(key)!r} vs now {c.get(key)!r}" for s, c in zip(saved, current) for key in c if s.get(key) != c.get(key)]
+
+
 def read_configs(document: dict[str, Any], directory) -> list[MethodConfig]:
     try:
         return [config_from_dict(entry) for entry in document["configs"]]

@@ -77,7 +77,25 @@ def _prompt_response_ids(tokenizer, prompt: str, response: str) -> tuple[list[in
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    records = []
+    records: list[dict] = []
+    try:
+        _parse_jsonl_lines(path, records)
+    except UnicodeDecodeError:
+        number = len(records) + 1
+        for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                break
+        raise DataError(f"{path}:{number} is not UTF-8 text; save the file as UTF-8.") from None
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror}).") from None
+    if not records:
+        raise DataError(f"{path} has no records.")
+    return records
+
+
+def _parse_jsonl_lines(path: Path, records: list[dict]) -> None:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -95,26 +113,50 @@ def _read_jsonl(path: Path) -> list[dict]:
                     f"{path}:{number} has neither a 'text' string nor 'prompt' and 'response' strings (keys: {sorted(record)})."
                 )
             records.append(record)
-    if not records:
-        raise DataError(f"{path} has no records.")
-    return records
+
+
+SUPPORTED_SUFFIXES = (".txt", ".jsonl")
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise DataError(f"{flag} {path}:{line} is not UTF-8 text (byte {error.start}); save the file as UTF-8.") from None
+    except OSError as error:
+        raise DataError(f"{flag} {path} cannot be read ({error.strerror}).") from None
+
+
+def check_data_file(path: str | Path, flag: str = "--data") -> int:
+    """Everything about a data file that needs no tokenizer: it exists, is readable, is not empty, is a format we
+    read, and (``.jsonl``) every line parses into a record we can use. Returns its record count (``.txt``: 1).
+    The message names the file and the line, and runs before any model loads."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{flag} {path} does not exist; pass a local .txt or .jsonl file.")
+    if not path.is_file():
+        raise DataError(f"{flag} {path} is a folder, not a data file; pass a local .txt or .jsonl file.")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise DataError(f"{flag} {path}: unsupported data format {suffix or '(no extension)'!r}; use .txt (plain text) or .jsonl.")
+    if suffix == ".txt":
+        if not _read_text(path, flag).strip():
+            raise DataError(f"{flag} {path} is empty.")
+        return 1
+    return len(_read_jsonl(path))
 
 
 def load_dataset(path: str | Path, tokenizer, seq_len: int) -> TokenizedData:
     """Tokenize a local data file into fixed-length examples."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Data file {path} does not exist. Pass --data with a local .txt or .jsonl file.")
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}.")
+    if not path.is_file() or path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        check_data_file(path, "data file")  # raises the reason
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise DataError(f"{path} is empty.")
-        return _pack_blocks(_encode(tokenizer, text), seq_len, str(path))
-    if suffix != ".jsonl":
-        raise DataError(f"{path}: unsupported data format {suffix!r}; use .txt (plain text) or .jsonl.")
+        return _pack_blocks(_encode(tokenizer, _read_text(path, "data file")), seq_len, str(path))
     records = _read_jsonl(path)
     if all("text" in r and "prompt" not in r for r in records):
         eos = _eos_id(tokenizer)

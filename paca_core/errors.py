@@ -13,6 +13,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
 
 
+class OutputPathError(PacaConfigError):
+    """An output path would destroy something, cannot be written, or is not a folder; the message says what to do."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradient norm became NaN/inf and the run was told to stop (``on_nan="stop"``)."""
 

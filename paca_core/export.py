@@ -82,16 +82,9 @@ def peft_target_modules(paca_model: "PacaModel") -> list[str] | str:
     return "|".join(re.escape(name) for name in sorted(adapted))
 
 
-def export_peft_lora(
-    paca_model: "PacaModel", directory: str | Path, base_model_name_or_path: str | None = None
-) -> Path:
-    """Write ``paca_model``'s adapter to ``directory`` as an exact rank-r PEFT LoRA adapter, atomically.
-
-    Load it with ``peft.PeftModel.from_pretrained(base_model, directory)`` on the pretrained base
-    model. ``base_model_name_or_path`` defaults to the wrapped model's ``config._name_or_path``.
-    """
+def peft_lora_adapter(paca_model: "PacaModel", base_model_name_or_path: str | None = None):
+    """``(tensors, peft.LoraConfig)`` of ``paca_model``'s adapter as an exact rank-r PEFT LoRA adapter, in memory."""
     peft = _import_peft()
-    directory = Path(directory)
     layers = paca_model.adapter_layers()
     if not layers:
         raise ValueError("This model has no adapter layers to export; prepare it with prepare_model first.")
@@ -120,9 +113,27 @@ def export_peft_lora(
     )
     if isinstance(config.target_modules, set):  # peft turns lists into sets; keep the JSON deterministic
         config.target_modules = sorted(config.target_modules)
+    return tensors, config
 
+
+def write_peft_lora(directory: Path, tensors: dict[str, torch.Tensor], config) -> None:
+    """The two files of a PEFT LoRA adapter, into an existing (staging) folder."""
+    save_file(tensors, str(Path(directory) / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    config.save_pretrained(str(directory))
+
+
+def export_peft_lora(
+    paca_model: "PacaModel", directory: str | Path, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write ``paca_model``'s adapter to ``directory`` as an exact rank-r PEFT LoRA adapter, atomically.
+
+    Load it with ``peft.PeftModel.from_pretrained(base_model, directory)`` on the pretrained base
+    model. ``base_model_name_or_path`` defaults to the wrapped model's ``config._name_or_path``. A ``directory``
+    holding other files is refused (nothing of a user's is replaced).
+    """
+    directory = Path(directory)
+    tensors, config = peft_lora_adapter(paca_model, base_model_name_or_path)
     with atomic_directory(directory) as staging:
-        save_file(tensors, str(staging / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-        config.save_pretrained(str(staging))
-    logger.info("Exported %d PaCA layers (r=%d) as a PEFT LoRA adapter to %s", len(layers), r, directory)
+        write_peft_lora(staging, tensors, config)
+    logger.info("Exported %d PaCA layers (r=%d) as a PEFT LoRA adapter to %s", len(tensors) // 2, config.r, directory)
     return directory

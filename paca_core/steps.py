@@ -78,21 +78,46 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, device: torch.device, batch_size: int = 8) -> float:
-    """Mean next-token loss over every target token of ``data`` (a :class:`~paca_core.dataset.TokenizedData`)."""
+def evaluate(model: nn.Module, data, device: torch.device, batch_size: int = 8, *, loss_chunk_tokens: int | None = None,
+             progress: bool = False) -> float:
+    """Mean next-token loss over every target token of ``data`` (a :class:`~paca_core.dataset.TokenizedData`).
+
+    Runs inside the memory the training step was sized for: ``batch_size`` examples at a time (callers pass the
+    training micro-batch) and, where the model chunks its training loss (``loss_chunk_tokens``, default the
+    model's own), the LM head and loss over chunks too, so the (tokens x vocab) logits never exist in full.
+    ``progress``: a tqdm bar (a held-out pass over a large split takes minutes).
+    """
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
+    chunk = loss_chunk_tokens if loss_chunk_tokens is not None else getattr(model, "loss_chunk_tokens", None)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = 0
-    for first in range(0, len(data), batch_size):
+    starts = range(0, len(data), batch_size)
+    for first in tqdm(starts, desc="held-out loss", unit="batch", disable=not progress or len(starts) < 2, dynamic_ncols=True, leave=False):
         subset = data.subset(slice(first, first + batch_size))
         total_tokens += int((subset.labels[:, 1:] != -100).sum())  # counted on the host copy: no device read
-        logits = model(input_ids=subset.input_ids.to(device), attention_mask=subset.attention_mask.to(device)).logits.float()
-        labels = subset.labels[:, 1:].to(device)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total_loss += loss.double()
+        total_loss += _summed_loss(model, subset, device, chunk).double()
         devices.step_boundary(device)  # HPU lazy mode: one graph per eval batch
     model.train(was_training)
     return float(total_loss) / max(1, total_tokens)
+
+
+def _summed_loss(model: nn.Module, batch, device: torch.device, chunk_tokens: int | None) -> torch.Tensor:
+    """The summed next-token loss of one batch: through the chunked head where the model allows it, else from the
+    full logits (in fp32, as the training loss computes them)."""
+    input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    labels = batch.labels.to(device)
+    base = getattr(model, "base_model", None)
+    if chunk_tokens is not None and base is not None:
+        from .chunked_loss import chunked_causal_lm_forward
+
+        output = chunked_causal_lm_forward(base, chunk_tokens, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                           num_items_in_batch=1)
+        if output is not None:
+            return output.loss
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )

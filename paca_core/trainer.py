@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 import devices
 
 from .atomic import atomic_directory, write_bytes_atomic
-from .checkpoint import adapter_state, load_adapter_tensors, read_adapter_config, read_adapter_tensors, write_adapter_files
+from .checkpoint import adapter_state, config_differences, load_adapter_tensors, read_adapter_config, read_adapter_tensors, write_adapter_files
 from .dataset import TokenizedData
 from .errors import OOM_LEVERS, CheckpointError, NonFiniteLossError, TrainingOutOfMemoryError, is_out_of_memory
 from .sharding import full_tensor, gathered_optimizer_state, load_optimizer_state, shard_model
@@ -56,7 +56,9 @@ class TrainingArguments:
     seed: int = 0
     log_every: int = 5
     save_every: int = 0
-    eval_batch_size: int = 8
+    #: Examples per held-out batch; None: the training micro-batch, so evaluation stays inside the memory the
+    #: run was sized for (``--batch-size auto`` plans the training step).
+    eval_batch_size: int | None = None
     progress: bool = True
     #: What a NaN/inf loss or gradient norm does: "stop" (save the last good state, raise) or "skip"
     #: (drop that step's gradients, go on; stop after ``max_skipped_steps`` in a row).
@@ -176,6 +178,12 @@ class Trainer:
         self.state = TrainerState()
         self.output_dir = Path(args.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoint"
+        #: ``paca train``'s run folder (:class:`paca_core.outputs.RunFolder`): told before the first write into it.
+        self.run_folder = None
+        #: Recorded in every checkpoint's summary (the CLI puts the data file and the base model's fingerprint here).
+        self.checkpoint_metadata: dict[str, Any] = {}
+        #: The step of the last checkpoint this run wrote (None: nothing saved yet).
+        self.last_saved_step: int | None = None
 
     # --- data order: a pure function of (seed, epoch), so resuming needs only the position ---------
     def _epoch_order(self, epoch: int) -> torch.Tensor:
@@ -205,6 +213,7 @@ class Trainer:
             tensors, optimizer_state = adapter_state(self.model), self.optimizer.state_dict()
         if self.rank != 0:
             torch.distributed.barrier()
+            self.last_saved_step = self.state.step
             return directory
         training_state = {
             "optimizer": optimizer_state,
@@ -215,13 +224,16 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": python_rng_state(), "numpy": numpy_rng_state()},
             "total_steps": self.total_steps,
         }
-        with atomic_directory(directory) as staging:
+        if self.run_folder is not None and directory.parent == self.run_folder.path:
+            self.run_folder.claim(directory.name)
+        with atomic_directory(directory, owned=(LEGACY_STATE_NAME,)) as staging:  # a 0.1.0 state is rewritten in this format
             write_adapter_files(self.model, staging, tensors=tensors)
             # The shape too: the data position counts batches of it, so a resumed `--seq-len auto` run re-uses it.
-            summary = {"step": self.state.step, "total_steps": self.total_steps,
+            summary = {**self.checkpoint_metadata, "step": self.state.step, "total_steps": self.total_steps,
                        "seq_len": int(self.train_data.input_ids.shape[1]), "batch_size": self.args.batch_size}
             write_training_state(staging, training_state, summary=summary)
         logger.info("Checkpoint at step %d saved to %s", self.state.step, directory)
+        self.last_saved_step = self.state.step
         if self.world_size > 1:
             torch.distributed.barrier()
         return directory
@@ -256,15 +268,7 @@ class Trainer:
     def _check_same_adapter(self, directory: Path) -> None:
         """A checkpoint resumes only into the adapter configuration that wrote it."""
         document = read_adapter_config(directory)
-        saved_configs, current_configs = document["configs"], [c.to_dict() for c in self.model.configs]
-        differences = []
-        if [c.get("method") for c in saved_configs] != [c["method"] for c in current_configs]:
-            differences.append(f"method: checkpoint {document['method']!r} vs now {self.model.method!r}")
-        else:
-            for saved, current in zip(saved_configs, current_configs):
-                differences += [
-                    f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in current if saved.get(k) != current.get(k)
-                ]
+        differences = config_differences(document["configs"], [c.to_dict() for c in self.model.configs])
         if differences:
             raise CheckpointError(f"Cannot resume from {directory}: the adapter config differs ({'; '.join(differences)}).")
 
@@ -283,7 +287,8 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------------------
     def evaluate(self, data: TokenizedData) -> float:
         """Mean next-token loss over every target token of ``data`` (:func:`paca_core.steps.evaluate`)."""
-        return evaluate(self.model, data, self.device, self.args.eval_batch_size)
+        return evaluate(self.model, data, self.device, self.args.eval_batch_size or self.args.batch_size,
+                        progress=self.args.progress and self.rank == 0)
 
     # --- the loop --------------------------------------------------------------------------------
     def _install_stop_handlers(self) -> dict:

@@ -152,6 +152,18 @@ def has_training_state(directory: Path) -> bool:
     return (directory / STATE_NAME).is_file() or (directory / LEGACY_STATE_NAME).is_file()
 
 
+def read_summary(directory: str | Path) -> dict[str, Any]:
+    """The small top-level fields of a checkpoint's :data:`STATE_JSON` (step, shape, data, base-model fingerprint),
+    without the state itself; empty when the file is absent or unreadable. Reads JSON only."""
+    try:
+        document = json.loads((Path(directory) / STATE_JSON).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    return {key: value for key, value in document.items() if key != "state"}
+
+
 def recorded_shape(directory: str | Path) -> dict[str, int] | None:
     """``{"seq_len", "batch_size"}`` a checkpoint was trained at (its :data:`STATE_JSON` summary), so a resumed
     ``--seq-len auto`` run keeps the shape its data position counts in; None when the checkpoint does not say

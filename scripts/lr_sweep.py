@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paca_core.bench import lr_sweep, lr_sweep_report  # noqa: E402
-from paca_core.cli import DEFAULT_RANK, _primary_method, default_lr  # noqa: E402
+from paca_core.cli import DEFAULT_RANK, default_lr  # noqa: E402
+from paca_core.methods import primary_name  # noqa: E402
 
 METHODS = "paca,lora,lora+velora,lorafa,meft"
 DATASETS = "macbeth,stdlib-functions,reference-topics"
@@ -36,7 +37,7 @@ PAIRS = [(("paca", 16), ("lora", 8)), (("paca", 64), ("lora", 32))]
 
 
 def _rank(method: str) -> int | None:
-    primary = _primary_method([p for p in method.split("+") if p] if method != "velora" else ["lora", "velora"])
+    primary = primary_name([p for p in method.split("+") if p] if method != "velora" else ["lora", "velora"])
     return None if primary in ("meft", "full") else DEFAULT_RANK[primary]
 
 

@@ -201,7 +201,7 @@ def test_paca_train_auto_where_the_planner_cannot_trace_asks_for_numbers(long_co
 
 
 def test_default_budget_is_the_free_memory_split_between_local_processes(monkeypatch):
-    from paca_core.cli import _batch_within_data, _default_budget
+    from paca_core.train_command import _batch_within_data, _default_budget
 
     monkeypatch.setattr(devices, "free_memory_bytes", lambda device: 8 * 2**30)
     monkeypatch.setattr(devices, "local_world_size", lambda: 4)

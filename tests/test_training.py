@@ -276,7 +276,8 @@ def test_cli_rejects_bad_method_combinations(tmp_path, caplog):
 
 
 def test_cli_defaults_are_parameter_matched_per_method():
-    from paca_core.cli import _default_lr, build_configs, build_parser
+    from paca_core.cli import build_configs, build_parser
+    from paca_core.train_options import default_lr_for as _default_lr
 
     def configs_for(*flags):
         return build_configs(build_parser().parse_args(["train", *flags]))

@@ -91,6 +91,7 @@ LORAFA = register_method(
         name="lorafa",
         config=LoRAFAConfig,
         from_args=_from_args(LoRAFAConfig),
+        options=("lora_dropout",),
         default_lr=ScaledAboveDefaultRank(5e-3, 8, power=0.5),  # the worst-share rule over three data sets (docs/methods.md)
         default_rank=8,
         exclusive=True,

@@ -1,0 +1,383 @@
+"""``paca train``: preflight, announce, shape, load, train, finish — each stage a function with one job."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+import devices
+
+from ._version import __version__
+from .base_config import parse_targets
+from .errors import PacaConfigError
+from .train_options import DTYPES, is_auto
+from .zero import requested_stage
+
+if TYPE_CHECKING:
+    from .plan.auto_shape import ShapeChoice
+
+logger = logging.getLogger("paca_core")
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    return DTYPES[name] or devices.default_dtype(device)
+
+
+@torch.no_grad()
+def _sample(model, tokenizer, prompt_ids: torch.Tensor, new_tokens: int) -> str:
+    was_training = model.training
+    model.eval()
+    output = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=torch.ones_like(prompt_ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    model.train(was_training)
+    return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``paca train`` in stages, each with one job: preflight (no weights), announce, shape, load, train, finish."""
+    from . import assets
+    from .outputs import RunFolder
+    from .trainer import Trainer
+    from .train_preflight import check_base_model, check_context, describe, preflight_train
+
+    if _accelerate_asks_for_fsdp():
+        args.fsdp = True
+    args.deepspeed = args.deepspeed or _accelerate_deepspeed_spec(args)
+    plan = preflight_train(args)  # every check that needs no weights; nothing written, nothing loaded
+    train_args = plan.train_args
+    # The planner's sharded layout (base weights and adapters split over the processes) is also ZeRO-3's.
+    shards_weights = train_args.fsdp or (train_args.deepspeed is not None and requested_stage(train_args.deepspeed) == 3)
+    device, rank, world_size = devices.init_distributed(args.device)  # torchrun: one process per device
+    graph_mode = devices.resolve_graph_mode(device, args.graph_mode)
+    dtype = _resolve_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+
+    started = time.perf_counter()
+    model_path = assets.resolve_model_path(args.model)  # the default model is converted here, once
+    check_context(model_path, args.seq_len)
+    fingerprint = assets.model_fingerprint(model_path)
+    if plan.resume_dir is not None:
+        check_base_model(plan.resume_summary, fingerprint, args.model)
+    shape = _choose_shape(args, plan, model_path, device, dtype, world_size, shards_weights)
+    train_args.batch_size = args.batch_size
+    if rank == 0:
+        print(describe(plan, args, device, str(model_path)), flush=True)
+
+    model, tokenizer = assets.load_model_and_tokenizer(model_path, dtype=dtype)
+    train_data, eval_data = _load_data(args, plan, tokenizer)
+    if shape is not None and "batch_size" in shape.chosen:
+        train_args.batch_size = args.batch_size = _batch_within_data(args.batch_size, len(train_data), world_size)
+
+    paca_model = _prepare(args, model, plan, device, graph_mode)
+    trainable, total = paca_model.parameter_counts()
+    logger.info("Trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+
+    trainer = Trainer(paca_model, train_args, train_data, device)
+    trainer.run_folder = RunFolder(plan.output)
+    trainer.checkpoint_metadata = {"data": str(plan.data_path), "base_model": str(model_path), "base_model_fingerprint": fingerprint}
+    if plan.resume_dir is not None:
+        trainer.resume_from(plan.resume_dir, trust_checkpoint=args.trust_checkpoint)
+    prompt_ids = _sample_prompt(eval_data if eval_data is not None else train_data, args.seq_len).to(device)
+    eval_started = time.perf_counter()
+    eval_before = trainer.evaluate(eval_data) if eval_data is not None else None
+    eval_seconds = time.perf_counter() - eval_started
+    sample_before = _sample(paca_model, tokenizer, prompt_ids, args.sample_tokens) if args.sample_tokens else None
+    if eval_before is not None:
+        logger.info("Held-out loss before training: %.4f (%d examples, %.0f s)", eval_before, len(eval_data), eval_seconds)
+
+    train_start = time.perf_counter()
+    interrupted = False
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        interrupted = True
+    train_seconds = time.perf_counter() - train_start
+
+    metrics = {
+        "library_version": __version__,
+        "command": " ".join(sys.argv),
+        "method": paca_model.method,
+        "model": str(model_path),
+        "base_model_fingerprint": fingerprint,
+        "data": str(plan.data_path),
+        "eval_data": str(plan.eval_data_path) if plan.eval_data_path else None,
+        "device": str(device),
+        "graph_mode": graph_mode,
+        "dtype": str(dtype).replace("torch.", ""),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": _version_of("transformers")},
+        "configs": [c.to_dict() for c in plan.configs],
+        "seq_len": args.seq_len,
+        "auto_shape": _auto_shape_record(shape, plan.recorded_shape, args),
+        "training": vars(train_args),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "host_parameters": paca_model.host_parameter_count(),
+        "host_traffic": paca_model.host_traffic(),
+        "steps": trainer.state.step,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "history": trainer.state.history,
+        "held_out_loss_before": eval_before,
+        "interrupted": interrupted,
+        "checkpoint": str(trainer.checkpoint_dir) if trainer.last_saved_step is not None else None,
+    }
+    if interrupted:
+        if rank == 0:
+            _write_run_metrics(trainer, metrics)
+            print(_interrupted_message(trainer))
+        return 130
+    eval_started = time.perf_counter()
+    eval_after = trainer.evaluate(eval_data) if eval_data is not None else None
+    metrics["eval_seconds"] = eval_seconds + time.perf_counter() - eval_started
+    sample_after = _sample(paca_model, tokenizer, prompt_ids, args.sample_tokens) if args.sample_tokens else None
+    adapter_dir = trainer.output_dir / "adapter"
+    if rank == 0:
+        trainer.run_folder.claim("adapter")
+    # Every rank takes part (FSDP gathers the shards); rank 0 writes.
+    paca_model.save_pretrained(adapter_dir, is_main_process=rank == 0, base_model=str(model_path), base_model_fingerprint=fingerprint)
+    metrics.update(
+        held_out_loss_after=eval_after,
+        held_out_perplexity_before=_safe_exp(eval_before),
+        held_out_perplexity_after=_safe_exp(eval_after),
+        prompt=tokenizer.decode(prompt_ids[0], skip_special_tokens=True),
+        sample_before=sample_before,
+        sample_after=sample_after,
+        adapter=str(adapter_dir),
+        peak_memory_bytes=devices.memory_stats(device).peak_bytes,
+        total_seconds=time.perf_counter() - started,
+        world_size=world_size,
+    )
+    if rank == 0:
+        _write_run_metrics(trainer, metrics)
+        _print_summary(metrics)
+    devices.shutdown_distributed()  # every rank waits for rank 0's writes, then leaves the group
+    return 0
+
+
+def _choose_shape(args, plan, model_path, device, dtype, world_size: int, shards_weights: bool):
+    """``--seq-len/--batch-size auto``: the checkpoint's shape on resume, else the largest that plans to fit; with
+    numbers, the memory check before loading (``--plan-check``). Traces fake tensors only."""
+    host_memory = devices.shares_host_memory(device)
+    # Offload moves nothing where device memory is host memory, so the plan leaves it out there, as the run does.
+    planned_offload = None if host_memory else args.offload_activations
+    budget = plan.budget
+    if plan.recorded_shape is not None:
+        _reuse_recorded_shape(args, plan.recorded_shape)
+        return None
+    if is_auto(args.seq_len) or is_auto(args.batch_size):
+        from .plan.auto_shape import choose_with_tracer
+        from .plan.preflight import step_tracer
+
+        if budget is None:
+            budget = _default_budget(device, world_size)
+        tracer = step_tracer(model_path, args.method, plan.configs, dtype, world_size, shards_weights, plan.loss_chunk_tokens,
+                             args.gradient_checkpointing, planned_offload)
+        shape = choose_with_tracer(tracer, args.seq_len, args.batch_size, budget, include_host=host_memory)
+        args.seq_len, args.batch_size = shape.seq_len, shape.batch_size
+        logger.info("%s", _describe_choice(shape))
+        return shape
+    if args.plan_check == "on" or (args.plan_check == "auto" and not host_memory):
+        from .plan.preflight import check_before_loading
+
+        check_before_loading(model_path, args.method, plan.configs, args.seq_len, args.batch_size, dtype,
+                             budget if budget is not None else devices.memory_stats(device).total_bytes,
+                             world_size=world_size, fsdp=shards_weights, loss_chunk_tokens=plan.loss_chunk_tokens,
+                             gradient_checkpointing=args.gradient_checkpointing, offload_activations=planned_offload,
+                             include_host=host_memory)
+    return None
+
+
+def _load_data(args, plan, tokenizer):
+    """Training and held-out examples (None held out with --no-eval / --eval-fraction 0)."""
+    from .dataset import load_dataset, split_held_out
+
+    data = load_dataset(plan.data_path, tokenizer, args.seq_len)
+    if plan.eval_data_path is not None:
+        train_data, eval_data = data, load_dataset(plan.eval_data_path, tokenizer, args.seq_len)
+    elif plan.evaluate:
+        train_data, eval_data = split_held_out(data, args.eval_fraction, args.seed)
+    else:
+        train_data, eval_data = data, None
+    logger.info("Data: %d training and %d held-out examples of %d tokens from %s", len(train_data),
+                0 if eval_data is None else len(eval_data), args.seq_len, plan.data_path)
+    return train_data, eval_data
+
+
+def _prepare(args, model, plan, device, graph_mode: str):
+    """The model with its adapters and the run's memory levers, on ``device``."""
+    from .model import prepare_model
+
+    paca_model = prepare_model(model, plan.configs, device=device)
+    paca_model.set_loss_chunk_tokens(plan.loss_chunk_tokens)
+    if args.gradient_checkpointing:
+        paca_model.gradient_checkpointing_enable()
+    if args.offload_activations:
+        from .offload import offload_activations
+
+        modules = args.offload_activations
+        offload_activations(paca_model.base_model, modules if modules == "decoder-layers" else parse_targets(modules))
+    devices.apply_graph_mode(paca_model.base_model, device, graph_mode)
+    return paca_model
+
+
+def _sample_prompt(data, seq_len: int) -> torch.Tensor:
+    return data.input_ids[:1, : min(24, seq_len // 2)]
+
+
+def _write_run_metrics(trainer, metrics: dict) -> None:
+    from .trainer import write_metrics
+
+    write_metrics(trainer.run_folder.claim("metrics.json"), metrics)
+
+
+def _interrupted_message(trainer) -> str:
+    """After Ctrl-C: where to resume from, or that nothing was saved (a second Ctrl-C aborts before the save)."""
+    step = trainer.state.step
+    if trainer.last_saved_step == step:
+        return f"Interrupted at step {step}: checkpoint saved; resume with  paca train --resume {trainer.checkpoint_dir} <same flags>"
+    if trainer.last_saved_step is not None:
+        return (f"Aborted at step {step}: nothing saved since step {trainer.last_saved_step}; resume from that step with  "
+                f"paca train --resume {trainer.checkpoint_dir} <same flags>")
+    return f"Aborted at step {step}: nothing was saved (a second Ctrl-C stops without saving)."
+
+
+def _reuse_recorded_shape(args: argparse.Namespace, recorded: dict[str, int]) -> None:
+    """``auto`` on resume: the checkpoint's values, said at INFO; given numbers are kept as given."""
+    for name in ("seq_len", "batch_size"):
+        if is_auto(getattr(args, name)):
+            setattr(args, name, recorded[name])
+            logger.info("--%s auto on resume: %d, as the checkpoint recorded (not planned again).", name.replace("_", "-"), recorded[name])
+
+
+def _default_budget(device: torch.device, world_size: int) -> int:
+    """The device's free memory for this process; processes on one machine split host memory between them.
+    Under a launch every process takes the smallest figure, so all choose the same shape."""
+    free = devices.free_memory_bytes(device)
+    if free is None:
+        raise PacaConfigError(f"{device} cannot tell how much memory is free: pass --memory-budget (e.g. 24GiB) with auto.")
+    if devices.shares_host_memory(device):
+        free //= max(1, devices.local_world_size())
+    if world_size > 1:
+        import torch.distributed as dist
+
+        smallest = torch.tensor([free], dtype=torch.int64)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=devices.host_process_group())
+        free = int(smallest.item())
+    return free
+
+
+def _describe_choice(shape: "ShapeChoice") -> str:
+    """The INFO line of an auto choice: the shape, its planned peak, the budget, and where the figure comes from."""
+    from .plan.auto_shape import format_bytes
+
+    def flag(name: str, value: int) -> str:
+        return f"--{name.replace('_', '-')} {value}" + (" (auto)" if name in shape.chosen else "")
+
+    return (f"{flag('seq_len', shape.seq_len)} at {flag('batch_size', shape.batch_size)}: planned peak "
+            f"{format_bytes(shape.peak_bytes)} per process of a {format_bytes(shape.budget_bytes)} memory budget "
+            "(paca plan's trace, before loading weights).")
+
+
+def _batch_within_data(batch_size: int, examples: int, world_size: int) -> int:
+    """An auto batch larger than the training split allows (one global batch) drops to what it holds: a smaller
+    batch never plans a higher peak, and the data size was unknown when the batch was chosen."""
+    most = max(1, examples // max(1, world_size))
+    if batch_size > most:
+        logger.info("--batch-size auto: %d fits the budget, but the training split holds %d examples per process; "
+                    "using %d.", batch_size, most, most)
+        return most
+    return batch_size
+
+
+def _auto_shape_record(shape: "ShapeChoice | None", recorded: dict[str, int] | None, args: argparse.Namespace) -> dict | None:
+    """What metrics.json says about an auto shape: planned here (and how), or re-used from the checkpoint."""
+    if shape is not None:
+        record = shape.as_dict()
+        if args.batch_size != shape.batch_size:  # lowered to the data: the planned peak is that of the larger batch
+            record.update(batch_size=args.batch_size, planned_batch_size=shape.batch_size)
+        return record
+    if recorded is not None:
+        return {**recorded, "source": f"checkpoint {args.resume}"}
+    return None
+
+
+def _accelerate_asks_for_fsdp() -> bool:
+    """``accelerate launch --use_fsdp`` (or an accelerate config with FSDP) sets this for the processes it starts."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def _accelerate_deepspeed_spec(args: argparse.Namespace) -> str | dict | None:
+    """What ``accelerate launch --use_deepspeed`` asked for, from the variables it sets for its processes.
+
+    Its config file if it named one, else its ZeRO stage (default 2, accelerate's) with its offload
+    devices. Its accumulation and clipping must agree with ours (they are the same two numbers).
+    """
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true", "yes"):
+        return None
+    problems = []
+    for name, ours, flag in (("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", args.grad_accum, "--grad-accum"),
+                             ("ACCELERATE_GRADIENT_CLIPPING", args.max_grad_norm, "--max-grad-norm")):
+        value = env.get(name)
+        if value not in (None, "", "auto", "none") and float(value) != float(ours):
+            problems.append(f"accelerate's {name.split('_', 1)[1].lower()} is {value} but {flag} is {ours}")
+    if problems:
+        raise PacaConfigError("; ".join(problems) + ": make them agree (paca train takes these from its own flags).")
+    if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        return env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    zero = {"stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}
+    for kind in ("optimizer", "param"):
+        device = env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind.upper()}_DEVICE")
+        if device and device != "none":
+            zero[f"offload_{kind}"] = {"device": device}
+    return {"zero_optimization": zero}
+
+
+def _safe_exp(value: float | None) -> float | None:
+    if value is None:
+        return None
+    return float("inf") if value > 80 else float(torch.tensor(value).exp())
+
+
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _print_summary(m: dict) -> None:
+    last = m["history"][-1] if m["history"] else {}
+    lines = [
+        "",
+        f"paca train finished: {m['steps']} steps of {m['method']} on {m['device']} ({m['dtype']}) in {m['train_seconds']:.0f} s "
+        f"of training, {m['total_seconds']:.0f} s in all",
+        f"  trainable parameters   {m['trainable_parameters']:,} of {m['total_parameters']:,}"
+        + (f" (+ {m['host_parameters']:,} trained in host memory)" if m.get("host_parameters") else ""),
+        f"  held-out loss          {m['held_out_loss_before']:.4f} -> {m['held_out_loss_after']:.4f}"
+        f"  (perplexity {m['held_out_perplexity_before']:.1f} -> {m['held_out_perplexity_after']:.1f}; evaluation took "
+        f"{m['eval_seconds']:.0f} s)" if m.get("held_out_loss_before") is not None else "  held-out loss          not evaluated (--no-eval)",
+        f"  throughput             {last.get('tokens_per_s', 0):.0f} tokens/s, peak memory {m['peak_memory_bytes'] / 2**20:.0f} MiB",
+    ]
+    if m.get("sample_before") is not None:
+        lines += [
+            f"  prompt                 {m['prompt']!r}",
+            f"  sample before          {m['sample_before']!r}",
+            f"  sample after           {m['sample_after']!r}",
+        ]
+    lines += [f"  adapter                {m['adapter']}", f"  metrics                {Path(m['adapter']).parent / 'metrics.json'}"]
+    print("\n".join(lines))

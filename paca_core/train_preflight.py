@@ -1,0 +1,297 @@
+"""``paca train``'s preflight: every check that needs no weights, before anything heavy runs.
+
+A run that would fail must fail in the first second, not after the model loads (minutes at 8B-70B) or, worse,
+after hours of training at the first save. So this module checks, in order, and with one line each: the
+arguments (ranges, and flags the chosen method does not use), the data files (exist, readable, not empty,
+parse; the line named), the output folder (:mod:`paca_core.outputs`' policy), the ``--resume`` folder (a
+checkpoint of this method, rank and targets, of this base model), and, once the model folder is known,
+``--seq-len`` against the model's context (its config.json). :func:`describe` then says what the run will do.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .base_config import MethodConfig
+from .errors import CheckpointError, PacaConfigError
+from .outputs import OutputTarget, check_output
+
+logger = logging.getLogger(__name__)
+
+#: An AdamW learning rate above this is a typo (1e38, 3 instead of 3e-4), not a choice.
+MAX_LEARNING_RATE = 1.0
+TRAIN_ENTRIES = ("adapter", "checkpoint", "metrics.json")
+
+
+@dataclass
+class TrainPlan:
+    """What preflight decided: the configs and loop arguments, the files, and what to evaluate."""
+
+    configs: list[MethodConfig]
+    lr: float
+    train_args: Any  # trainer.TrainingArguments
+    loss_chunk_tokens: int | None
+    budget: int | None
+    output: OutputTarget
+    data_path: Path
+    eval_data_path: Path | None
+    evaluate: bool
+    resume_dir: Path | None = None
+    resume_summary: dict[str, Any] = field(default_factory=dict)
+    recorded_shape: dict[str, int] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _defaults() -> dict[str, Any]:
+    from .train_options import train_parser
+
+    return vars(train_parser().parse_args([]))
+
+
+def _given(args: argparse.Namespace, defaults: dict[str, Any], name: str) -> bool:
+    """Whether the user set ``name`` to something other than its default (an explicit default reads as unset)."""
+    return name in defaults and getattr(args, name, defaults[name]) != defaults[name]
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Numbers a run cannot use, all reported at once."""
+    from .train_options import is_auto
+
+    problems = []
+
+    def need(condition: bool, text: str) -> None:
+        if not condition:
+            problems.append(text)
+
+    if not is_auto(args.seq_len):
+        need(args.seq_len >= 2, f"--seq-len must be at least 2 (got {args.seq_len})")
+    if not is_auto(args.batch_size):
+        need(args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})")
+    need(args.grad_accum >= 1, f"--grad-accum must be at least 1 (got {args.grad_accum})")
+    need(args.steps >= 0, f"--steps must be 0 (use --epochs) or more (got {args.steps})")
+    need(args.steps > 0 or (math.isfinite(args.epochs) and args.epochs > 0), f"with --steps 0, --epochs must be a positive number (got {args.epochs})")
+    need(args.log_every >= 1, f"--log-every must be at least 1 (got {args.log_every})")
+    need(args.save_every >= 0, f"--save-every must be 0 (save at the end only) or more (got {args.save_every})")
+    need(args.warmup_steps >= 0, f"--warmup-steps must be 0 or more (got {args.warmup_steps})")
+    need(args.sample_tokens >= 0, f"--sample-tokens must be 0 (no sample) or more (got {args.sample_tokens})")
+    need(math.isfinite(args.eval_fraction) and 0 <= args.eval_fraction < 1,
+         f"--eval-fraction must be at least 0 and below 1 (got {args.eval_fraction}); 0 (or --no-eval) skips evaluation")
+    need(math.isfinite(args.weight_decay) and args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})")
+    need(math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0, f"--max-grad-norm must be 0 (no clipping) or more (got {args.max_grad_norm})")
+    if args.lr is not None:
+        need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive finite number (got {args.lr})")
+        need(not math.isfinite(args.lr) or args.lr <= MAX_LEARNING_RATE,
+             f"--lr {args.lr:g} is far above any AdamW learning rate that trains (about 1e-5 to 1e-2)")
+    if args.rank is not None:
+        need(args.rank >= 1, f"--rank must be at least 1 (got {args.rank})")
+    if args.alpha is not None:
+        need(math.isfinite(args.alpha) and args.alpha > 0, f"--alpha must be a positive number (got {args.alpha})")
+    if problems:
+        raise PacaConfigError("; ".join(problems) + ".")
+
+
+def check_flag_use(args: argparse.Namespace, defaults: dict[str, Any]) -> list[str]:
+    """Flags that do nothing in this run: an error for a method's own flag on a run without the method (the
+    user meant another method), a warning for the rest. Returns the warnings."""
+    from .methods import parse_combination, registered_methods
+
+    chosen = parse_combination(args.method)
+    names = {m.name for m in chosen}
+    used = {option for m in chosen for option in m.options}
+    foreign = []
+    for method in registered_methods():
+        for option in method.options:
+            if option not in used and _given(args, defaults, option):
+                foreign.append(f"--{option.replace('_', '-')} ({method.name})")
+    if foreign:
+        raise PacaConfigError(f"{', '.join(dict.fromkeys(foreign))} do(es) nothing with --method {args.method}: drop the flag or "
+                              "choose a method that uses it.")
+    warnings = []
+    if args.rank is not None and not any(m.uses_rank for m in chosen):
+        warnings.append(f"--rank does nothing with --method {args.method} ({', '.join(sorted(names))} has no rank)")
+    if args.resume is None and getattr(args, "trust_checkpoint", False):
+        raise PacaConfigError("--trust-checkpoint applies only with --resume: drop it, or pass the checkpoint to resume.")
+    if args.resume is not None and getattr(args, "overwrite", False):
+        raise PacaConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them.")
+    evaluating = not args.no_eval and (args.eval_data is not None or args.eval_fraction > 0)
+    if args.eval_data is not None and args.no_eval:
+        raise PacaConfigError("--eval-data with --no-eval: drop one of them.")
+    if args.eval_data is not None and _given(args, defaults, "eval_fraction"):
+        warnings.append("--eval-fraction does nothing with --eval-data (all of --data trains, --eval-data is held out)")
+    if not evaluating and args.sample_tokens and _given(args, defaults, "sample_tokens"):
+        warnings.append("--sample-tokens: the before/after samples use a held-out prompt, and this run holds nothing out")
+    if args.steps and args.warmup_steps >= args.steps:
+        warnings.append(f"--warmup-steps {args.warmup_steps} is not below --steps {args.steps}: the learning rate never reaches its peak")
+    if args.steps and args.save_every >= args.steps:
+        warnings.append(f"--save-every {args.save_every} is not below --steps {args.steps}: only the final checkpoint is written")
+    return warnings
+
+
+def check_resume(resume: str, configs: list[MethodConfig]) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint folder ``--resume`` names, checked against this run's method configs (method, rank,
+    targets, every option). Returns the folder and its summary (step, shape, data, base-model fingerprint)."""
+    from .checkpoint import config_differences, read_adapter_config
+    from .training_state import has_training_state, read_summary
+
+    directory = Path(resume).expanduser()
+    if not directory.exists():
+        raise CheckpointError(f"--resume {resume}: no such folder; pass the checkpoint of an earlier run (<out>/checkpoint).")
+    if has_training_state(directory / "checkpoint"):
+        directory = directory / "checkpoint"
+    if not has_training_state(directory):
+        raise CheckpointError(f"--resume {resume} is not a resumable checkpoint (expected <out>/checkpoint of an earlier paca train run).")
+    document = read_adapter_config(directory)
+    differences = config_differences(document["configs"], [c.to_dict() for c in configs])
+    if differences:
+        raise CheckpointError(f"Cannot resume from {directory}: the run differs from the checkpoint's ({'; '.join(differences)}). "
+                              "Pass the flags the checkpoint was trained with (its ../metrics.json lists them).")
+    return directory, read_summary(directory)
+
+
+def check_resume_inputs(summary: dict[str, Any], data_path: Path, seq_len: Any) -> list[str]:
+    """Warnings when a resumed run reads other data or another shape than the checkpoint recorded."""
+    warnings = []
+    recorded_data = summary.get("data")
+    if recorded_data and os.path.abspath(recorded_data) != os.path.abspath(data_path):
+        warnings.append(f"resuming on --data {data_path}, but the checkpoint trained on {recorded_data}: the data position "
+                        "it restores counts batches of the other file")
+    recorded_len = summary.get("seq_len")
+    if isinstance(seq_len, int) and isinstance(recorded_len, int) and recorded_len != seq_len:
+        warnings.append(f"resuming at --seq-len {seq_len}, but the checkpoint trained at {recorded_len}")
+    return warnings
+
+
+def check_base_model(summary: dict[str, Any], fingerprint: str | None, model: str) -> None:
+    """A checkpoint resumes only on the base model it was trained on (the fingerprint of its weights)."""
+    recorded = summary.get("base_model_fingerprint")
+    if recorded and fingerprint and recorded != fingerprint:
+        raise CheckpointError(f"--resume: the checkpoint was trained on another base model (fingerprint {recorded}, "
+                              f"recorded from {summary.get('base_model') or 'its model'}) than --model {model} ({fingerprint}); "
+                              "pass the model it was trained on.")
+
+
+def check_context(model_path: str | Path, seq_len: Any) -> None:
+    """``--seq-len`` against the context the model's config.json allows (as ``paca plan`` checks)."""
+    if not isinstance(seq_len, int):
+        return
+    from .plan.shapes import context_length, load_config
+
+    try:
+        context = context_length(load_config(str(model_path)))
+    except PacaConfigError:
+        return  # no readable config.json: loading will say what is wrong with the folder
+    if seq_len > context:
+        raise PacaConfigError(f"--seq-len {seq_len} is above this model's context ({context} tokens, max_position_embeddings in "
+                              f"{Path(model_path) / 'config.json'}); use --seq-len {context} or less.")
+
+
+def preflight_train(args: argparse.Namespace) -> TrainPlan:
+    """Every ``paca train`` check that needs no weights, in the order a user fixes them; raises on the first
+    failing group with one line. Nothing is written and nothing heavy is loaded."""
+    from . import assets
+    from .chunked_loss import parse_loss_chunk_tokens
+    from .dataset import check_data_file
+    from .plan.auto_shape import parse_budget
+    from .train_options import build_configs, default_lr_for, is_auto
+    from .trainer import TrainingArguments
+
+    defaults = _defaults()
+    check_ranges(args)
+    configs = build_configs(args)
+    warnings = check_flag_use(args, defaults)
+    loss_chunk_tokens = parse_loss_chunk_tokens(args.loss_chunk_tokens)
+    budget = parse_budget(args.memory_budget) if args.memory_budget is not None else None
+    lr = args.lr if args.lr is not None else default_lr_for(configs)
+    train_args = TrainingArguments(
+        output_dir=args.out, max_steps=args.steps, epochs=args.epochs,
+        batch_size=1 if is_auto(args.batch_size) else args.batch_size,  # auto: chosen before loading
+        grad_accum=args.grad_accum, lr=lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm, seed=args.seed, log_every=args.log_every, save_every=args.save_every,
+        progress=not args.no_progress, on_nan=args.on_nan, fsdp=args.fsdp, deepspeed=args.deepspeed,
+    )
+    train_args.validate()
+
+    data_path = assets.default_dataset_path() if args.data == "default" else Path(args.data).expanduser()
+    check_data_file(data_path, "--data")
+    eval_data_path = Path(args.eval_data).expanduser() if args.eval_data else None
+    if eval_data_path is not None:
+        check_data_file(eval_data_path, "--eval-data")
+    evaluate = not args.no_eval and (eval_data_path is not None or args.eval_fraction > 0)
+
+    resume_dir, summary, recorded = None, {}, None
+    if args.resume:
+        resume_dir, summary = check_resume(args.resume, configs)
+        warnings += check_resume_inputs(summary, data_path, args.seq_len)
+        if is_auto(args.seq_len) or is_auto(args.batch_size):
+            from .training_state import recorded_shape
+
+            recorded = recorded_shape(resume_dir)
+            if recorded is None:
+                raise PacaConfigError(
+                    f"--resume {args.resume} with --seq-len/--batch-size auto: this checkpoint does not record the sequence length and "
+                    "batch size it was trained at (written before paca-hal recorded them), and planning them again could change "
+                    "them. Pass the run's --seq-len and --batch-size as numbers (its metrics.json lists them).")
+    model_input = None if args.model == "default" else args.model
+    output = check_output(
+        args.out, "train", overwrite=args.overwrite, resume=resume_dir, legacy=is_legacy_train_output,
+        inputs={"--model": model_input, "--data": None if args.data == "default" else data_path, "--eval-data": eval_data_path},
+    )
+    if resume_dir is not None and not _inside(resume_dir, output.path) and output.previous:
+        raise PacaConfigError(f"--out {args.out} holds another run than --resume {args.resume}: resume into the checkpoint's own "
+                              "run folder, or pass an empty --out.")
+    if model_input is not None and os.path.isdir(os.path.expanduser(model_input)):
+        check_context(os.path.expanduser(model_input), args.seq_len)
+    elif model_input is None and assets.default_model_ready():
+        check_context(assets.default_model_folder(), args.seq_len)
+    for warning in warnings:
+        logger.warning("%s.", warning[0].upper() + warning[1:])
+    return TrainPlan(configs=configs, lr=lr, train_args=train_args, loss_chunk_tokens=loss_chunk_tokens, budget=budget,
+                     output=output, data_path=data_path, eval_data_path=eval_data_path, evaluate=evaluate,
+                     resume_dir=resume_dir, resume_summary=summary, recorded_shape=recorded, warnings=warnings)
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    inner, outer = Path(os.path.abspath(inner)).resolve(), Path(os.path.abspath(outer)).resolve()
+    return inner == outer or outer in inner.parents
+
+
+def is_legacy_train_output(folder: Path, entries: set[str]) -> bool:
+    """A run folder written before outputs carried a marker: only our entries, and one of them says paca-hal."""
+    import json
+
+    if not entries or not entries <= set(TRAIN_ENTRIES):
+        return False
+    for config in (folder / "adapter" / "adapter_config.json", folder / "checkpoint" / "adapter_config.json"):
+        try:
+            if json.loads(config.read_text()).get("library") == "paca-hal":
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    try:
+        return "library_version" in json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def describe(plan: TrainPlan, args: argparse.Namespace, device: Any, model: str) -> str:
+    """The lines printed before anything loads: what will run, on what, for how long, and where it goes."""
+    ranks = sorted({getattr(c, "r", None) for c in plan.configs if getattr(c, "r", None)})
+    rank = f" r={ranks[0]}" if len(ranks) == 1 else ""
+    t = plan.train_args
+    schedule = f"{t.scheduler} with {t.warmup_steps} warm-up steps"
+    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
+    shape = f"{args.batch_size} x {args.seq_len} tokens" + (f" x {t.grad_accum} accumulated" if t.grad_accum > 1 else "")
+    evaluation = ("held-out loss before and after on " + (str(plan.eval_data_path) if plan.eval_data_path else
+                  f"{args.eval_fraction:g} of --data")) if plan.evaluate else "no held-out evaluation (--no-eval)"
+    resume = f"\n  resume    {plan.resume_dir} (step {plan.resume_summary.get('step', '?')})" if plan.resume_dir else ""
+    replace = " (replacing the previous run there)" if plan.output.previous and plan.output.overwrite else ""
+    return (f"paca train: {args.method}{rank} on {model}\n"
+            f"  data      {plan.data_path}; {evaluation}\n"
+            f"  schedule  {length} of {shape}, AdamW lr {plan.lr:g} ({schedule}), weight decay {t.weight_decay:g}\n"
+            f"  device    {device}{resume}\n"
+            f"  output    {plan.output.path}{replace}")
