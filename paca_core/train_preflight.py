@@ -59,7 +59,7 @@ def _given(args: argparse.Namespace, defaults: dict[str, Any], name: str) -> boo
 
 
 def check_ranges(args: argparse.Namespace) -> None:
-    """Numbers a run cannot use, all reported at once."""
+    """Numbers a run cannot use, all reported at once (beside :meth:`TrainingArguments.validate`'s)."""
     from .train_options import is_auto
 
     problems = []
@@ -70,25 +70,14 @@ def check_ranges(args: argparse.Namespace) -> None:
 
     if not is_auto(args.seq_len):
         need(args.seq_len >= 2, f"--seq-len must be at least 2 (got {args.seq_len})")
-    if not is_auto(args.batch_size):
-        need(args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})")
-    need(args.grad_accum >= 1, f"--grad-accum must be at least 1 (got {args.grad_accum})")
-    need(args.steps >= 0, f"--steps must be 0 (use --epochs) or more (got {args.steps})")
-    need(args.steps > 0 or (math.isfinite(args.epochs) and args.epochs > 0), f"with --steps 0, --epochs must be a positive number (got {args.epochs})")
-    need(args.log_every >= 1, f"--log-every must be at least 1 (got {args.log_every})")
-    need(args.save_every >= 0, f"--save-every must be 0 (save at the end only) or more (got {args.save_every})")
-    need(args.warmup_steps >= 0, f"--warmup-steps must be 0 or more (got {args.warmup_steps})")
     need(args.sample_tokens >= 0, f"--sample-tokens must be 0 (no sample) or more (got {args.sample_tokens})")
     need(math.isfinite(args.eval_fraction) and 0 <= args.eval_fraction < 1,
          f"--eval-fraction must be at least 0 and below 1 (got {args.eval_fraction}); 0 (or --no-eval) skips evaluation")
     need(math.isfinite(args.weight_decay) and args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})")
     need(math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0, f"--max-grad-norm must be 0 (no clipping) or more (got {args.max_grad_norm})")
-    if args.lr is not None:
-        need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive finite number (got {args.lr})")
-        need(not math.isfinite(args.lr) or args.lr <= MAX_LEARNING_RATE,
+    if args.lr is not None:  # positive and finite: TrainingArguments.validate
+        need(not (math.isfinite(args.lr) and args.lr > MAX_LEARNING_RATE),
              f"--lr {args.lr:g} is far above any AdamW learning rate that trains (about 1e-5 to 1e-2)")
-    if args.rank is not None:
-        need(args.rank >= 1, f"--rank must be at least 1 (got {args.rank})")
     if args.alpha is not None:
         need(math.isfinite(args.alpha) and args.alpha > 0, f"--alpha must be a positive number (got {args.alpha})")
     if problems:

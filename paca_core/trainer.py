@@ -81,6 +81,12 @@ class TrainingArguments:
             problems.append(f"--steps must be >= 0 (got {self.max_steps})")
         if self.max_steps == 0 and self.epochs <= 0:
             problems.append("set --steps or a positive --epochs")
+        if self.log_every < 1:
+            problems.append(f"--log-every must be at least 1 (got {self.log_every})")
+        if self.save_every < 0:
+            problems.append(f"--save-every must be 0 (save at the end only) or more (got {self.save_every})")
+        if self.warmup_steps < 0:
+            problems.append(f"--warmup-steps must be 0 or more (got {self.warmup_steps})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"--lr must be a positive number (got {self.lr})")
         if self.on_nan not in ("stop", "skip"):

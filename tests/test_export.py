@@ -105,13 +105,17 @@ def test_lora_a_rows_are_one_hot_at_indices(tmp_path):
         assert torch.equal(lora_b @ lora_a, layer.delta_weight()), name
 
 
-def test_export_replaces_previous_directory_and_needs_peft(tmp_path, monkeypatch):
+def test_export_never_replaces_a_folder_holding_other_files_and_needs_peft(tmp_path, monkeypatch):
+    from paca_core.errors import OutputPathError
+
     paca, _ = _trained_paca(PaCAConfig(r=2))
     target = tmp_path / "lora"
-    target.mkdir()
-    (target / "stale.txt").write_text("old")
     export_peft_lora(paca, target)
-    assert not (target / "stale.txt").exists()
+    export_peft_lora(paca, target)  # its own earlier export: replaced
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match="notes.txt"):
+        export_peft_lora(paca, target)
+    assert (target / "notes.txt").read_text() == "mine" and (target / "adapter_config.json").is_file()
 
     import builtins
 
