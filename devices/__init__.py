@@ -2,7 +2,8 @@
 
 The bottom layer: imports nothing from ``backends`` or ``paca_core``, and no vendor package at import time.
 A device is one :class:`DeviceRuntime` subclass, made known by :func:`register_runtime`; the built-in
-ones are registered at the end of this file.
+ones are registered at the end of this file, other distributions' through the ``paca_hal.devices``
+entry-point group (:data:`ENTRY_POINT_GROUP`, read once when the registered runtimes are first read).
 """
 from typing import Any
 
@@ -29,6 +30,7 @@ from .graph_modes import (
 from .hpu import HpuRuntime
 from .profiles import DeviceProfile, UnknownProfileError, calibrate_cpu, get_profile, load_profiles, save_calibration
 from .registry import (
+    ENTRY_POINT_GROUP,
     ENV_VAR,
     add_device_argument,
     auto_order,
@@ -39,6 +41,7 @@ from .registry import (
     device_choices,
     device_name,
     free_memory_bytes,
+    load_entry_points,
     make_adamw,
     memory_stats,
     new_event,
@@ -64,6 +67,7 @@ __all__ = [
     "COMPILE",
     "DEVICE_CHOICES",
     "EAGER",
+    "ENTRY_POINT_GROUP",
     "ENV_VAR",
     "GRAPH_MODES",
     "DeviceProfile",
@@ -100,6 +104,7 @@ __all__ = [
     "keeps_grad_buffers",
     "launched_world_size",
     "local_world_size",
+    "load_entry_points",
     "load_profiles",
     "make_adamw",
     "memory_stats",

@@ -1,6 +1,8 @@
-"""The Intel Gaudi (HPU) runtime. ``habana_frameworks`` is imported only here, and only on demand."""
+"""The Intel Gaudi (HPU) runtime. ``habana_frameworks`` is imported only here, and only on demand: when
+an HPU is resolved, or when ``auto`` probes a machine that has a Gaudi device node."""
 from __future__ import annotations
 
+import glob
 import importlib
 import importlib.util
 import logging
@@ -20,13 +22,31 @@ GAUDI_INSTALL_HINT = (
 
 
 def habana_installed() -> bool:
-    """True when the Gaudi PyTorch bridge can be imported (checked without importing it)."""
+    """True when the Gaudi PyTorch bridge can be imported (checked without importing the bridge; finding
+    ``habana_frameworks.torch`` runs the small top-level ``habana_frameworks/__init__``)."""
     try:
         return importlib.util.find_spec("habana_frameworks") is not None and (
             importlib.util.find_spec("habana_frameworks.torch") is not None
         )
-    except (ImportError, ValueError):
+    except Exception as error:  # a broken install must not crash device detection
+        logger.debug("habana_frameworks lookup failed: %s", error)
         return False
+
+
+#: Character devices the habanalabs driver creates per Gaudi: ``/dev/accel/accelN`` (the kernel's accel
+#: subsystem, Linux >= 6.3 and current Intel Gaudi drivers) or ``/dev/hlN`` (older drivers).
+GAUDI_DEVICE_NODES = ("/dev/accel/accel[0-9]*", "/dev/hl[0-9]*")
+
+
+def gaudi_device_possible() -> bool:
+    """False only when this is Linux and no Gaudi device node exists, so no HPU can be visible.
+
+    Lets ``auto`` skip the bridge import (seconds, and log noise) on machines that have the Gaudi software
+    but no card, e.g. a Gaudi image run on a CPU host. Elsewhere (no ``/dev``) it cannot tell: True.
+    """
+    if not os.path.isdir("/dev"):
+        return True
+    return any(glob.glob(pattern) for pattern in GAUDI_DEVICE_NODES)
 
 
 def lazy_mode_enabled() -> bool:
@@ -80,7 +100,8 @@ class HpuRuntime(DeviceRuntime):
     def is_available(self) -> bool:
         hpu = self._torch_hpu()
         if hpu is None:
-            if not habana_installed():
+            # The device nodes first: without them no HPU can be visible, and nothing is imported.
+            if not gaudi_device_possible() or not habana_installed():
                 return False
             try:
                 self.prepare()
@@ -97,8 +118,18 @@ class HpuRuntime(DeviceRuntime):
         return self._torch_hpu().device_count() if self.is_available() else 0
 
     def unavailable_reason(self) -> str:
-        if not habana_installed() and self._torch_hpu() is None:
-            return GAUDI_INSTALL_HINT
+        if self._torch_hpu() is None:
+            # The top-level lookup imports nothing; habana_installed() would run habana_frameworks/__init__.
+            if importlib.util.find_spec("habana_frameworks") is None:
+                return GAUDI_INSTALL_HINT
+            if not gaudi_device_possible():
+                return (
+                    "Intel Gaudi software is installed but this machine has no Gaudi device node "
+                    f"({' or '.join(GAUDI_DEVICE_NODES)}): check the habanalabs driver (hl-smi), or pass the devices "
+                    "into the container. Or pass --device cpu / cuda."
+                )
+            if not habana_installed():
+                return GAUDI_INSTALL_HINT
         return "Intel Gaudi software is installed but no HPU is visible (check hl-smi and HABANA_VISIBLE_DEVICES)."
 
     def memory_stats(self, device: torch.device) -> MemoryStats:

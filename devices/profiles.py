@@ -10,6 +10,11 @@ launch cost (:attr:`DeviceProfile.launch_overhead_s`) is *not* part of :meth:`De
 the caller adds it once per kernel it launches, i.e. once per op on CUDA/CPU eager and once per fused
 run of elementwise ops where :attr:`DeviceProfile.fuse_elementwise` is true (Gaudi lazy mode).
 
+Profiles are keyed by registered runtime: a profile's ``device_type`` names the runtime it describes,
+and only profiles of registered runtimes are offered. The shipped file holds the built-in devices'; any
+runtime can add its own by pointing ``DeviceRuntime.profiles_file`` at a document in the same format
+(read when profiles are first asked for), so ``paca plan --device-profile`` covers a plug-in device too.
+
 The ``cpu`` profile stands for "this machine": :func:`calibrate_cpu` measures it and
 :func:`save_calibration` stores it in the cache, where :func:`get_profile` finds it. Like the rest of
 ``devices``, this module imports nothing from ``paca_core`` or ``backends``.
@@ -23,6 +28,7 @@ import logging
 import math
 import os
 import platform
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,6 +39,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
+
+from .registry import registered_runtimes
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +53,8 @@ SCHEMA_VERSION = 1
 # when the caller says so (PyTorch's default is torch.backends.cuda.matmul.allow_tf32 = False).
 DTYPE_KEYS = ("bf16", "fp16", "fp32", "tf32")
 _TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-DEVICE_TYPES = ("cuda", "hpu", "cpu")
+#: What a ``device_type`` looks like (the registry's rule for runtime names).
+_DEVICE_TYPE = re.compile(r"^[a-z][a-z0-9_]*$")
 SOURCE_PREFIXES = ("primary", "secondary", "assumption", "uncalibrated default", "measured")
 
 _SCALAR_FIELDS = ("memory_bytes", "usable_fraction", "runtime_reserve_bytes", "memory_bandwidth", "launch_overhead_s")
@@ -196,8 +205,8 @@ class DeviceProfile:
 
     def _validate(self) -> None:
         where = f"profile {self.name!r}"
-        if self.device_type not in DEVICE_TYPES:
-            raise ValueError(f"{where}: device_type {self.device_type!r} is not one of {DEVICE_TYPES}")
+        if not isinstance(self.device_type, str) or not _DEVICE_TYPE.match(self.device_type):
+            raise ValueError(f"{where}: device_type {self.device_type!r} is not a device type name (e.g. 'cuda')")
         if not isinstance(self.fuse_elementwise, bool):
             raise ValueError(f"{where}: fuse_elementwise must be true or false")
         unknown_types = [kind for kind in self.four_bit_types if kind not in FOUR_BIT_TYPES]
@@ -242,9 +251,55 @@ def _shipped() -> Mapping[str, DeviceProfile]:
     return MappingProxyType(_parse(json.loads(text), f"{__package__}/{PROFILES_FILE}"))
 
 
+#: (device type, file) -> that runtime's profiles, read once per file.
+_RUNTIME_FILES: dict[tuple[str, str], Mapping[str, DeviceProfile]] = {}
+_WARNED: set[str] = set()
+
+
+def _read_runtime_profiles(device_type: str, source: Any) -> Mapping[str, DeviceProfile]:
+    """The profiles in a runtime's ``profiles_file``; each must describe that runtime's device type."""
+    key = (device_type, str(source))
+    if key not in _RUNTIME_FILES:
+        path = Path(source) if isinstance(source, (str, os.PathLike)) else source
+        profiles = _parse(json.loads(path.read_text(encoding="utf-8")), str(source))
+        strays = sorted(name for name, profile in profiles.items() if profile.device_type != device_type)
+        if strays:
+            raise ValueError(f"{source}: profiles {strays} do not describe {device_type!r}, the runtime that points to this file")
+        _RUNTIME_FILES[key] = MappingProxyType(profiles)
+    return _RUNTIME_FILES[key]
+
+
+def _registered_profiles() -> tuple[dict[str, DeviceProfile], list[str]]:
+    """Every profile of a registered runtime (shipped first, then each runtime's own file), and what
+    could not be read (a broken plug-in file must not take the other profiles down with it)."""
+    runtimes = registered_runtimes()
+    served = {runtime.name for runtime in runtimes}
+    profiles = {name: p for name, p in _shipped().items() if p.device_type in served}
+    problems = []
+    for runtime in runtimes:
+        if runtime.profiles_file is None:
+            continue
+        try:
+            own = _read_runtime_profiles(runtime.name, runtime.profiles_file)
+        except (OSError, ValueError, TypeError) as error:
+            problems.append(f"the {runtime.name} runtime's profiles ({error})")
+            continue
+        for name, profile in own.items():
+            if name in profiles:
+                problems.append(f"the {runtime.name} runtime's profile {name!r} (the name is taken)")
+            else:
+                profiles[name] = profile
+    for problem in problems:
+        if problem not in _WARNED:
+            _WARNED.add(problem)
+            logger.warning("device profiles: left out %s", problem)
+    return profiles, problems
+
+
 def load_profiles() -> dict[str, DeviceProfile]:
-    """The profiles shipped in ``devices/profiles.json`` (the ``cpu`` entry holds uncalibrated defaults)."""
-    return dict(_shipped())
+    """The profiles of the registered runtimes: ``devices/profiles.json``'s (the ``cpu`` entry holds
+    uncalibrated defaults), then each runtime's ``profiles_file``."""
+    return _registered_profiles()[0]
 
 
 def default_calibration_path() -> Path:
@@ -277,16 +332,17 @@ def _with_capabilities(calibrated: DeviceProfile, shipped: DeviceProfile) -> Dev
 
 
 def get_profile(name: str, calibrated_cache: Path | None = None) -> DeviceProfile:
-    """The profile called ``name`` (case-insensitive).
+    """The profile called ``name`` (case-insensitive), among the registered runtimes' (:func:`load_profiles`).
 
     For ``cpu``, a calibration file (``calibrated_cache``, default :func:`default_calibration_path`)
     replaces the shipped defaults when it exists and reads cleanly; an unreadable one is ignored with a
     warning, since the defaults still give an answer.
     """
-    profiles = _shipped()
+    profiles, problems = _registered_profiles()
     key = name.strip().lower()
     if key not in profiles:
-        raise UnknownProfileError(f"unknown device profile {name!r}; known profiles: {', '.join(sorted(profiles))}")
+        left_out = f" (left out: {'; '.join(problems)})" if problems else ""
+        raise UnknownProfileError(f"unknown device profile {name!r}; known profiles: {', '.join(sorted(profiles))}{left_out}")
     if key == "cpu":
         path = Path(calibrated_cache) if calibrated_cache is not None else default_calibration_path()
         if path.is_file():

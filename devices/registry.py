@@ -1,8 +1,10 @@
 """The registered device runtimes, and everything derived from them: ``--device`` parsing, ``auto``,
 ``DEVICE_CHOICES`` and the device-dispatching helpers (memory stats, streams, optimizers, ...).
 
-A device is known here only through :func:`register_runtime`; nothing in this file names one.
-Nothing here imports vendor software at import time.
+A device is known here only through :func:`register_runtime`, called by the package (the built-in
+runtimes), by the user's code, or for the runtimes other distributions declare in the
+``paca_hal.devices`` entry-point group (read once, the first time the registered runtimes are read).
+Nothing in this file names a device, and nothing here imports vendor software at import time.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import argparse
 import logging
 import os
 import re
+import types
 from typing import Any, ContextManager, Iterable
 
 import torch
@@ -19,30 +22,83 @@ from .runtime import DeviceRuntime, DeviceUnavailableError, InvalidDeviceError, 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "PACA_DEVICE"
+#: importlib.metadata entry-point group naming device runtimes defined in other distributions. Each entry
+#: point (named after its device type) names a DeviceRuntime subclass or instance (registered when
+#: loaded) or a module that registers its runtime on import.
+ENTRY_POINT_GROUP = "paca_hal.devices"
 
 #: name -> runtime, in registration order (the order ``DEVICE_CHOICES`` lists them).
 _RUNTIMES: dict[str, DeviceRuntime] = {}
 _SPEC = re.compile(r"^(?P<type>[a-z][a-z0-9_]*)(?::(?P<index>\d+))?$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_entry_points_loaded = False
+#: entry-point name -> why that plug-in failed to load (told when its device is asked for).
+_BROKEN_ENTRY_POINTS: dict[str, str] = {}
 
 
 def register_runtime(runtime: DeviceRuntime, *, replace: bool = False) -> DeviceRuntime:
     """Make ``runtime``'s device usable everywhere (``--device``, ``auto``, graph modes, backends).
 
-    ``runtime.name`` must be a device type torch can parse; registering a name twice is an error
-    unless ``replace`` is set. Returns ``runtime``.
+    ``runtime.name`` must look like a device type (lower case, no index). Torch need not know it yet:
+    a plug-in may create the type in ``prepare()``, so :func:`resolve_device` checks it then.
+    Registering a name twice is an error unless ``replace`` is set. Returns ``runtime``.
     """
+    if not isinstance(runtime, DeviceRuntime):
+        raise TypeError(f"register_runtime takes a DeviceRuntime instance, got {type(runtime).__name__}.")
     name = runtime.name
     if name == "auto" or not _NAME.match(name or ""):
         raise ValueError(f"A device runtime needs a lower-case device type as its name, got {name!r}.")
-    try:
-        torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"{name!r} is not a device type PyTorch knows ({error}).") from None
     if name in _RUNTIMES and not replace:
         raise ValueError(f"A runtime for {name!r} is already registered; pass replace=True to swap it.")
     _RUNTIMES[name] = runtime
+    _BROKEN_ENTRY_POINTS.pop(name, None)
     return runtime
+
+
+def load_entry_points() -> None:
+    """Register the runtimes other distributions declare in the ``paca_hal.devices`` group (once).
+
+    Called by every function that reads the registered runtimes, so an installed plug-in's device
+    works with ``--device NAME`` and no launcher. A plug-in that fails to load is logged as one
+    warning naming its distribution and entry point (the other devices still work), and asking for
+    its device raises :class:`InvalidDeviceError` with the same sentence.
+    """
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True  # first: a plug-in that reads the registry while loading must not recurse
+    from importlib.metadata import entry_points
+
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            _register_entry_point(entry_point)
+        except Exception as error:  # a broken plug-in must not break the other devices
+            detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            message = f"Device plug-in {_origin(entry_point)} failed to load: {detail}"
+            _BROKEN_ENTRY_POINTS[entry_point.name] = message
+            logger.warning("%s", message)
+
+
+def _register_entry_point(entry_point: Any) -> None:
+    loaded = entry_point.load()
+    if isinstance(loaded, type) and issubclass(loaded, DeviceRuntime):
+        loaded = loaded()
+    if isinstance(loaded, DeviceRuntime):
+        if _RUNTIMES.get(loaded.name) is not loaded:
+            register_runtime(loaded)
+    elif not isinstance(loaded, types.ModuleType):
+        raise TypeError(
+            f"it names a {type(loaded).__name__}; expected a DeviceRuntime subclass or instance, or a module that registers one"
+        )
+
+
+def _origin(entry_point: Any) -> str:
+    """``entry point 'mydev' (mydev = pkg.mod:Runtime) of distribution paca-mydev 1.0``, for messages."""
+    dist = getattr(entry_point, "dist", None)
+    where = f"{entry_point.name!r} ({entry_point.name} = {entry_point.value})"
+    if dist is None:
+        return f"entry point {where}"
+    return f"entry point {where} of distribution {dist.metadata['Name']} {dist.version}"
 
 
 def unregister_runtime(name: str) -> DeviceRuntime:
@@ -54,20 +110,21 @@ def unregister_runtime(name: str) -> DeviceRuntime:
 
 
 def registered_runtimes() -> tuple[DeviceRuntime, ...]:
-    """Every registered runtime, in registration order."""
+    """Every registered runtime (entry points included), in registration order."""
+    load_entry_points()
     return tuple(_RUNTIMES.values())
 
 
 def auto_order() -> tuple[str, ...]:
     """Device types ``auto`` tries, most preferred first (runtimes with an ``auto_priority``)."""
-    ranked = [r for r in _RUNTIMES.values() if r.auto_priority is not None]
+    ranked = [r for r in registered_runtimes() if r.auto_priority is not None]
     return tuple(r.name for r in sorted(ranked, key=lambda r: -r.auto_priority))
 
 
 def device_choices() -> tuple[str, ...]:
     """What ``--device`` accepts: ``auto`` and every registered type (``type:N`` where indexed)."""
     choices = ["auto"]
-    for runtime in _RUNTIMES.values():
+    for runtime in registered_runtimes():
         choices += [runtime.name, f"{runtime.name}:N"] if runtime.indexed else [runtime.name]
     return tuple(choices)
 
@@ -80,23 +137,42 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _type_of(device: torch.device | str) -> str:
+    if isinstance(device, torch.device):
+        return device.type
+    match = _SPEC.match(str(device).strip().lower())
+    return match.group("type") if match else torch.device(device).type
+
+
+def _lookup(device_type: str) -> DeviceRuntime | None:
+    runtime = _RUNTIMES.get(device_type)
+    if runtime is None and not _entry_points_loaded:
+        load_entry_points()
+        runtime = _RUNTIMES.get(device_type)
+    return runtime
+
+
 def runtime_for(device: torch.device | str) -> DeviceRuntime:
     """The runtime object of a device type; raises for types without a registered runtime."""
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    try:
-        return _RUNTIMES[device_type]
-    except KeyError:
+    device_type = _type_of(device)
+    runtime = _lookup(device_type)
+    if runtime is None:
+        broken = _BROKEN_ENTRY_POINTS.get(device_type)
         raise InvalidDeviceError(
-            f"Device type {device_type!r} is not supported; valid devices: {', '.join(device_choices())}."
-        ) from None
+            (f"{broken}; " if broken else f"Device type {device_type!r} is not supported; ")
+            + f"valid devices: {', '.join(device_choices())}."
+        )
+    return runtime
 
 
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     """Turn ``auto`` or ``type[:N]`` (or ``$PACA_DEVICE`` when ``spec`` is None) into a usable device.
 
     ``auto`` takes the available runtime with the highest ``auto_priority`` (hpu, then cuda, then
-    cpu for the built-in ones) and logs what it chose. Explicit requests for a missing device raise
-    :class:`DeviceUnavailableError` with what to do, never fall back silently.
+    cpu for the built-in ones) that torch can use, and logs what it chose. Explicit requests for a
+    missing device raise :class:`DeviceUnavailableError` with what to do, never fall back silently; so
+    does a registered device torch cannot put tensors on (checked with torch's own API, after the
+    runtime's ``prepare()``), instead of a torch assertion at the first ``model.to``.
     """
     if isinstance(spec, torch.device):
         spec = str(spec)
@@ -113,18 +189,26 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
         if index is not None:
             raise InvalidDeviceError(f"'auto' takes no index (got {spec!r}); valid devices: {valid}.")
         for candidate in auto_order():
-            if _RUNTIMES[candidate].is_available():
-                device = _finish(_RUNTIMES[candidate], None)
-                logger.info("Selected device %s (auto detect)", device)
-                return device
+            runtime = _RUNTIMES[candidate]
+            if not runtime.is_available():
+                continue
+            try:
+                device = _finish(runtime, None)
+            except (DeviceUnavailableError, InvalidDeviceError) as error:  # e.g. torch cannot use it here
+                logger.info("auto: skipping %s: %s", candidate, error)
+                continue
+            logger.info("Selected device %s (auto detect)", device)
+            return device
         raise DeviceUnavailableError(f"'auto' found no available device among {', '.join(auto_order()) or 'none'}.")
-    runtime = _RUNTIMES.get(device_type)
+    runtime = _lookup(device_type)
     if runtime is None:
+        if device_type in _BROKEN_ENTRY_POINTS:
+            raise InvalidDeviceError(f"{_BROKEN_ENTRY_POINTS[device_type]}; valid devices: {valid}.")
         if _torch_knows(device_type):
             raise InvalidDeviceError(
                 f"PyTorch knows device type {device_type!r} (from {source}), but paca-hal has no runtime for it; "
-                f"valid devices: {valid}. To add one, register a DeviceRuntime with devices.register_runtime "
-                "(docs/ARCHITECTURE.md, 'How to add a device')."
+                f"valid devices: {valid}. To add one, register a DeviceRuntime with devices.register_runtime or "
+                f"a {ENTRY_POINT_GROUP!r} entry point (docs/ARCHITECTURE.md, 'How to add a device')."
             )
         raise InvalidDeviceError(f"Unknown device {spec!r} (from {source}); valid devices: {valid} (N is a device index).")
     return _finish(runtime, None if index is None else int(index))
@@ -138,10 +222,51 @@ def _torch_knows(device_type: str) -> bool:
     return True
 
 
+def _torch_device_module(device_type: str) -> Any:
+    """``torch.<device_type>`` as torch itself finds it (``torch.get_device_module``), or None."""
+    get_device_module = getattr(torch, "get_device_module", None)
+    if get_device_module is None:  # older torch: the same lookup by hand
+        return getattr(torch, device_type, None)
+    try:
+        return get_device_module(device_type)
+    except RuntimeError:
+        return None
+
+
+def _check_torch_serves(runtime: DeviceRuntime) -> None:
+    """Refuse, in one sentence, a registered device that torch cannot put tensors on in this process.
+
+    Asked of torch itself after ``runtime.prepare()``: the type must parse (``torch.device``) and, where
+    torch has a device module for it, that module's ``is_available()`` must hold. Without this, the
+    first ``model.to(device)`` fails deep inside torch (``AssertionError: Torch not compiled with ...``).
+    """
+    name = runtime.name
+    if not _torch_knows(name):
+        raise InvalidDeviceError(
+            f"PyTorch does not know device type {name!r}, although a paca-hal runtime is registered for it "
+            f"({type(runtime).__module__}.{type(runtime).__qualname__}): the device's package must make the type "
+            "(e.g. torch.utils.rename_privateuse1_backend) on import or in the runtime's prepare()."
+        )
+    module = _torch_device_module(name)
+    is_available = getattr(module, "is_available", None)
+    if not callable(is_available):
+        return  # torch keeps no device module for this type: nothing more to ask it
+    try:
+        usable, detail = bool(is_available()), ""
+    except Exception as error:  # a device module that cannot even answer cannot place tensors either
+        usable, detail = False, f" ({type(error).__name__}: {error})"
+    if not usable:
+        raise DeviceUnavailableError(
+            f"PyTorch cannot put tensors on {name!r} in this process: torch.{name}.is_available() is False{detail} "
+            f"(this PyTorch build or the device's plug-in lacks it), although paca-hal's {name} runtime reports the device."
+        )
+
+
 def _finish(runtime: DeviceRuntime, index: int | None) -> torch.device:
     if not runtime.is_available():
         raise DeviceUnavailableError(runtime.unavailable_reason())
     runtime.prepare()
+    _check_torch_serves(runtime)
     name = runtime.name
     if not runtime.indexed:
         if index not in (None, 0):
@@ -200,7 +325,7 @@ def synchronize(device: torch.device | str) -> None:
 
 def available_device_types() -> list[str]:
     """Device types usable in this process: ``auto``'s candidates in its order, then the others."""
-    ranked = auto_order()
+    ranked = auto_order()  # loads the entry points
     names = list(ranked) + [name for name in _RUNTIMES if name not in ranked]
     return [name for name in names if _RUNTIMES[name].is_available()]
 
@@ -213,7 +338,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def shares_host_memory(device: torch.device | str) -> bool:
     """Whether ``device``'s memory is host memory (CPU): copies there are free and peaks count the
     whole process. Device types without a registered runtime are taken to have their own memory."""
-    runtime = _RUNTIMES.get(torch.device(device).type)
+    runtime = _lookup(_type_of(device))
     return bool(runtime is not None and runtime.shares_host_memory)
 
 

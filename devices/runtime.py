@@ -76,7 +76,9 @@ class DeviceRuntime(ABC):
     Implementations import vendor packages lazily (never at module import).
     """
 
-    #: The torch device type this runtime serves (``torch.device(name)`` must parse).
+    #: The torch device type this runtime serves. ``torch.device(name)`` must parse once :meth:`prepare`
+    #: ran (a plug-in may make the type there, e.g. with ``torch.utils.rename_privateuse1_backend``);
+    #: resolving the device checks it, and that torch can put tensors there.
     name: str = ""
     #: Preference of ``auto`` (highest available wins); None: ``auto`` never picks this device.
     auto_priority: int | None = None
@@ -93,6 +95,10 @@ class DeviceRuntime(ABC):
 
     #: True where "device memory" is host memory (CPU): no transfers, and peaks include the whole process.
     shares_host_memory: bool = False
+    #: ``paca plan`` profiles of this device: a JSON document in ``devices/profiles.json``'s format (a path,
+    #: or an ``importlib.resources`` file), whose profiles all have ``device_type == name``. None: the
+    #: device has none beyond the shipped file's. Read only when profiles are asked for.
+    profiles_file: Any = None
 
     # --- graph modes --------------------------------------------------------------------------------
 

@@ -132,3 +132,37 @@ def atomic_directory(target: Path, owned: Collection[str] = ()) -> Iterator[Path
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files_into(directory: Path) -> Iterator[Path]:
+    """Yield a staging folder; on success each file staged there replaces its namesake in ``directory``, one
+    rename each, and nothing else in ``directory`` is touched. The ``save_pretrained`` convention (PEFT,
+    transformers) for a folder that holds other things too: a crash leaves every file old or new, never half."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{directory.name}.staging-"))
+    try:
+        yield staging
+        for item in sorted(staging.iterdir()):
+            honour_umask(item, directory=item.is_dir())
+            if item.is_file():
+                with open(item, "rb") as handle:
+                    os.fsync(handle.fileno())
+        for item in sorted(staging.iterdir()):
+            if item.is_dir():
+                raise OutputPathError(f"atomic_files_into stages files only; {item.name} is a folder")
+            os.replace(item, directory / item.name)
+        fsync_dir(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def staging_for(directory: Path, writes: Collection[str]):
+    """The right atomic writer for a ``save_pretrained``-style save of the files ``writes`` into ``directory``: the
+    whole folder swapped when it is new or holds only those files, else the files replaced one by one beside the
+    user's (never deleting them)."""
+    directory = Path(directory)
+    if directory.is_dir() and any(name not in writes and not OUR_TEMPORARIES.match(name) for name in os.listdir(directory)):
+        return atomic_files_into(directory)
+    return atomic_directory(directory)

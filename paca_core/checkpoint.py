@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .atomic import atomic_directory
+from .atomic import staging_for
 from .config import MethodConfig, config_from_dict, method_name
 from .errors import CheckpointError, PacaConfigError
 from .sharding import full_tensor, shard_like
@@ -80,7 +80,8 @@ def write_adapter_files(
 def save_adapter(
     adapted_model, directory: str | Path, extra_metadata: dict[str, Any] | None = None, is_main_process: bool = True
 ) -> Path:
-    """Write the adapter atomically; the previous checkpoint at ``directory`` survives any failure.
+    """Write the adapter atomically; the previous checkpoint at ``directory`` survives any failure. Other files
+    in ``directory`` are never deleted (as with PEFT's ``save_pretrained``).
 
     Under FSDP every process calls this (the shards are gathered) and only ``is_main_process`` writes.
     """
@@ -88,7 +89,7 @@ def save_adapter(
     tensors = adapter_state(adapted_model)
     if not is_main_process:
         return directory
-    with atomic_directory(directory) as staging:
+    with staging_for(directory, (WEIGHTS_NAME, CONFIG_NAME)) as staging:  # other files in the folder are left alone
         write_adapter_files(adapted_model, staging, extra_metadata, tensors=tensors)
     logger.info("Saved adapter (%d layers) to %s", len(adapted_model.adapter_layers()), directory)
     return directory

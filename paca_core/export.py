@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from .atomic import atomic_directory
+from .atomic import staging_for
 from .checkpoint import _base_model_name
 from .methods import find_method, registered_methods
 
@@ -128,12 +128,12 @@ def export_peft_lora(
     """Write ``paca_model``'s adapter to ``directory`` as an exact rank-r PEFT LoRA adapter, atomically.
 
     Load it with ``peft.PeftModel.from_pretrained(base_model, directory)`` on the pretrained base
-    model. ``base_model_name_or_path`` defaults to the wrapped model's ``config._name_or_path``. A ``directory``
-    holding other files is refused (nothing of a user's is replaced).
+    model. ``base_model_name_or_path`` defaults to the wrapped model's ``config._name_or_path``. Other files in
+    ``directory`` are left alone (as ``PeftModel.save_pretrained`` does); ``paca export-peft`` is stricter.
     """
     directory = Path(directory)
     tensors, config = peft_lora_adapter(paca_model, base_model_name_or_path)
-    with atomic_directory(directory) as staging:
+    with staging_for(directory, (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME)) as staging:
         write_peft_lora(staging, tensors, config)
     logger.info("Exported %d PaCA layers (r=%d) as a PEFT LoRA adapter to %s", len(tensors) // 2, config.r, directory)
     return directory

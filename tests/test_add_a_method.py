@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from paca_core.cli import DEFAULT_LR, DEFAULT_RANK, default_lr, main
 from paca_core.methods import find_method, registry, unregister_method
 
 from .conftest import tiny_llama
+from .plugin_dist import write_distribution
 from .test_training import _train_flags
 
 
@@ -74,29 +76,36 @@ def test_paca_bench_methods_toy(toy, tmp_path):
     assert records["toy"]["rank"] is None and records["toy"]["trainable_parameters"] > 0
 
 
-class _FakeEntryPoint:
-    name, value, group = "toyep", "tests.toy_method:ENTRY_POINT_METHOD", registry.ENTRY_POINT_GROUP
-
-    def load(self):
-        from . import toy_method
-
-        return toy_method.ENTRY_POINT_METHOD
-
-
 def test_entry_point_method_is_found_lazily_once(monkeypatch, tiny_model_dir, sample_text_file, tmp_path):
-    calls = []
+    """A method in another installed distribution, named only by its ``paca_hal.methods`` entry point:
+    the distribution (module + dist-info) is written to a folder on ``sys.path``, so importlib.metadata
+    reads real package metadata, as for a ``pip install``-ed plug-in."""
+    site = write_distribution(
+        tmp_path / "site-packages",
+        "paca-toyep",
+        {registry.ENTRY_POINT_GROUP: {"toyep": "paca_toyep:METHOD"}},
+        {"paca_toyep.py": """
+            \"\"\"paca-toyep: the toy method under its own name, from its own distribution.\"\"\"
+            from tests.toy_method import ENTRY_POINT_METHOD as METHOD
+        """},
+    )
+    monkeypatch.syspath_prepend(str(site))
+    reads = []
+    real_entry_points = importlib.metadata.entry_points
 
-    def entry_points(group=None, **_):
-        calls.append(group)
-        return [_FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else []
+    def counting_entry_points(**selection):  # the real lookup, counted
+        reads.append(selection.get("group"))
+        return real_entry_points(**selection)
 
-    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(importlib.metadata, "entry_points", counting_entry_points)
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.delitem(sys.modules, "paca_toyep", raising=False)
     try:
+        assert find_method("toyep") is not None and "paca_toyep" in sys.modules  # nobody imported it but the registry
         assert paca_core.get_method("toyep").default_lr == 3e-3
         assert default_lr("toyep") == 3e-3
         paca_core.registered_methods()
-        assert calls == [registry.ENTRY_POINT_GROUP]  # loaded once, when first needed
+        assert reads.count(registry.ENTRY_POINT_GROUP) == 1  # loaded once, when first needed
         out = tmp_path / "toyep"
         assert main(_train_flags(tiny_model_dir, sample_text_file, out, 1, "--method", "toyep", "--sample-tokens", "0")) == 0
         assert json.loads((out / "metrics.json").read_text())["method"] == "toyep"

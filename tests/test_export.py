@@ -105,17 +105,16 @@ def test_lora_a_rows_are_one_hot_at_indices(tmp_path):
         assert torch.equal(lora_b @ lora_a, layer.delta_weight()), name
 
 
-def test_export_never_replaces_a_folder_holding_other_files_and_needs_peft(tmp_path, monkeypatch):
-    from paca_core.errors import OutputPathError
-
+def test_export_never_deletes_other_files_and_needs_peft(tmp_path, monkeypatch):
     paca, _ = _trained_paca(PaCAConfig(r=2))
     target = tmp_path / "lora"
     export_peft_lora(paca, target)
     export_peft_lora(paca, target)  # its own earlier export: replaced
     (target / "notes.txt").write_text("mine")
-    with pytest.raises(OutputPathError, match="notes.txt"):
-        export_peft_lora(paca, target)
-    assert (target / "notes.txt").read_text() == "mine" and (target / "adapter_config.json").is_file()
+    (target / "adapter_config.json").write_text("{}")  # an older file of its own name: replaced
+    export_peft_lora(paca, target)  # written beside the user's file, as PeftModel.save_pretrained does
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    assert (target / "notes.txt").read_text() == "mine" and json.loads((target / "adapter_config.json").read_text())["r"] == 2
 
     import builtins
 
