@@ -7,7 +7,7 @@ steps and the evaluation after them) beside the size of the full fp32 logits of 
 evaluation used the training micro-batch and the chunked loss, both runs peaked at the same value (the
 evaluation's 8-example full logits set it); now the chunked run's peak must be lower by at least the logits.
 
-    python scripts/eval_memory.py [--vocab 32000 --seq-len 512 --batch-size 2]
+    python scripts/eval_memory.py [--vocab 32000 --seq-len 512 --batch-size 2 --chunk 1024]
 """
 from __future__ import annotations
 
@@ -53,16 +53,17 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--chunk", default="1024", help="--loss-chunk-tokens of the chunked run (1024: paca train's default)")
     args = parser.parse_args()
     mib = 2**20
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         build_model(model, args.vocab, args.seq_len)
-        chunked = peak_of(model, Path(tmp) / "chunked", "1024", args.seq_len, args.batch_size)
+        chunked = peak_of(model, Path(tmp) / "chunked", args.chunk, args.seq_len, args.batch_size)
         full = peak_of(model, Path(tmp) / "full", "off", args.seq_len, args.batch_size)
     logits = args.batch_size * args.seq_len * args.vocab * 4
     print(f"vocab {args.vocab}, {args.batch_size} x {args.seq_len} tokens: full fp32 logits of one micro-batch {logits / mib:,.0f} MiB")
-    print(f"process peak, chunked loss (train + eval): {chunked / mib:,.0f} MiB")
+    print(f"process peak, --loss-chunk-tokens {args.chunk} (train + eval): {chunked / mib:,.0f} MiB")
     print(f"process peak, --loss-chunk-tokens off:      {full / mib:,.0f} MiB")
     print(f"difference {(full - chunked) / mib:,.0f} MiB ({(full - chunked) / logits:.2f}x the logits)")
 

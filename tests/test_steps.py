@@ -83,3 +83,32 @@ def test_evaluate_counts_only_target_tokens():
         logits = model(input_ids=ids).logits
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert evaluate(model, data, torch.device("cpu"), batch_size=2) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_evaluate_through_the_chunked_head_equals_the_full_logits_and_never_builds_them(monkeypatch):
+    """Evaluation runs inside the memory the training step was sized for: the training micro-batch, and the LM head
+    and loss over chunks (no (tokens x vocab) tensor), with the same loss as the full logits."""
+    from paca_core.dataset import TokenizedData
+
+    model = tiny_llama(seed=1)
+    paca = prepare_model(model, PaCAConfig(r=4), device="cpu")
+    ids = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    data = TokenizedData(ids, labels, torch.ones_like(ids), "test")
+    full = evaluate(paca, data, torch.device("cpu"), batch_size=2)
+
+    widest = []
+    head = paca.base_model.get_output_embeddings()
+    original = head.forward
+
+    def spy(hidden):
+        out = original(hidden)
+        widest.append(out.shape[:-1].numel())
+        return out
+
+    monkeypatch.setattr(head, "forward", spy)
+    paca.set_loss_chunk_tokens(4)
+    chunked = evaluate(paca, data, torch.device("cpu"), batch_size=2)
+    assert chunked == pytest.approx(full, rel=1e-5)
+    assert not widest  # the chunked loss multiplies by the head's weight itself: the full-logits head never ran
