@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import resource
 
-import torch
+from ._torch import torch
 
 from .runtime import COMPILE, EAGER, DeviceRuntime, MemoryStats
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
+from ._torch import TorchDtype, torch
 
 from .runtime import COMPILE, EAGER, DeviceRuntime, GraphMode, MemoryStats
 
@@ -17,7 +17,7 @@ CUDA_GRAPHS = GraphMode("cuda-graphs", "torch.compile mode='reduce-overhead'", c
 class CudaRuntime(DeviceRuntime):
     name = "cuda"
     auto_priority = 10
-    default_dtype = torch.bfloat16
+    default_dtype = TorchDtype("bfloat16")
     graph_modes = (EAGER, COMPILE, CUDA_GRAPHS)
     distributed_backend = "nccl"
 

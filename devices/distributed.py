@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
+from ._torch import torch
 
 from .registry import resolve_device, runtime_for
 

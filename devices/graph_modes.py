@@ -10,7 +10,7 @@ import argparse
 import logging
 from typing import Any
 
-import torch
+from ._torch import torch
 
 from .registry import registered_runtimes, runtime_for
 from .runtime import DeviceRuntime, DeviceUnavailableError, GraphMode, InvalidDeviceError

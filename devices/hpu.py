@@ -8,7 +8,7 @@ import importlib.util
 import logging
 import os
 
-import torch
+from ._torch import TorchDtype, torch
 
 from .runtime import COMPILE, EAGER, DeviceRuntime, DeviceUnavailableError, GraphMode, MemoryStats
 
@@ -62,7 +62,7 @@ HPU_GRAPHS = GraphMode("hpu-graphs", "captured HPU graphs", captured=True, needs
 class HpuRuntime(DeviceRuntime):
     name = "hpu"
     auto_priority = 20
-    default_dtype = torch.bfloat16
+    default_dtype = TorchDtype("bfloat16")
     graph_modes = (LAZY, EAGER, COMPILE, HPU_GRAPHS)
     compile_backend = "hpu_backend"  # registered by the Gaudi bridge
     distributed_backend = "hccl"

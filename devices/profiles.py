@@ -38,7 +38,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Literal, Mapping
 
-import torch
+from ._torch import torch
 
 from .registry import registered_runtimes
 
@@ -52,7 +52,7 @@ SCHEMA_VERSION = 1
 # The dtype names a profile may hold figures for. "tf32" is float32 run on tensor cores; it is used only
 # when the caller says so (PyTorch's default is torch.backends.cuda.matmul.allow_tf32 = False).
 DTYPE_KEYS = ("bf16", "fp16", "fp32", "tf32")
-_TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_TORCH_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 #: What a ``device_type`` looks like (the registry's rule for runtime names).
 _DEVICE_TYPE = re.compile(r"^[a-z][a-z0-9_]*$")
 SOURCE_PREFIXES = ("primary", "secondary", "assumption", "uncalibrated default", "measured")
@@ -76,8 +76,8 @@ def _dtype_key(dtype: torch.dtype | str) -> str:
         key = dtype.strip().lower()
         if key in DTYPE_KEYS:
             return key
-    elif dtype in _TORCH_DTYPES:
-        return _TORCH_DTYPES[dtype]
+    elif str(dtype).replace("torch.", "") in _TORCH_DTYPE_NAMES:
+        return _TORCH_DTYPE_NAMES[str(dtype).replace("torch.", "")]
     raise ValueError(
         f"no throughput model for dtype {dtype!r}: profiles know torch.bfloat16, torch.float16 and torch.float32 "
         f"(or the names {', '.join(DTYPE_KEYS)})"
@@ -492,7 +492,7 @@ def calibrate_cpu(seconds: float = 3.0, threads: int | None = None) -> DevicePro
         matmul: dict[str, float] = {}
         sources: dict[str, str] = {}
         for dtype in (torch.float32, torch.bfloat16, torch.float16):  # 60% of the budget
-            key = _TORCH_DTYPES[dtype]
+            key = _dtype_key(dtype)
             try:
                 matmul[key] = _measure_matmul(dtype, 0.2 * seconds)
                 sources[f"matmul_flops.{key}"] = f"{stamp}: best torch.mm FLOP/s over n x n sizes up to 2048"

@@ -15,7 +15,7 @@ import re
 import types
 from typing import Any, ContextManager, Iterable
 
-import torch
+from ._torch import torch
 
 from .runtime import DeviceRuntime, DeviceUnavailableError, InvalidDeviceError, MemoryStats
 

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ContextManager, Iterable
 
-import torch
+from ._torch import TorchDtype, torch
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -89,7 +89,7 @@ class DeviceRuntime(ABC):
     #: ``torch.compile`` backend for graph mode ``compile``.
     compile_backend: str = "inductor"
     #: The dtype models train in by default here (``--dtype auto``).
-    default_dtype: torch.dtype = torch.float32
+    default_dtype: torch.dtype = TorchDtype("float32")
     #: torch.distributed backend for collectives between processes on this device type.
     distributed_backend: str = "gloo"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable, Sequence
 
-import torch
+from ._torch import torch
 
 from .registry import runtime_for
 from .runtime import DeviceRuntime
