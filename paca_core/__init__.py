@@ -1,48 +1,50 @@
 """paca_core: what the methods do, device-agnostic — configs, layers, model surgery, checkpoints,
 training loop and CLI. Talks to hardware only through ``backends`` and ``devices``.
-"""
-from ._version import __version__
-from .config import (
-    LLAMA_PROJECTIONS,
-    METHOD_CONFIGS,
-    FullConfig,
-    LoRAConfig,
-    LoRAFAConfig,
-    MEFTConfig,
-    MethodConfig,
-    PaCAConfig,
-    VeLoRAConfig,
-    config_from_dict,
-)
-from .errors import CheckpointError, PacaConfigError, TargetModuleError
-from .layers import AdapterLayer, LinearAdapterLayer, PaCALinear
-from .methods import CommonOptions, Method, get_method, register_method, registered_methods
-from .model import AdaptedModel, PacaModel, prepare_model
 
-__all__ = [
-    "LLAMA_PROJECTIONS",
-    "METHOD_CONFIGS",
-    "AdaptedModel",
-    "AdapterLayer",
-    "LinearAdapterLayer",
-    "CommonOptions",
-    "Method",
-    "get_method",
-    "register_method",
-    "registered_methods",
-    "MethodConfig",
-    "config_from_dict",
-    "FullConfig",
-    "LoRAConfig",
-    "LoRAFAConfig",
-    "MEFTConfig",
-    "VeLoRAConfig",
-    "CheckpointError",
-    "PaCAConfig",
-    "PaCALinear",
-    "PacaConfigError",
-    "PacaModel",
-    "TargetModuleError",
-    "__version__",
-    "prepare_model",
-]
+The public names below are imported on first use (PEP 562), so ``import paca_core`` (and every ``paca``
+command's start, ``paca --help`` included) does not pay for torch and transformers until something needs them.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import CheckpointError, PacaConfigError, TargetModuleError
+
+#: public name -> the module that defines it
+_LAZY = {
+    **dict.fromkeys(
+        ("LLAMA_PROJECTIONS", "METHOD_CONFIGS", "FullConfig", "LoRAConfig", "LoRAFAConfig", "MEFTConfig", "MethodConfig", "PaCAConfig",
+         "VeLoRAConfig", "config_from_dict"),
+        "paca_core.config",
+    ),
+    **dict.fromkeys(("AdapterLayer", "LinearAdapterLayer", "PaCALinear"), "paca_core.layers"),
+    **dict.fromkeys(("CommonOptions", "Method", "get_method", "register_method", "registered_methods"), "paca_core.methods"),
+    **dict.fromkeys(("AdaptedModel", "PacaModel", "prepare_model"), "paca_core.model"),
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .config import (
+        LLAMA_PROJECTIONS, METHOD_CONFIGS, FullConfig, LoRAConfig, LoRAFAConfig, MEFTConfig, MethodConfig, PaCAConfig, VeLoRAConfig,
+        config_from_dict,
+    )
+    from .layers import AdapterLayer, LinearAdapterLayer, PaCALinear
+    from .methods import CommonOptions, Method, get_method, register_method, registered_methods
+    from .model import AdaptedModel, PacaModel, prepare_model
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'paca_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later reads skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = sorted(["CheckpointError", "PacaConfigError", "TargetModuleError", "__version__", *_LAZY])
