@@ -6,13 +6,13 @@ adds the flags all training shares and asks the registry for the rest.
 from __future__ import annotations
 
 import argparse
-
-import torch
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import devices
 
 from .base_config import ALL_LINEAR, LLAMA_PROJECTIONS, MethodConfig, parse_targets
-from .chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS
+from .loss_chunks import DEFAULT_LOSS_CHUNK_TOKENS
 from .errors import PacaConfigError
 from .methods import CommonOptions, RegistryView, get_method, learning_rate, method_help, parse_combination, primary_method, registered_methods
 
@@ -21,7 +21,28 @@ from .methods import CommonOptions, RegistryView, get_method, learning_rate, met
 DEFAULT_LR = RegistryView("default_lr")
 #: Ranks with matched trainable parameters: PaCA trains r·out per layer, LoRA r·(in + out).
 DEFAULT_RANK = RegistryView("default_rank")
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+class _Dtypes(Mapping):
+    """``--dtype`` name -> torch dtype (None: the device's default), resolved on lookup so the flag's choices need no
+    torch import."""
+
+    _NAMES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+    def __getitem__(self, name: str) -> Any:
+        dtype = self._NAMES[name]
+        if dtype is None:
+            return None
+        import torch
+
+        return getattr(torch, dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
+
+
+DTYPES: Mapping[str, Any] = _Dtypes()
 
 
 AUTO = "auto"

@@ -16,6 +16,8 @@ from paca_core import LoRAConfig, LoRAFAConfig, MEFTConfig, PaCAConfig, VeLoRACo
 
 from .conftest import SAMPLE_TEXT, tiny_llama
 
+pytestmark = pytest.mark.slow  # every test here launches 2 processes (the slow tier: pytest -m slow)
+
 CONFIGS = {
     "paca": lambda: PaCAConfig(r=4),
     "lorafa": lambda: LoRAFAConfig(r=4),
@@ -100,8 +102,8 @@ def one_process_adapter(tiny_model_dir, tmp_path_factory):
 
     from safetensors.torch import load_file
 
-    out = tmp_path_factory.mktemp("one")
-    text = out / "train.txt"
+    out = tmp_path_factory.mktemp("one") / "run"
+    text = tmp_path_factory.mktemp("data") / "train.txt"
     text.write_text(SAMPLE_TEXT)
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     data = ["--model", str(tiny_model_dir), "--data", str(text)]
