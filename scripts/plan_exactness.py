@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> int:
     import torch
 
-    from paca_core.bench.specs import parse_method_spec
+    from paca_core.workloads.specs import parse_method_spec
     from paca_core.plan import trace
     from paca_core.plan.shapes import load_config
 

@@ -38,9 +38,9 @@ def peak_child(seq_len: int, batch_size: int, method: str) -> dict:
     """In a fresh process: RSS growth of one real step vs the plan of the same step."""
     import torch
 
-    from paca_core.bench.specs import parse_method_spec
     from paca_core.plan.shapes import load_config
     from paca_core.plan.trace import _step, build, trace_step
+    from paca_core.workloads.specs import parse_method_spec
 
     torch.set_num_threads(2)
     config = load_config("smollm2-135m")

@@ -63,6 +63,7 @@ def test_seq_len_and_batch_size_take_a_number_or_auto():
 
 
 # --- the choice: exactly the largest planned shape that fits ---------------------------------------------
+@pytest.mark.slow
 def test_auto_picks_exactly_the_largest_shape_whose_planned_peak_fits(long_context_config):
     tracer = step_tracer(long_context_config, "paca", CONFIGS, torch.float32)
     peaks = ShapePeaks(tracer)
@@ -88,6 +89,7 @@ def test_auto_picks_exactly_the_largest_shape_whose_planned_peak_fits(long_conte
     assert choose_shape(lambda s, b: b, 64, "auto", 1 << 50, context).batch_size == MAX_AUTO_BATCH
 
 
+@pytest.mark.slow
 def test_checkpointing_and_chunked_loss_buy_a_longer_auto_seq_len(deep_long_context_config):
     """The levers the run uses are traced: under one budget, each gives a longer sequence than neither."""
     folder = deep_long_context_config
@@ -176,12 +178,12 @@ def no_loading(monkeypatch):
 def test_paca_train_auto_with_nothing_that_fits_exits_2_before_loading(long_context_model, sample_text_file, tmp_path,
                                                                        caplog, no_loading):
     budget = _cli_peak(long_context_model, 64, 4) - 1
-    assert main(_train_args(long_context_model, sample_text_file, tmp_path, "--seq-len", "auto",
+    assert main(_train_args(long_context_model, sample_text_file, tmp_path / "run", "--seq-len", "auto",
                             "--memory-budget", str(budget))) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "--seq-len 64 at --batch-size 4" in errors[0] and LEVERS in errors[0]
     caplog.clear()
-    assert main(_train_args(long_context_model, sample_text_file, tmp_path, "--batch-size", "auto",
+    assert main(_train_args(long_context_model, sample_text_file, tmp_path / "run", "--batch-size", "auto",
                             "--memory-budget", "a lot")) == 2
     assert any("8GiB, 512MiB, 16GB or a number of bytes" in r.getMessage() for r in caplog.records)
 
@@ -194,7 +196,7 @@ def test_paca_train_auto_where_the_planner_cannot_trace_asks_for_numbers(long_co
         raise NotImplementedError("aten::exotic has no fake-tensor kernel")
 
     monkeypatch.setattr(MethodTracer, "measure", untraceable)
-    assert main(_train_args(long_context_model, sample_text_file, tmp_path, "--batch-size", "auto",
+    assert main(_train_args(long_context_model, sample_text_file, tmp_path / "run", "--batch-size", "auto",
                             "--memory-budget", "1GiB")) == 2
     message = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
     assert "cannot trace" in message and "aten::exotic" in message and "explicit numbers" in message

@@ -3,12 +3,14 @@ import json
 
 import pytest
 
-from paca_core.bench.search import parse_bytes, search_max
-from paca_core.bench.specs import DEFAULT_METHODS, build_our_configs, parse_method_list, parse_method_spec
+from paca_core.bench.defaults import DEFAULT_METHODS
+from paca_core.bench.search import search_max
 from paca_core.bench.worker import run_job
 from paca_core.errors import PacaConfigError
+from paca_core.workloads.byte_sizes import parse_bytes
+from paca_core.workloads.specs import build_our_configs, parse_method_list, parse_method_spec
 
-# tiny shape (paca_core.bench.models): d=32, FFN 64, 2 layers, vocab 128, untied head
+# tiny shape (paca_core.workloads.models): d=32, FFN 64, 2 layers, vocab 128, untied head
 D, FFN, LAYERS, VOCAB = 32, 64, 2, 128
 B, T = 2, 16
 
@@ -143,6 +145,7 @@ def test_search_confirms_a_planned_answer_with_two_probes_and_recovers_from_a_wr
     assert search_max(memory, 256, budget=10**12, step=64, upper=4096, planned=4096).capped
 
 
+@pytest.mark.slow
 def test_bench_memory_budget_search_is_planned_then_confirmed(tmp_path):
     """On CPU the probe reports counted bytes; the plan of the same bytes is exact, so two probes suffice."""
     from paca_core.cli import main
@@ -157,3 +160,41 @@ def test_bench_memory_budget_search_is_planned_then_confirmed(tmp_path):
     search = record["search"]
     assert search["best"] > 2 and len(search["probes"]) == 2, search
     assert search["probes"][0][2] and not search["probes"][1][2]
+
+
+@pytest.fixture
+def toy_with_bench_declarations():
+    """tests/toy_method.py's method, registered with a bench flag and a 4-bit form of its own."""
+    import dataclasses
+
+    import paca_core
+
+    from . import toy_method  # registers "toy" the first time it is imported
+
+    method = dataclasses.replace(toy_method.METHOD, bench_flags=("toy_init",), four_bit_form="qtoy")
+    yield paca_core.register_method(method, replace=True)
+    paca_core.methods.unregister_method("toy")
+
+
+def test_bench_flags_and_four_bit_forms_come_from_the_registration(toy_with_bench_declarations):
+    """`paca bench` copies a method's declared bench flags, and its 4-bit form is an entry of bench and plan
+    (``paca plan --quantize`` plans the method in it), without bench or plan naming the method."""
+    import argparse
+    import dataclasses
+
+    from paca_core.bench.command import add_bench_parser
+    from paca_core.plan.run import _quantized_methods
+    from paca_core.workloads.four_bit import four_bit_entries, four_bit_form
+
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    assert parser.parse_args(["bench", "--toy-init", "0.25"]).toy_init == 0.25
+    assert parser.parse_args(["bench"]).toy_init is None  # unset: each entry keeps paca train's default
+    assert parser.parse_args(["bench", "--velora-groups", "8"]).velora_groups == 8  # the built-in methods' too
+    spec = parse_method_spec("qtoy")
+    assert (spec.kind, spec.equivalent, spec.four_bit, spec.uses_rank) == ("ours", "toy", True, False)
+    assert four_bit_form("toy") == "qtoy" and four_bit_entries() == ("qpaca", "qtoy", "peft-qlora")
+    assert _quantized_methods(["toy", "lora", "paca", "peft-lora"], "nf4") == ["qtoy", "lora", "qpaca", "peft-qlora"]
+    with pytest.raises(PacaConfigError, match="bench_flags"):
+        dataclasses.replace(toy_with_bench_declarations, bench_flags=("not_an_option",))
+

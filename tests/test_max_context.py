@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from paca_core.bench.max_context import SEQ_STEP, measured_peak, planned_longest, search_entry
-from paca_core.bench.models import parse_model, synthetic_config
-from paca_core.bench.specs import LEVERS, parse_method_spec
 from paca_core.errors import PacaConfigError
+from paca_core.workloads.levers import LEVERS
+from paca_core.workloads.models import parse_model, synthetic_config
+from paca_core.workloads.specs import parse_method_spec
 
 try:
     import peft  # noqa: F401
@@ -60,6 +61,7 @@ def test_levers_keep_the_step_exact(method):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_levers_lengthen_the_planned_context():
     config = _tiny_config(4096)  # 8 layers: checkpointing frees more than one layer's recompute costs
     budget = 6 * 2**20
@@ -68,6 +70,7 @@ def test_levers_lengthen_the_planned_context():
     assert 0 < plain < levered
 
 
+@pytest.mark.slow
 def test_max_context_search_is_the_measured_longest_length():
     """The answer is the longest multiple of 64 whose real step fits: brute force over measured peaks agrees."""
     config = _tiny_config(1024)
@@ -82,6 +85,7 @@ def test_max_context_search_is_the_measured_longest_length():
     assert [p[0] for p in result.probes] == [brute, brute + SEQ_STEP] and not result.probes[1][2]
 
 
+@pytest.mark.slow
 def test_cli_max_context_writes_ratios(tmp_path):
     from paca_core.cli import main
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from devices.profiles import get_profile
-from paca_core.bench.specs import parse_method_spec
+from paca_core.workloads.specs import parse_method_spec
 from paca_core.plan.estimate import _fused, estimate_time
 from paca_core.plan.planner import BYTE_KINDS, Measurement, MethodTracer, PlanSettings, per_rank_bytes, search_largest
 from paca_core.plan.trace import build, trace_step
@@ -189,7 +189,9 @@ def test_paca_column_write_order_is_deterministic(monkeypatch):
 def test_predicted_bytes_equal_bench_accounting(method, tied):
     from transformers import AutoModelForCausalLM
 
-    from paca_core.bench.worker import _counted_step, _optimizer_state_bytes, prepare
+    from paca_core.bench.worker import _counted_step
+    from paca_core.workloads.accounting import optimizer_state_bytes
+    from paca_core.workloads.prepare import prepare
 
     run = _run(method, tied)
     _, fake, counts = run["fake"]
@@ -200,7 +202,7 @@ def test_predicted_bytes_equal_bench_accounting(method, tied):
     prepared.module.train()
     # The planner counts optimizer state after its tiny first step; a fresh optimizer has none yet, and
     # `_counted_step` counts after its own step, i.e. once the state exists.
-    assert _optimizer_state_bytes(prepared.optimizer) == 0
+    assert optimizer_state_bytes(prepared.optimizer) == 0
     measured = _counted_step(prepared, torch.zeros((BATCH, SEQ), dtype=torch.long), torch.device("cpu"))
     predicted = {
         "saved_activation_bytes": fake.saved_bytes,  # count_saved_tensors around the forward, in _counted_step
@@ -221,15 +223,15 @@ def test_predicted_bytes_equal_bench_accounting(method, tied):
 # --- MEFT: worst-case row choices (paca_core/plan/standins.py), host memory kept apart -----------------
 @pytest.mark.parametrize("method", ["meft", "paca+meft"])
 def test_meft_plans_device_and_host_bytes_apart(method):
-    from paca_core.bench.worker import _host_tables, _table_tensors
+    from paca_core.workloads.accounting import host_tables, table_tensors
 
     run = _run(method)
     (fake_model, fake, fake_counts), (real_model, real, real_counts) = run["fake"], run["real"]
     # The same stand-in on real tensors traces the same step (value-dependent choices are fixed, not guessed).
     assert _summary(fake, fake_counts) == _summary(real, real_counts)
-    tables = _host_tables(real_model.prepared.module)
+    tables = host_tables(real_model.prepared.module)
     assert tables
-    host = {id(t.untyped_storage()): t.untyped_storage().nbytes() for table in tables for t in _table_tensors(table)}
+    host = {id(t.untyped_storage()): t.untyped_storage().nbytes() for table in tables for t in table_tensors(table)}
     assert any(table.exp_avg for table in tables)  # the rows' Adam moments, host memory too
     assert real_counts["host"] == sum(host.values()) > 0
     # Nothing of the host side is device memory: before the step only weights and optimizer state are live,
@@ -302,8 +304,11 @@ def test_paca_peak_on_real_tensors_independent_checks():
 
 # --- 4. tracing 1 and 2 layers and extrapolating equals tracing the whole stack ------------------------
 @pytest.mark.parametrize("method,gradient_checkpointing,offload", [
-    ("paca", False, None), ("paca", True, None), ("paca+full+velora", False, None), ("paca+full+velora", True, None),
-    ("lora", False, None), ("full", True, None), ("paca", False, "decoder-layers"), ("paca", True, "decoder-layers"),
+    ("paca", False, None),  # the fast tier's case; the rest take seconds each (pytest -m slow)
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        ("paca", True, None), ("paca+full+velora", False, None), ("paca+full+velora", True, None),
+        ("lora", False, None), ("full", True, None), ("paca", False, "decoder-layers"), ("paca", True, "decoder-layers"),
+    ]),
 ], ids=lambda v: {False: "no-gc", True: "gc", None: "", "decoder-layers": "offload"}.get(v, v) if v in (False, True, None, "decoder-layers") else v)
 def test_layer_reduction_is_exact(method, gradient_checkpointing, offload):
     config = tiny_llama_config(num_hidden_layers=5)
@@ -517,6 +522,7 @@ def tiny_config_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_cli_plan_writes_records(tiny_config_file, tmp_path):
     from paca_core.cli import main
 

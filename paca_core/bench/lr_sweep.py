@@ -216,7 +216,7 @@ def _init_worker(settings: SweepSettings, threads: int) -> None:
 
     import devices
 
-    from .models import build_model, parse_model
+    from ..workloads.models import build_model, parse_model
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -231,14 +231,14 @@ def _init_worker(settings: SweepSettings, threads: int) -> None:
 def _dataset(name: str):
     """Training and held-out examples of a data set and the frozen model's held-out loss (cached)."""
     from ..dataset import load_dataset, split_held_out
-    from .worker import _held_out_loss
+    from ..steps import evaluate
 
     if name not in _STATE.data:
         s = _STATE.settings
         data = load_dataset(dataset_path(name), _STATE.tokenizer, s.seq_len)
         train, held_out = split_held_out(data, s.eval_fraction, s.seed)
         held_out = held_out.subset(slice(0, s.eval_examples))
-        _STATE.data[name] = (train, held_out, _held_out_loss(_STATE.model, held_out, _STATE.device))
+        _STATE.data[name] = (train, held_out, evaluate(_STATE.model, held_out, _STATE.device))
     return _STATE.data[name]
 
 
@@ -246,8 +246,9 @@ def _run_job(job: SweepJob) -> dict:
     """Fine-tune a copy of the model for one job; failures become a ``status``, never an exception."""
     import torch
 
-    from .specs import parse_method_spec
-    from .worker import fine_tune, prepare
+    from ..workloads.prepare import prepare
+    from ..workloads.specs import parse_method_spec
+    from .worker import fine_tune
 
     s = _STATE.settings
     started = time.perf_counter()

@@ -3,7 +3,7 @@ under a memory budget.
 
 Our methods run as ``paca train`` runs them (LM head + loss in chunks, its default); a peer runs as
 it comes, and ``@levers`` add gradient checkpointing, the chunked loss or activation offload
-(``peft-lora@gc``, ``paca@all``; :data:`~paca_core.bench.specs.LEVERS`).
+(``peft-lora@gc``, ``paca@all``; :data:`~paca_core.workloads.levers.LEVERS`).
 
 For each entry ``paca plan``'s trace (fake tensors) searches the longest sequence whose step's
 live-bytes high-water mark fits the budget, in steps of 64 tokens up to the model's context; then
@@ -24,14 +24,13 @@ import torch
 
 from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS
 from ..errors import PacaConfigError
-from ..plan.planner import SEQ_STEP
-from .specs import MethodSpec
+from ..plan.planner import SEQ_STEP, MethodTracer, PlanSettings, search_largest
+from ..plan.shapes import context_length
+from ..plan.trace import build, trace_step
+from ..workloads.plots import pyplot
+from ..workloads.specs import MethodSpec
 
 logger = logging.getLogger(__name__)
-
-#: What ``--mode max-context`` compares when --methods is not given: PEFT LoRA as it comes, with HF
-#: gradient checkpointing and with a chunked loss; PaCA as paca train runs it, and with every lever.
-DEFAULT_ENTRIES = "peft-lora,peft-lora@gc,peft-lora@chunked-loss,paca,paca@all"
 
 
 @dataclass
@@ -55,9 +54,7 @@ class ContextSearch:
                 "peak_bytes": self.measured_peak_bytes, "capped": self.capped, "probes": [list(p) for p in self.probes or []]}
 
 
-def _settings(dtype: torch.dtype, rank: int, match_params: bool, options: dict):
-    from ..plan.planner import PlanSettings
-
+def _settings(dtype: torch.dtype, rank: int, match_params: bool, options: dict) -> PlanSettings:
     return PlanSettings(dtype=dtype, rank=rank, match_params=match_params, loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS,
                         options=tuple(sorted((k, v) for k, v in options.items() if v)))
 
@@ -66,9 +63,6 @@ def planned_longest(config, spec: MethodSpec, batch_size: int, budget: int, dtyp
                     match_params: bool = True, options: dict | None = None, profile=None) -> tuple[int, int]:
     """(longest planned sequence length under ``budget``, the model's context) by tracing fake tensors.
     With a device ``profile`` the budget is what that profile can hold."""
-    from ..plan.planner import MethodTracer, search_largest
-    from ..plan.shapes import context_length
-
     tracer = MethodTracer(config, spec.name, _settings(dtype, rank, match_params, options or {}), profiles=())
     context = context_length(config)
     static = tracer.counts["weights"] + tracer.counts["optimizer"]
@@ -79,8 +73,6 @@ def planned_longest(config, spec: MethodSpec, batch_size: int, budget: int, dtyp
 def measured_peak(config, spec: MethodSpec, seq_len: int, batch_size: int, dtype: torch.dtype, rank: int | None,
                   options: dict | None = None) -> int:
     """The live-bytes high-water mark of one training step at this shape on real CPU tensors (full depth)."""
-    from ..plan.trace import build, trace_step
-
     traced = build(config, spec, rank, dtype, options=options, fake=False, loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS)
     try:
         step, _ = trace_step(traced, seq_len, batch_size)
@@ -159,9 +151,7 @@ def context_markdown(records: list[dict], measured: bool = True) -> str:
 
 
 def plot_context(records: list[dict], path, title: str) -> None:
-    from .report import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     names = [r["method"] for r in records]
     values = [r["max_seq_len"] if r.get("max_seq_len") is not None else r["planned_max_seq_len"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))

@@ -8,6 +8,8 @@ from typing import Any
 
 import devices
 
+from ..workloads.plots import pyplot, subplot_grid
+
 MIB = 2**20
 
 
@@ -167,30 +169,12 @@ def markdown_report(document: dict) -> str:
 # --- plots ----------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _grid(plt, count: int, height_per_row: float):
-    cols = min(3, count)
-    rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, height_per_row * rows), squeeze=False)
-    for ax in axes.flat[count:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat)
-
-
 def plot_speed(records: list[dict], out_dir: Path) -> list[Path]:
     """step_time.png (median step per method) and memory.png (counted bytes stacked, device peak marked)."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = speed_groups(records)
     paths = []
-    fig, axes = _grid(plt, len(groups), 0.35 * max(len(g) for g in groups.values()) + 1.5)
+    fig, axes = subplot_grid(plt, len(groups), 0.35 * max(len(g) for g in groups.values()) + 1.5)
     for ax, ((seq, batch, rank), group) in zip(axes, groups.items()):
         ok = [r for r in group if r.get("status") == "ok"]
         names = [r["method"] for r in ok]
@@ -211,7 +195,7 @@ def plot_speed(records: list[dict], out_dir: Path) -> list[Path]:
         ("host_table_bytes", "host rows (MEFT)", "#6b6"),
         ("saved_activation_bytes", "kept for backward", "#36a"),
     ]
-    fig, axes = _grid(plt, len(groups), 0.35 * max(len(g) for g in groups.values()) + 1.8)
+    fig, axes = subplot_grid(plt, len(groups), 0.35 * max(len(g) for g in groups.values()) + 1.8)
     for ax, ((seq, batch, rank), group) in zip(axes, groups.items()):
         ok = [r for r in group if r.get("status") == "ok"]
         names = [r["method"] for r in ok]
@@ -235,7 +219,7 @@ def plot_speed(records: list[dict], out_dir: Path) -> list[Path]:
 
 def plot_loss_curves(records: list[dict], out_dir: Path) -> Path:
     """loss_curves.png: training loss per step (thin) and held-out loss (markers) per method."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
     for index, r in enumerate(x for x in records if x.get("status") == "ok"):
         colour = plt.cm.tab20(index % 20)

@@ -1,28 +1,15 @@
 """Largest sequence length (or batch) whose training step fits a memory budget, by search.
 
 Each probe is a fresh worker process running one step at that size; the search itself only sees
-"bytes used at this size, or did not fit" and needs nothing about devices.
+"bytes used at this size, or did not fit" and needs nothing about devices. (Budgets are parsed by
+:func:`paca_core.workloads.byte_sizes.parse_bytes`.)
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import PacaConfigError
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """``"8GiB"``, ``"512MB"``, ``"1e9"`` → bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise PacaConfigError(f"Memory size {text!r} is not understood; write e.g. 8GiB, 512MiB, 16GB or a number of bytes.")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value <= 0:
-        raise PacaConfigError(f"Memory size {text!r} must be positive.")
-    return int(value)
 
 
 @dataclass

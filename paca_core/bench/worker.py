@@ -1,6 +1,6 @@
 """Measure one method in this process: ``python -m paca_core.bench.worker JOB.json RESULT.json``.
 
-The parent (:mod:`.command`) starts one worker per method (and per search probe), so every peak
+The parent (:mod:`.run`) starts one worker per method (and per search probe), so every peak
 memory figure starts from a clean process. A job is a JSON object (see :func:`run_job`); the
 result is a JSON object with ``status`` ``ok``, ``oom``, ``unavailable`` (a package is missing) or
 ``error``, and the figures.
@@ -19,202 +19,27 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
 
 import devices
 
-from ..base_config import LLAMA_PROJECTIONS, parse_targets
-from ..errors import PacaConfigError
-from ..layers import AdapterLayer
 from ..measure import count_saved_tensors
 from ..methods import import_method_modules
+from ..quantization import quant_state_tensors
 from ..steps import evaluate, grads_to_none, train_step
-from .models import ModelChoice, build_model, parse_model, vocab_size
-from .specs import MethodSpec, build_our_configs, parse_method_spec
+from ..workloads.accounting import host_tables, optimizer_state_bytes, table_tensors, tensor_bytes
+from ..workloads.models import ModelChoice, build_model, parse_model, vocab_size
+from ..workloads.prepare import Prepared, Unavailable, apply_levers, prepare
+from ..workloads.specs import MethodSpec, parse_method_spec
 
 logger = logging.getLogger(__name__)
 
 #: torch.OutOfMemoryError appeared in torch 2.5; the CUDA one is its alias there and exists before.
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Unavailable(RuntimeError):
-    """The method cannot run here (a package or module is missing); reported, not raised to the user."""
-
-
-@dataclass
-class Prepared:
-    """A model set up for one method: what to call, what trains, and how it steps."""
-
-    module: nn.Module
-    params: list[torch.Tensor]
-    optimizer: torch.optim.Optimizer | None
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    extra_state: Callable[[], int] = field(default=lambda: 0)
-    extra_trainable: int = 0
-    #: zero_grad(set_to_none=...): False under a graph mode that keeps gradient buffers (captured HPU graphs).
-    set_to_none: bool = True
-
-
-def _tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            key = (t.device, t.untyped_storage().data_ptr())
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-    return total
-
-
-def _optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
-    if optimizer is None:
-        return 0
-    return _tensor_bytes(v for state in optimizer.state.values() for v in state.values())
-
-
-def _host_tables(module: nn.Module) -> list:
-    """Host-memory row tables of MEFT layers (their rows train outside autograd and the optimizer)."""
-    return [m.table for m in module.modules() if isinstance(m, AdapterLayer) and m.table is not None]
-
-
-def _table_tensors(table) -> list[torch.Tensor]:
-    out = []
-    for value in vars(table).values():
-        if isinstance(value, torch.Tensor):
-            out.append(value)
-        elif isinstance(value, dict):
-            out += [v for v in value.values() if isinstance(v, torch.Tensor)]
-    return out
-
-
-def _lm_loss(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda ids: module(input_ids=ids, labels=ids).loss
-
-
-def _peft_lora_config(rank: int, options: dict, velora: bool):
-    import peft
-
-    targets = _target_list(options.get("target_modules"))
-    velora_config = None
-    if velora:
-        velora_config = peft.tuners.lora.config.VeloraConfig(
-            num_groups=int(options.get("velora_groups") or 32), init_type=options.get("velora_init") or "batch_average_once"
-        )
-    # alpha = r (scaling 1), as our methods default to; dropout 0 as ours (a mask would keep full-size tensors).
-    return peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, velora_config=velora_config)
-
-
-def _target_list(text: str | None) -> list[str] | str:
-    return parse_targets(text) if text else list(LLAMA_PROJECTIONS)
-
-
-def _import_peft():
-    try:
-        import peft  # noqa: F401
-    except ImportError as error:
-        raise Unavailable(f"HF PEFT is not installed ({error}); pip install 'paca-hal[peft]'") from None
-
-
-def _quantize(model: nn.Module, options: dict) -> nn.Module:
-    try:
-        from ..quantization import quantize_base
-    except ImportError as error:
-        raise Unavailable(f"paca_core.quantization cannot be imported ({error})") from None
-    try:
-        return quantize_base(model, options.get("quantize") or "nf4", target_modules=_target_list(options.get("target_modules")))
-    except ImportError as error:
-        raise Unavailable(str(error).splitlines()[0]) from None
-
-
-def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict, device: torch.device, lr: float,
-            place: bool = True, configs: list | None = None) -> Prepared:
-    """Set ``model`` up for ``spec``; the optimizer is AdamW in the device's form (PEFT LoRA-FA: its own).
-    ``place=False`` leaves the model where it is (the planner's fake tensors cannot be moved);
-    ``configs``: our method's configs as ``paca train`` built them (instead of the bench's)."""
-    make_adamw = lambda params: devices.make_adamw(params, device, lr=lr, eps=1e-8)  # noqa: E731
-    if spec.kind == "floor":
-        model.requires_grad_(False)
-        embed = model.get_input_embeddings()
-
-        def forward(ids: torch.Tensor) -> torch.Tensor:
-            # Nothing trains; back-propagating to the input makes autograd keep what the frozen model needs.
-            embeds = embed(ids).detach().requires_grad_(True)
-            return model(inputs_embeds=embeds, labels=ids).loss
-
-        return Prepared(model, [], None, forward)
-    if spec.kind == "full":
-        model.requires_grad_(True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        return Prepared(model, params, make_adamw(params), _lm_loss(model))
-    if spec.method in ("peft-lora", "peft-lora+velora", "peft-lorafa", "peft-qlora"):
-        _import_peft()
-        import peft
-
-        if spec.method == "peft-qlora":
-            model = _quantize(model, options)
-        peft_model = peft.get_peft_model(model, _peft_lora_config(rank, options, velora=spec.method == "peft-lora+velora"))
-        if spec.method == "peft-lorafa":
-            from peft.optimizers import create_lorafa_optimizer
-
-            optimizer = create_lorafa_optimizer(peft_model, r=rank, lora_alpha=rank, lr=lr)
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        else:
-            params = [p for p in peft_model.parameters() if p.requires_grad]
-            optimizer = make_adamw(params)
-        return Prepared(peft_model, params, optimizer, _lm_loss(peft_model))
-    # Ours (and qpaca): the `paca train --method` string through the train CLI's parser.
-    from ..model import prepare_model
-
-    method = "paca" if spec.method == "qpaca" else spec.method
-    if spec.method == "qpaca":
-        model = _quantize(model, options)
-    configs = configs if configs is not None else build_our_configs(method, rank or 8, options)
-    adapted = prepare_model(model, configs, device=device if place else None)
-    adapted.set_loss_chunk_tokens(None)  # every candidate on the full logits: the peers have no chunked loss
-    params = adapted.trainable_parameters()
-    tables = _host_tables(adapted)
-    extra_trainable = sum(t.keys.numel() + t.values.numel() for t in tables)
-    host_state = lambda: _tensor_bytes(v for t in tables for v in t.optimizer_state().values())  # noqa: E731
-    return Prepared(adapted, params, make_adamw(params), _lm_loss(adapted), host_state, extra_trainable)
-
-
-def apply_levers(prepared: Prepared, model: nn.Module, levers: tuple[str, ...], offload=None,
-                 loss_chunk_tokens: int | None = None) -> None:
-    """Add an entry's memory levers (``MethodSpec.levers``) to a prepared method, as ``paca train`` would.
-
-    ``model``: the Hugging Face model ``prepare`` set up (PEFT injects into it in place). ``offload``:
-    the activation-offload class (the planner passes its stand-in). ``loss_chunk_tokens``: chunk size
-    for ``chunked-loss`` (default: paca train's)."""
-    from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, chunked_causal_lm_forward
-
-    if "gc" in levers:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise PacaConfigError(f"{type(model).__name__} does not support gradient checkpointing (lever 'gc').")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if "chunked-loss" in levers:
-        chunk = loss_chunk_tokens or DEFAULT_LOSS_CHUNK_TOKENS
-        if hasattr(prepared.module, "set_loss_chunk_tokens"):  # ours: paca train's own chunked loss
-            prepared.module.set_loss_chunk_tokens(chunk)
-        else:  # a peer: the same pure-torch fused linear cross entropy around its model
-
-            def chunked_forward(ids: torch.Tensor) -> torch.Tensor:
-                output = chunked_causal_lm_forward(model, chunk, input_ids=ids, labels=ids)
-                if output is None:
-                    raise PacaConfigError(f"lever 'chunked-loss' does not apply to {type(model).__name__} (see the log).")
-                return output.loss
-
-            prepared.forward = chunked_forward
-    if "offload" in levers:
-        from ..offload import ActivationOffload
-
-        (offload or ActivationOffload)(model, "decoder-layers")
 
 
 def _step(prepared: Prepared, ids: torch.Tensor, device: torch.device, max_grad_norm: float = 0.0, after_backward=None) -> torch.Tensor:
@@ -237,25 +62,23 @@ def _counted_step(prepared: Prepared, ids: torch.Tensor, device: torch.device) -
         return loss
 
     def count_gradients() -> None:
-        counts["grads"] = _tensor_bytes(p.grad for p in prepared.params if p.grad is not None)
+        counts["grads"] = tensor_bytes(p.grad for p in prepared.params if p.grad is not None)
 
     train_step(
         counted_forward, [ids], prepared.optimizer, device, params=prepared.params, set_to_none=prepared.set_to_none,
         after_backward=count_gradients,
     )
     saved, grads = counts["saved"], counts["grads"]
-    from ..quantization import quant_state_tensors
-
-    params = _tensor_bytes(list(module.parameters()) + list(module.buffers()) + quant_state_tensors(module))
-    optimizer_state = _optimizer_state_bytes(prepared.optimizer) + prepared.extra_state()
-    host_tables = _tensor_bytes(v for t in _host_tables(module) for v in _table_tensors(t))
+    params = tensor_bytes(list(module.parameters()) + list(module.buffers()) + quant_state_tensors(module))
+    optimizer_state = optimizer_state_bytes(prepared.optimizer) + prepared.extra_state()
+    host_table_bytes = tensor_bytes(v for t in host_tables(module) for v in table_tensors(t))
     return {
         "saved_activation_bytes": saved,
         "parameter_bytes": params,
         "gradient_bytes": grads,
         "optimizer_state_bytes": optimizer_state,
-        "host_table_bytes": host_tables,
-        "total_bytes": saved + params + grads + optimizer_state + host_tables,
+        "host_table_bytes": host_table_bytes,
+        "total_bytes": saved + params + grads + optimizer_state + host_table_bytes,
     }
 
 

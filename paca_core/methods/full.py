@@ -57,6 +57,7 @@ METHOD = register_method(
         check_args=check_args,
         claims_modules=_full_targets,
         bench_options={"full_modules": "down_proj"},
+        bench_flags=("full_modules",),
         default_lr=1e-4,
         default_rank=8,
         uses_rank=False,

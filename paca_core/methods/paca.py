@@ -122,7 +122,7 @@ METHOD = register_method(
         exclusive=True,
         match_factor=2,
         export_lora=export_lora,
-        bench_peers=("qpaca",),
+        four_bit_form="qpaca",
         summary="r fixed random input columns of each frozen linear",
     )
 )

@@ -2,10 +2,11 @@
 
 A method module (``paca_core/methods/paca.py``, or a user's own module) defines its config class and
 layer, then calls :func:`register_method`. Everything that names methods reads this registry: the
-``paca train`` flags and ``--method`` parsing (:mod:`paca_core.train_options`), ``paca bench``
-(:mod:`paca_core.bench.specs`), checkpoints (:func:`paca_core.config.config_from_dict`) and the PEFT
-export. Methods outside the package register with :func:`register_method`, or through the
-``paca_hal.methods`` entry-point group (loaded once, the first time the registry is read).
+``paca train`` flags and ``--method`` parsing (:mod:`paca_core.train_options`), ``paca bench`` and
+``paca plan`` entries (:mod:`paca_core.workloads.specs`) and the ``paca bench`` flags, checkpoints
+(:func:`paca_core.config.config_from_dict`) and the PEFT export. Methods outside the package register
+with :func:`register_method`, or through the ``paca_hal.methods`` entry-point group (loaded once, the
+first time the registry is read).
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ class Method:
             ``names`` (called for every registered method, in it or not).
         claims_modules: ``args -> modules`` this method takes, which the other methods exclude.
         bench_options: defaults ``paca bench`` gives the method's options when it is in an entry.
+        bench_flags: which of ``options`` ``paca bench`` takes as flags too (the flags ``add_arguments``
+            defines, with the same help), applied to every entry with this method and to its peers.
         default_rank: ``--rank`` without the flag; ``default_lr``: ``--lr`` without the flag (a number, or
             ``rank -> lr``).
         uses_rank: whether ``--rank`` means anything for it.
@@ -66,6 +69,9 @@ class Method:
         export_lora: ``layer -> (A, B)`` float32 CPU factors with ``B @ A == layer.delta_weight()``,
             where the method has an exact PEFT LoRA form; None where it has none.
         bench_peers: ``paca bench`` peers that stand for this method (``peft-lora`` for lora).
+        four_bit_form: the ``paca bench`` / ``paca plan`` entry that runs this method on a frozen 4-bit
+            bitsandbytes base (``qpaca`` for paca; ``paca plan --quantize`` plans the method in it): the
+            base's target linears are quantized first, then the method is set up on them as usual.
         summary: one line for listings.
     """
 
@@ -79,6 +85,7 @@ class Method:
     check_args: Callable[[argparse.Namespace, Sequence[str]], None] | None = None
     claims_modules: Callable[[argparse.Namespace], list[str] | str | None] | None = None
     bench_options: Mapping[str, Any] = field(default_factory=dict)
+    bench_flags: tuple[str, ...] = ()
     default_rank: int | None = 8
     default_lr: float | Callable[[int | None], float] = 1e-3
     uses_rank: bool = True
@@ -87,6 +94,7 @@ class Method:
     match_factor: int = 1
     export_lora: Callable[[Any], tuple[Any, Any]] | None = None
     bench_peers: tuple[str, ...] = ()
+    four_bit_form: str | None = None
     summary: str = ""
 
     def __post_init__(self) -> None:
@@ -94,6 +102,12 @@ class Method:
             raise PacaConfigError(f"Method name {self.name!r} must be lower case without '+', ',' or spaces.")
         if self.config.method != self.name:
             raise PacaConfigError(f"Method {self.name!r}: its config {self.config.__name__}.method is {self.config.method!r}.")
+        unknown = [flag for flag in self.bench_flags if flag not in self.options]
+        if unknown:
+            raise PacaConfigError(f"Method {self.name!r}: bench_flags {unknown} are not among its options {list(self.options)}.")
+        form = self.four_bit_form
+        if form is not None and (not form or form != form.lower() or any(ch in form for ch in "+,@ ") or form == self.name):
+            raise PacaConfigError(f"Method {self.name!r}: four_bit_form {form!r} must be another lower-case name without '+', ',', '@' or spaces.")
 
 
 _METHODS: dict[str, Method] = {}

@@ -75,6 +75,7 @@ METHOD = register_method(
         alone=("lora", "velora"),
         add_arguments=add_arguments,
         options=("velora_groups", "velora_scale", "velora_init"),
+        bench_flags=("velora_groups",),  # for ours and PEFT's VeLoRA (peft-lora+velora) alike
         default_lr=2e-3,
         default_rank=8,
         leads=False,

@@ -22,6 +22,7 @@ from typing import Callable
 
 from ..errors import PacaConfigError
 from ..train_options import is_auto
+from ..workloads.byte_sizes import parse_bytes
 from .preflight import LEVERS, traced_peak
 from .planner import SEQ_STEP, search_largest
 from .shapes import context_length
@@ -33,9 +34,7 @@ TRACE_ERRORS = (PacaConfigError, NotImplementedError, RuntimeError, TypeError, V
 
 
 def parse_budget(text: str) -> int:
-    """``--memory-budget`` in bytes (``24GiB``, ``512MiB``, ``16GB``, ``80e9``): ``paca bench``'s parser."""
-    from ..bench.search import parse_bytes
-
+    """``--memory-budget`` in bytes (``24GiB``, ``512MiB``, ``16GB``, ``80e9``), read as ``paca bench`` reads it."""
     try:
         return parse_bytes(text)
     except PacaConfigError as error:

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..bench.specs import MethodSpec, parse_method_spec
 from ..errors import PacaConfigError
+from ..workloads.specs import MethodSpec, parse_method_spec
 from .estimate import estimate_time
 from .shapes import context_length
 from .trace import QUANTIZED_NOTE, TracedModel, build, trace_step
@@ -52,7 +52,7 @@ class PlanSettings:
     loss_chunk_tokens: int | None = None
     #: Modules whose saved activations go to host memory (paca train --offload-activations), or None.
     offload_activations: str | None = None
-    #: The 4-bit type of the quantized methods (qpaca, peft-qlora): nf4 or fp4.
+    #: The 4-bit type of entries on a 4-bit base (a method's ``four_bit_form``, peft-qlora): nf4 or fp4.
     quantize: str = "nf4"
 
 
@@ -108,13 +108,13 @@ class MethodTracer:
     @property
     def quantize(self) -> str | None:
         """The 4-bit type this method's base is planned in (None: the planned dtype)."""
-        if self.spec.kind == "quantized":
+        if self.spec.four_bit:
             return self.settings.quantize
         return next((c.quantize for c in self.configs or () if getattr(c, "quantize", None)), None)
 
     def options(self) -> dict:
         options = dict(self.settings.options)
-        if self.spec.kind == "quantized":
+        if self.spec.four_bit:
             options["quantize"] = self.settings.quantize
         return options
 
@@ -373,7 +373,7 @@ def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSetting
         "fsdp": settings.fsdp,
         "zero": settings.zero,
         "gradient_checkpointing": settings.gradient_checkpointing,
-        "loss_chunk_tokens": settings.loss_chunk_tokens if tracer.spec.kind in ("ours", "quantized") else None,
+        "loss_chunk_tokens": settings.loss_chunk_tokens if tracer.spec.kind == "ours" else None,
         "offload_activations": settings.offload_activations,
         "quantize": tracer.quantize,
         "notes": [QUANTIZED_NOTE] if tracer.quantize else [],

@@ -1,9 +1,9 @@
-"""plan.md's table and plan's PNG plots (the bench's plotting helpers)."""
+"""plan.md's table and plan's PNG plots (drawn with the matplotlib set-up the bench's plots use)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..bench.report import _grid, _pyplot
+from ..workloads.plots import pyplot, subplot_grid
 
 GIB = 1 << 30
 
@@ -32,13 +32,13 @@ def markdown_table(records: list[dict]) -> str:
 
 def plot_plan(records: list[dict], out_dir: Path) -> list[Path]:
     """peak_memory.png and tokens_per_second.png: per profile and batch size, one line per method over seq len."""
-    plt = _pyplot()
+    plt = pyplot()
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["device_profile"], r["batch_size"]), []).append(r)
     paths = []
     for key, label, ylabel in (("peak", "peak_memory.png", "peak GiB per rank"), ("tokens_per_second", "tokens_per_second.png", "tokens/s (simulated)")):
-        fig, axes = _grid(plt, len(groups), 3.6)
+        fig, axes = subplot_grid(plt, len(groups), 3.6)
         for ax, ((profile, batch), group) in zip(axes, groups.items()):
             for method in dict.fromkeys(r["method"] for r in group):
                 rows = sorted((r for r in group if r["method"] == method), key=lambda r: r["seq_len"])

@@ -1,9 +1,9 @@
 """Trace one real training step of a method on a model built from its config, without its weights.
 
 The model is built under ``FakeTensorMode`` (shapes, dtypes and storages, no memory), set up by the
-same code ``paca bench`` uses (``prepare_model`` for our methods, PEFT's ``get_peft_model`` for its
-peers) and stepped by :func:`paca_core.steps.train_step`, the loop ``paca train`` runs, under a
-:class:`~paca_core.plan.tracker.StepTracker`. A method that changes its code changes its plan.
+same code ``paca bench`` uses (:mod:`paca_core.workloads.prepare`: ``prepare_model`` for our methods,
+PEFT's ``get_peft_model`` for its peers) and stepped by :func:`paca_core.steps.train_step`, the loop
+``paca train`` runs, under a :class:`~paca_core.plan.tracker.StepTracker`. A method that changes its code changes its plan.
 
 ``fake=False`` runs the identical procedure on real CPU tensors: that is how the plan is checked.
 """
@@ -18,19 +18,20 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from ..bench.models import _default_dtype
-from ..bench.specs import MethodSpec
 from ..errors import PacaConfigError
+from ..quantization import quant_state_tensors
 from ..steps import train_step
+from ..workloads.accounting import host_tables, table_tensors
+from ..workloads.models import default_dtype
+from ..workloads.prepare import Prepared, apply_levers, prepare
+from ..workloads.specs import MethodSpec
 from .standins import PlannedActivationOffload, plan_host_tables, unpacked_sequences
 from .tracker import StepTrace, StepTracker
 
 logger = logging.getLogger(__name__)
 
-#: Methods on a 4-bit base: traced with bitsandbytes' own ops on fake tensors, the packed weight in a
-#: plain parameter (``paca_core.quantization``'s fake layer); plans say so.
-QUANTIZED = ("qpaca", "peft-qlora")
-#: What plans of those methods say about the stand-in.
+#: What plans of entries on a 4-bit base say: they are traced with bitsandbytes' own ops on fake tensors,
+#: the packed weight in a plain parameter (``paca_core.quantization``'s fake layer).
 QUANTIZED_NOTE = ("4-bit base planned with a stand-in: bitsandbytes' quantize/dequantize ops run as their registered "
                   "fake kernels (real shapes and bytes, no arithmetic); the packed weight sits in a plain parameter "
                   "instead of bitsandbytes' Params4bit.")
@@ -43,7 +44,7 @@ class TracedModel:
     """A model set up for one method, with its optimizer state created, ready to trace steps."""
 
     spec: MethodSpec
-    prepared: Any  # paca_core.bench.worker.Prepared
+    prepared: Prepared
     fake_mode: Any
     vocab_size: int
     host_tensors: list[torch.Tensor] = field(default_factory=list)
@@ -119,8 +120,6 @@ def _bytes(tensors) -> int:
 
 def _weight_tensors(module: nn.Module) -> list[torch.Tensor]:
     """Parameters, buffers and 4-bit layers' quantization state: what the model holds before a step."""
-    from ..quantization import quant_state_tensors
-
     return list(module.parameters()) + list(module.buffers()) + quant_state_tensors(module)
 
 
@@ -142,8 +141,6 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
     with its own memory (:class:`~paca_core.plan.standins.PlannedActivationOffload`)."""
     from transformers import AutoModelForCausalLM
 
-    from ..bench.worker import _host_tables, _table_tensors, apply_levers, prepare
-
     if spec.name in NOT_TRACEABLE and fake:
         raise PacaConfigError(f"{spec.name}: {NOT_TRACEABLE[spec.name]}")
     fake_mode = None
@@ -152,7 +149,7 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
 
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with (fake_mode or contextlib.nullcontext()), (_fake_safe_conversion() if fake else contextlib.nullcontext()), \
-            (unpacked_sequences() if fake else contextlib.nullcontext()), torch.device("cpu"), _default_dtype(dtype):
+            (unpacked_sequences() if fake else contextlib.nullcontext()), torch.device("cpu"), default_dtype(dtype):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, **_dtype_argument(dtype))  # config.json's torch_dtype must not win
         if gradient_checkpointing:
@@ -171,13 +168,13 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
                        and not (lever == "offload" and offload_activations))
         apply_levers(prepared, model, levers, offload=PlannedActivationOffload, loss_chunk_tokens=loss_chunk_tokens)
         traced = TracedModel(spec, prepared, fake_mode, int(config.vocab_size))
-        tables = _host_tables(prepared.module)
+        tables = host_tables(prepared.module)
         plan_host_tables(tables)  # MEFT: worst-case row choices instead of data-dependent ones (standins.py)
         ids = torch.zeros((1, 2), dtype=torch.long)
         with _data_dependence_explained(spec.name):
             _step(prepared, ids)
         # After the step: the tables' Adam moments exist now (they are attributes of the table).
-        traced.host_tensors = [t for table in tables for t in _table_tensors(table)]
+        traced.host_tensors = [t for table in tables for t in table_tensors(table)]
         module = prepared.module
         traced.counts = {
             "trainable_params": sum(p.numel() for p in prepared.params) + prepared.extra_trainable,
@@ -189,7 +186,7 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
     return traced
 
 
-def _step(prepared, ids: torch.Tensor, tracker: StepTracker | None = None) -> dict[str, int]:
+def _step(prepared: Prepared, ids: torch.Tensor, tracker: StepTracker | None = None) -> dict[str, int]:
     """One :func:`train_step` as ``paca train`` runs it, its phases labelled for the tracker: forward,
     backward (train_step calls it right after forward returns), optimizer (with clipping), and the
     optimizer's post-step hooks, where PaCA writes its columns."""

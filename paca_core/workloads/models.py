@@ -1,21 +1,20 @@
-"""Models to benchmark: named synthetic LLaMA shapes with random weights, local folders, or the real default.
+"""Models to measure or plan: named synthetic LLaMA shapes with random weights, local folders, or the real default.
 
 Synthetic shapes let one command measure a LLaMA-3-8B-sized layer stack without its weights:
 speed and memory depend on shapes, not on values. Held-out loss (accuracy mode) needs real
-weights and a tokenizer, so it takes ``default`` or a local folder.
+weights and a tokenizer, so it takes ``default`` or a local folder. Torch and transformers are
+imported only when a model is built, so ``paca bench``'s parser can name the shapes cheaply.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
-from typing import Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import PacaConfigError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
 
 #: name -> (LlamaConfig fields, default number of layers). ``name:N`` overrides the layer count.
 SYNTHETIC_SHAPES: dict[str, tuple[dict[str, Any], int]] = {
@@ -89,7 +88,11 @@ def synthetic_config(choice: ModelChoice):
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype`` for the block, restored after: models are built directly in their dtype,
+    so an 8B-shaped stack never exists in fp32 first."""
+    import torch
+
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -101,12 +104,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def build_model(choice: ModelChoice, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """(model, tokenizer or None) on ``device`` in ``dtype``; synthetic weights are seeded, so every
     method of one run starts from the same model."""
+    import torch
+
     if choice.kind == "synthetic":
         from transformers import LlamaForCausalLM
 
         torch.manual_seed(seed)
-        # Built directly on the device in the target dtype: an 8B-shaped stack never exists in fp32 on the host.
-        with torch.device(device), _default_dtype(dtype):
+        with torch.device(device), default_dtype(dtype):
             model = LlamaForCausalLM(synthetic_config(choice))
         return model.to(device=device, dtype=dtype), None
     from .. import assets

@@ -1,37 +1,24 @@
-"""What a ``paca bench --methods`` entry means.
+"""What an entry of ``paca bench --methods`` / ``paca plan --methods`` means.
 
-Our own methods use exactly the strings ``paca train --method`` accepts (parsed by the train
-flags and :func:`paca_core.train_options.build_configs`, so a registered method is benchmarkable at
-once). Ranks, match factors, default learning rates and which method a peer stands for come from
-the method registry (``paca_core/methods/``).
-Peers are the baselines users would otherwise pick: the frozen-backbone floor, full fine-tuning,
-and Hugging Face PEFT's LoRA, LoRA + VeLoRA and LoRA-FA; ``qpaca`` and ``peft-qlora`` put the
-same methods on a 4-bit NF4 base (bitsandbytes) and run only when asked for.
+Our methods use exactly the strings ``paca train --method`` accepts (parsed by the train flags and
+:func:`paca_core.train_options.build_configs`, so a registered method can be measured and planned at
+once). Ranks, match factors, default learning rates, which method a peer stands for
+(``Method.bench_peers``) and each method's 4-bit form (``Method.four_bit_form``: ``qpaca`` for paca)
+come from the method registry (``paca_core/methods/``, :mod:`.four_bit`); the peers are in :mod:`.peers`.
+An entry may add memory levers after ``@`` (:mod:`.levers`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 from ..errors import PacaConfigError
-from ..methods import learning_rate, parse_combination, primary_method, registered_methods
+from ..methods import get_method, learning_rate, parse_combination, primary_method, registered_methods
 from ..train_options import build_configs, train_parser
-
-#: Peers: frozen floor (nothing trainable, backward to the input), full fine-tuning, HF PEFT variants.
-PEER_METHODS = ("floor", "full", "peft-lora", "peft-lora+velora", "peft-lorafa")
-#: 4-bit entries; slow to set up and need bitsandbytes, so only run when listed in --methods.
-OPTIONAL_METHODS = ("qpaca", "peft-qlora")
-#: Memory levers an entry can add after ``@`` (``paca@gc+offload``): HF gradient checkpointing, the
-#: LM head + loss in chunks (our chunked loss; for the peers, the same pure-torch "fused linear cross
-#: entropy" around their model), and activation offload of the decoder layers.
-LEVERS = ("gc", "chunked-loss", "offload")
-#: ``@all``: every lever.
-ALL_LEVERS = "all"
-#: What ``paca bench`` measures when --methods is not given.
-DEFAULT_METHODS = PEER_METHODS + ("lora", "lorafa", "velora", "paca", "paca+full+velora", "meft")
-
-#: Modules trained in full by '+full' methods unless --full-modules says otherwise (the full method's bench default).
-DEFAULT_FULL_MODULES = "down_proj"
+from .four_bit import four_bit_entries, four_bit_methods
+from .levers import parse_levers
+from .peers import PEERS, everyday_peers
 
 
 def peer_equivalents() -> dict[str, str]:
@@ -41,19 +28,21 @@ def peer_equivalents() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One benchmark entry. ``kind``: floor, full, peft (PEFT LoRA family), ours (a ``paca train``
-    method string), or quantized (qpaca / peft-qlora)."""
+    """One entry. ``kind``: ``floor``, ``full``, ``peft`` (a PEFT LoRA-family peer) or ``ours`` (a
+    ``paca train`` method string, or a registered method's 4-bit form)."""
 
     name: str
     kind: str
-    #: The ``paca train`` method (ours), or the one a peer corresponds to.
+    #: The ``paca train`` method string that is set up (ours), or the one a peer stands for.
     equivalent: str
     #: Whether the method has a rank at all (floor, full and meft do not).
     uses_rank: bool
     #: r multiplier that matches LoRA's trainable parameters (2 for PaCA / LoRA-FA style methods).
     match_factor: int
-    #: Memory levers on top of the method (``LEVERS``), in that order; the name carries them after ``@``.
+    #: Memory levers on top of the method (``levers.LEVERS``), in that order; the name carries them after ``@``.
     levers: tuple[str, ...] = ()
+    #: On a frozen 4-bit bitsandbytes base (``qpaca``, ``peft-qlora``): the base's targets are quantized first.
+    four_bit: bool = False
 
     @property
     def method(self) -> str:
@@ -73,26 +62,8 @@ class MethodSpec:
         return learning_rate(primary_method(parse_combination(self.equivalent)), rank)
 
 
-def _peer_kind(name: str) -> str:
-    if name in ("floor", "full"):
-        return name
-    return "quantized" if name in OPTIONAL_METHODS else "peft"
-
-
-def parse_levers(text: str) -> tuple[str, ...]:
-    """``gc+offload`` → ``("gc", "offload")`` in ``LEVERS`` order; ``all`` → every lever."""
-    names = [t.strip() for t in text.lower().split("+") if t.strip()]
-    if names == [ALL_LEVERS]:
-        return LEVERS
-    unknown = [n for n in names if n not in LEVERS]
-    if unknown or not names or len(set(names)) != len(names):
-        raise PacaConfigError(f"levers {text!r}: write one or more of {', '.join(LEVERS)} joined by '+', or '{ALL_LEVERS}' "
-                              "(e.g. paca@gc+offload).")
-    return tuple(lever for lever in LEVERS if lever in names)
-
-
 def parse_method_spec(text: str) -> MethodSpec:
-    """A :class:`MethodSpec` for a --methods entry (peer name or a ``paca train --method`` string),
+    """A :class:`MethodSpec` for an entry (peer name, 4-bit form or a ``paca train --method`` string),
     optionally with levers after ``@`` (``peft-lora@gc``, ``paca@all``)."""
     method, _, lever_text = text.strip().lower().partition("@")
     if not lever_text:
@@ -101,17 +72,24 @@ def parse_method_spec(text: str) -> MethodSpec:
     plain = _parse_plain_spec(method)
     if plain.kind == "floor" and "chunked-loss" in levers:
         raise PacaConfigError("floor trains nothing through its loss; it takes gc and offload, not chunked-loss.")
-    return MethodSpec(f"{plain.name}@{'+'.join(levers)}", plain.kind, plain.equivalent, plain.uses_rank, plain.match_factor, levers)
+    return dataclasses.replace(plain, name=f"{plain.name}@{'+'.join(levers)}", levers=levers)
 
 
 def _parse_plain_spec(text: str) -> MethodSpec:
     name = text.strip().lower()
-    if name == "floor":
+    peer = PEERS.get(name)
+    if peer is not None and peer.kind == "floor":
         return MethodSpec(name, "floor", "floor", uses_rank=False, match_factor=1)
-    equivalents = peer_equivalents()
-    if name in equivalents and name in PEER_METHODS + OPTIONAL_METHODS:
-        primary = primary_method(parse_combination(equivalents[name]))
-        return MethodSpec(name, _peer_kind(name), equivalents[name], uses_rank=primary.uses_rank, match_factor=primary.match_factor)
+    if peer is not None:
+        equivalent = peer_equivalents().get(name)
+        if equivalent is None:
+            raise PacaConfigError(f"the peer {name!r} stands for no registered method (a method names it in bench_peers).")
+        primary = primary_method(parse_combination(equivalent))
+        return MethodSpec(name, peer.kind, equivalent, primary.uses_rank, primary.match_factor, four_bit=peer.four_bit)
+    four_bit = four_bit_methods()
+    if name in four_bit:
+        method = get_method(four_bit[name])
+        return MethodSpec(name, "ours", method.name, method.uses_rank, method.match_factor, four_bit=True)
     build_our_configs(name, rank=8)  # validates the string exactly as `paca train` does
     primary = primary_method(parse_combination(name))
     return MethodSpec(name, "ours", name, uses_rank=primary.uses_rank, match_factor=primary.match_factor)
@@ -121,9 +99,9 @@ def required_packages(specs: list[MethodSpec]) -> dict[str, str]:
     """``{module: which entry needs it}`` for the optional packages these entries import."""
     needs: dict[str, str] = {}
     for spec in specs:
-        if spec.name.startswith("peft-"):
+        if spec.kind == "peft":
             needs.setdefault("peft", f"the PEFT peer '{spec.name}'")
-        if spec.kind == "quantized":
+        if spec.four_bit:
             needs.setdefault("bitsandbytes", f"the 4-bit entry '{spec.name}'")
     return needs
 
@@ -141,7 +119,7 @@ def parse_method_list(text: str) -> list[MethodSpec]:
             specs.append(parse_method_spec(name))
         except PacaConfigError as error:
             raise PacaConfigError(
-                f"--methods entry {name!r} is not valid ({error}). Peers: {', '.join(PEER_METHODS + OPTIONAL_METHODS)}; "
+                f"--methods entry {name!r} is not valid ({error}). Peers: {', '.join(everyday_peers() + four_bit_entries())}; "
                 "our methods: any `paca train --method` string."
             ) from None
     return specs

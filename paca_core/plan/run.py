@@ -1,0 +1,183 @@
+"""Running ``paca plan`` (its flags are in :mod:`.command`): trace each method on fake tensors, simulate
+each device profile, and write the table, plan.json, plan.md and the plots."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import platform
+import sys
+import time
+
+import torch
+
+from devices.profiles import UnknownProfileError, calibrate_cpu, get_profile, measures_this_machine, save_calibration
+
+from .. import extras
+from ..atomic import write_bytes_atomic
+from ..chunked_loss import parse_loss_chunk_tokens
+from ..errors import PacaConfigError
+from ..workloads.four_bit import four_bit_entries, four_bit_form
+from ..workloads.specs import parse_method_spec
+from .planner import PlanSettings, plan_records
+from .report import markdown_table, plot_plan
+from .shapes import load_config
+from .trace import NOT_TRACEABLE
+
+logger = logging.getLogger(__name__)
+
+#: --dtype (:data:`.command.DTYPE_CHOICES`) as a torch dtype.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PacaConfigError(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 512,2048.") from None
+    if not values or min(values) <= 0:
+        raise PacaConfigError(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 512,2048.")
+    return values
+
+
+def _profiles(text: str, calibrate: bool) -> list:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    profiles = []
+    for name in names:
+        try:
+            profile = get_profile(name)
+        except UnknownProfileError as error:
+            raise PacaConfigError(str(error)) from None
+        if calibrate and measures_this_machine(name):
+            profile = calibrate_cpu()
+            path = save_calibration(profile)
+            logger.info("CPU calibrated: %s (saved to %s)", _profile_line(profile), path)
+        profiles.append(profile)
+    if calibrate and not any(measures_this_machine(n) for n in names):
+        raise PacaConfigError("--calibrate measures this CPU: add 'cpu' to --device-profile.")
+    return profiles
+
+
+def _profile_line(profile) -> str:
+    return (f"fp32 matmul {profile.matmul_flops.get('fp32', 0) / 1e9:.1f} GFLOP/s, bf16 {profile.matmul_flops.get('bf16', 0) / 1e9:.1f} GFLOP/s, "
+            f"bandwidth {profile.memory_bandwidth / 1e9:.1f} GB/s, launch {profile.launch_overhead_s * 1e6:.1f} µs")
+
+
+def _quantized_methods(methods: list[str], kind: str | None) -> list[str]:
+    """``methods`` with ``--quantize``: each method that has a 4-bit form (``Method.four_bit_form``, a
+    peer's) planned in that form."""
+    if kind is None:
+        return methods
+    four_bit = set(four_bit_entries())
+    forms = {m: four_bit_form(m) for m in methods}
+    plain = [m for m in methods if forms[m] is None and m not in four_bit]
+    if plain:
+        logger.info("--quantize %s: %s %s no 4-bit form in paca-hal and %s planned on the --dtype base.", kind, ", ".join(plain),
+                    "has" if len(plain) == 1 else "have", "is" if len(plain) == 1 else "are")
+    return list(dict.fromkeys(forms[m] or m for m in methods))
+
+
+def _check_methods(methods: list[str], profiles: list, kind: str) -> None:
+    """Refuse, before any tracing, a method the planner cannot trace or a profile cannot run."""
+    for method in methods:
+        if method in NOT_TRACEABLE:
+            raise PacaConfigError(f"{method}: {NOT_TRACEABLE[method]}")
+        spec = parse_method_spec(method)
+        if not spec.four_bit:
+            continue
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise PacaConfigError(f"{method} plans a bitsandbytes 4-bit base: pip install 'paca-hal[quant]' (the planner "
+                                  "traces bitsandbytes' own quantize and dequantize ops, on fake tensors).")
+        for profile in profiles:
+            if profile.supports_4bit(kind):
+                continue
+            if profile.four_bit_types:
+                remedy = f"use --quantize {profile.four_bit_types[0]} (the 4-bit types it has: {', '.join(profile.four_bit_types)})"
+            else:
+                remedy = "plan on the --dtype base instead (no --quantize, no 4-bit entries)"
+            raise PacaConfigError(f"{method} cannot run on {profile.name}: bitsandbytes has no {kind} kernels there (the "
+                                  f"profile's four_bit_types and its source say so); {remedy}.")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """``paca plan``: trace each method, write the table (and with --out plan.json, plan.md and plots)."""
+    started = time.perf_counter()
+    methods = _quantized_methods([m.strip().lower() for m in args.methods.split(",") if m.strip()], args.quantize)
+    for method in methods:
+        parse_method_spec(method)  # unknown names fail before any work
+    seq_lens, batch_sizes = _ints(args.seq_len, "--seq-len"), _ints(args.batch_size, "--batch-size")
+    if args.world_size < 1:
+        raise PacaConfigError("--world-size must be at least 1.")
+    if args.fsdp and args.world_size < 2:
+        raise PacaConfigError("--fsdp shards over --world-size ranks: pass --world-size 2 or more.")
+    if args.zero and args.world_size < 2:
+        raise PacaConfigError("--zero shards over --world-size ranks: pass --world-size 2 or more.")
+    if args.zero and args.fsdp:
+        raise PacaConfigError("--zero and --fsdp are two engines for the same job: choose one.")
+    if args.rank < 1:
+        raise PacaConfigError("--rank must be at least 1.")
+    if args.workers < 1:
+        raise PacaConfigError("--workers must be at least 1.")
+    config = load_config(args.model)
+    profiles = _profiles(args.device_profile, args.calibrate)
+    kind = args.quantize or "nf4"
+    _check_methods(methods, profiles, kind)
+    settings = PlanSettings(dtype=DTYPES[args.dtype], rank=args.rank, match_params=args.match_params,
+                            gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp, zero=args.zero,
+                            options=(("target_modules", args.target_modules),) if args.target_modules else (),
+                            loss_chunk_tokens=parse_loss_chunk_tokens(args.loss_chunk_tokens),
+                            offload_activations=args.offload_activations, quantize=kind)
+    records = plan_records(config, args.model, methods, profiles, settings, seq_lens, batch_sizes,
+                           progress=lambda m: logger.info("Tracing %s on %s (fake tensors, no weights)", m, args.model),
+                           search=args.search, workers=args.workers)
+    elapsed = time.perf_counter() - started
+    document = {
+        "command": "paca " + " ".join(sys.argv[sys.argv.index("plan"):]) if "plan" in sys.argv else "paca plan (from Python)",
+        "model": args.model,
+        "settings": {"offload_activations": args.offload_activations, "target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "quantize": args.quantize, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
+                     "world_size": args.world_size, "fsdp": args.fsdp, "zero": args.zero, "seq_lens": seq_lens, "batch_sizes": batch_sizes},
+        "profiles": {p.name: p.to_dict() for p in profiles},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "planner_seconds": round(elapsed, 1)},
+        "notes": NOTES + list(dict.fromkeys(note for r in records for note in r["notes"])),
+        "records": records,
+    }
+    table = markdown_table(records)
+    print(table)
+    print(f"\n({elapsed:.0f} s; simulated from traced steps and device profiles, not measured on the hardware)")
+    for note in document["notes"][len(NOTES):]:
+        print(f"Note: {note}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(args.out / "plan.json", json.dumps(document, indent=1, default=str).encode())
+        write_bytes_atomic(args.out / "plan.md", markdown_document(document, table).encode())
+        if extras.installed("matplotlib"):
+            for path in plot_plan(records, args.out):
+                logger.info("Wrote %s", path)
+        else:
+            print(f"No PNG plots: matplotlib is not installed ({extras.install_hint('matplotlib')}).")
+        print(f"Wrote {args.out / 'plan.json'} and {args.out / 'plan.md'}")
+    return 0
+
+
+NOTES = [
+    "Simulated: one real training step traced on fake tensors (paca_core/plan), timed by a roofline per kernel on the "
+    "profile's cited peak throughput and bandwidth plus launch overhead; not a measurement on the device.",
+    "Bytes are what the step allocates through PyTorch (exact for the traced ops); allocator fragmentation and "
+    "communication buffers other than FSDP's all-gathers are not included.",
+    "Attention is traced through the CPU's fused SDPA kernel, which keeps what the flash/fused kernels on CUDA and Gaudi keep; "
+    "its FLOPs are counted as torch's FlopCounterMode counts flash attention (no causal halving).",
+    "With --fsdp or --zero 3, bytes per rank shard weights, gradients and optimizer state by 1/N and add two decoder "
+    "layers of all-gather buffers (--zero 2: gradients and optimizer state; --zero 1: optimizer state); communication "
+    "time and DeepSpeed's fp32 master copies of trainable parameters under bf16 are not modelled.",
+]
+
+
+def markdown_document(document: dict, table: str) -> str:
+    lines = [f"# paca plan: {document['model']}", "", f"- command: `{document['command']}`",
+             f"- settings: {json.dumps(document['settings'])}", f"- planner time: {document['environment']['planner_seconds']} s", ""]
+    for name, profile in document["profiles"].items():
+        lines.append(f"- profile `{name}`: {profile['description']}")
+    lines += ["", table, "", "## Notes", ""] + [f"- {n}" for n in document["notes"]]
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,164 @@
+"""A model set up for one entry: what to call, what trains, its optimizer, and the entry's memory levers.
+
+The one place an entry becomes a trainable model, so ``paca bench`` (real tensors, in a worker
+process) and ``paca plan`` (fake tensors) step exactly the same thing. Our methods go through
+:func:`paca_core.model.prepare_model` with the configs ``paca train`` would build; the PEFT peers
+through ``peft.get_peft_model``; 4-bit entries first quantize the base's targets
+(:func:`paca_core.quantization.quantize_base`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import devices
+
+from ..base_config import LLAMA_PROJECTIONS, parse_targets
+from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, chunked_causal_lm_forward
+from ..errors import PacaConfigError
+from ..model import prepare_model
+from ..offload import ActivationOffload
+from ..quantization import quantize_base
+from .accounting import host_tables, tensor_bytes
+from .peers import PEERS
+from .specs import MethodSpec, build_our_configs
+
+
+class Unavailable(RuntimeError):
+    """The entry cannot run here (a package or module is missing); reported, not raised to the user."""
+
+
+@dataclass
+class Prepared:
+    """A model set up for one entry: what to call, what trains, and how it steps."""
+
+    module: nn.Module
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer | None
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    #: Bytes of optimizer state kept outside ``optimizer`` (MEFT's host rows' Adam moments).
+    extra_state: Callable[[], int] = field(default=lambda: 0)
+    #: Trainable numbers outside ``params`` (MEFT's host rows).
+    extra_trainable: int = 0
+    #: zero_grad(set_to_none=...): False under a graph mode that keeps gradient buffers (captured HPU graphs).
+    set_to_none: bool = True
+
+
+def _lm_loss(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda ids: module(input_ids=ids, labels=ids).loss
+
+
+def target_list(text: str | None) -> list[str] | str:
+    """``--target-modules`` as a list, or the seven LLaMA projections every method adapts by default."""
+    return parse_targets(text) if text else list(LLAMA_PROJECTIONS)
+
+
+def _peft_lora_config(rank: int, options: dict, velora: bool):
+    import peft
+
+    velora_config = None
+    if velora:  # PEFT's VeLoRA, with our velora method's options where the entry sets them
+        velora_config = peft.tuners.lora.config.VeloraConfig(
+            num_groups=int(options.get("velora_groups") or 32), init_type=options.get("velora_init") or "batch_average_once"
+        )
+    # alpha = r (scaling 1), as our methods default to; dropout 0 as ours (a mask would keep full-size tensors).
+    return peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=target_list(options.get("target_modules")),
+                           velora_config=velora_config)
+
+
+def _import_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError as error:
+        raise Unavailable(f"HF PEFT is not installed ({error}); pip install 'paca-hal[peft]'") from None
+
+
+def quantize_targets(model: nn.Module, options: dict) -> nn.Module:
+    """The base's target linears as frozen bitsandbytes 4-bit layers (``options["quantize"]``, default nf4)."""
+    try:
+        return quantize_base(model, options.get("quantize") or "nf4", target_modules=target_list(options.get("target_modules")))
+    except ImportError as error:
+        raise Unavailable(str(error).splitlines()[0]) from None
+
+
+def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict, device: torch.device, lr: float,
+            place: bool = True, configs: list | None = None) -> Prepared:
+    """Set ``model`` up for ``spec``; the optimizer is AdamW in the device's form (PEFT LoRA-FA: its own).
+    ``place=False`` leaves the model where it is (the planner's fake tensors cannot be moved);
+    ``configs``: our method's configs as ``paca train`` built them (instead of the bench's)."""
+    make_adamw = lambda params: devices.make_adamw(params, device, lr=lr, eps=1e-8)  # noqa: E731
+    if spec.kind == "floor":
+        model.requires_grad_(False)
+        embed = model.get_input_embeddings()
+
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            # Nothing trains; back-propagating to the input makes autograd keep what the frozen model needs.
+            embeds = embed(ids).detach().requires_grad_(True)
+            return model(inputs_embeds=embeds, labels=ids).loss
+
+        return Prepared(model, [], None, forward)
+    if spec.kind == "full":
+        model.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return Prepared(model, params, make_adamw(params), _lm_loss(model))
+    if spec.kind == "peft":
+        _import_peft()  # before quantizing: a missing package is said first
+    if spec.four_bit:
+        model = quantize_targets(model, options)
+    if spec.kind == "peft":
+        return _prepare_peft(spec, model, rank, options, lr, make_adamw)
+    configs = configs if configs is not None else build_our_configs(spec.equivalent, rank or 8, options)
+    adapted = prepare_model(model, configs, device=device if place else None)
+    adapted.set_loss_chunk_tokens(None)  # every candidate on the full logits: the peers have no chunked loss
+    params = adapted.trainable_parameters()
+    tables = host_tables(adapted)
+    extra_trainable = sum(t.keys.numel() + t.values.numel() for t in tables)
+    host_state = lambda: tensor_bytes(v for t in tables for v in t.optimizer_state().values())  # noqa: E731
+    return Prepared(adapted, params, make_adamw(params), _lm_loss(adapted), host_state, extra_trainable)
+
+
+def _prepare_peft(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict, lr: float, make_adamw) -> Prepared:
+    import peft
+
+    peer = PEERS[spec.method]
+    peft_model = peft.get_peft_model(model, _peft_lora_config(rank, options, velora=peer.velora))
+    if peer.lorafa:
+        from peft.optimizers import create_lorafa_optimizer
+
+        optimizer = create_lorafa_optimizer(peft_model, r=rank, lora_alpha=rank, lr=lr)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    else:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = make_adamw(params)
+    return Prepared(peft_model, params, optimizer, _lm_loss(peft_model))
+
+
+def apply_levers(prepared: Prepared, model: nn.Module, levers: tuple[str, ...], offload: type | None = None,
+                 loss_chunk_tokens: int | None = None) -> None:
+    """Add an entry's memory levers (``MethodSpec.levers``) to a prepared entry, as ``paca train`` would.
+
+    ``model``: the Hugging Face model :func:`prepare` set up (PEFT injects into it in place).
+    ``offload``: the activation-offload class (the planner passes its stand-in). ``loss_chunk_tokens``:
+    chunk size for ``chunked-loss`` (default: paca train's)."""
+    if "gc" in levers:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise PacaConfigError(f"{type(model).__name__} does not support gradient checkpointing (lever 'gc').")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if "chunked-loss" in levers:
+        chunk = loss_chunk_tokens or DEFAULT_LOSS_CHUNK_TOKENS
+        if hasattr(prepared.module, "set_loss_chunk_tokens"):  # ours: paca train's own chunked loss
+            prepared.module.set_loss_chunk_tokens(chunk)
+        else:  # a peer: the same pure-torch fused linear cross entropy around its model
+
+            def chunked_forward(ids: torch.Tensor) -> torch.Tensor:
+                output = chunked_causal_lm_forward(model, chunk, input_ids=ids, labels=ids)
+                if output is None:
+                    raise PacaConfigError(f"lever 'chunked-loss' does not apply to {type(model).__name__} (see the log).")
+                return output.loss
+
+            prepared.forward = chunked_forward
+    if "offload" in levers:
+        (offload or ActivationOffload)(model, "decoder-layers")
