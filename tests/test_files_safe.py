@@ -233,3 +233,37 @@ def test_a_legacy_run_folder_without_a_marker_is_recognised(tiny_model_dir, samp
     assert _run(_train(tiny_model_dir, sample_text_file, out), caplog) == 2
     assert "earlier paca-hal" in _error_lines(caplog)[0]
     assert _run(_train(tiny_model_dir, sample_text_file, out, "--overwrite"), caplog) == 0
+
+
+# --- plan and bench ------------------------------------------------------------------------------------------------
+def _plan(out, *extra) -> list[str]:
+    return ["plan", "--model", "smollm2-135m", "--methods", "paca", "--device-profile", "h100-80g", "--seq-len", "64", "--batch-size", "1",
+            "--no-search", "--workers", "1", "--out", str(out), *extra]
+
+
+def test_plan_out_follows_the_policy(tmp_path, user_folder, caplog):
+    note = tmp_path / "plan.txt"
+    note.write_text("mine")
+    assert _run(_plan(note), caplog) == 2 and "is a file" in _error_lines(caplog)[0]
+    assert note.read_text() == "mine"
+    before = snapshot(user_folder)
+    assert _run(_plan(user_folder), caplog) == 2 and "did not write" in _error_lines(caplog)[0]
+    assert snapshot(user_folder) == before
+    out = tmp_path / "plan"
+    assert _run(_plan(out), caplog) == 0
+    assert json.loads((out / MARKER_NAME).read_text())["command"] == "plan" and (out / "plan.json").is_file()
+    assert _run(_plan(out), caplog) == 2 and "--overwrite" in _error_lines(caplog)[0]
+    assert _run(_plan(out, "--overwrite"), caplog) == 0
+
+
+def test_bench_refuses_a_folder_of_user_files_before_any_worker(user_folder, monkeypatch, caplog):
+    import paca_core.bench.run as bench_run
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker ran before the refusal")
+
+    monkeypatch.setattr(bench_run, "run_worker", no_worker)
+    before = snapshot(user_folder)
+    assert _run(["bench", "--model", "tiny", "--methods", "paca", "--out", str(user_folder)], caplog) == 2
+    assert "did not write" in _error_lines(caplog)[0]
+    assert snapshot(user_folder) == before

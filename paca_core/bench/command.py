@@ -66,7 +66,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: each method's paca train default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-timeout", type=float, default=3600.0, help="seconds before a method's worker is stopped")
-    p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md and the PNG plots")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, the PNG plots and logs/ (a new or empty "
+                   "folder, or an earlier paca bench output with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier paca bench output in --out (nothing else is ever replaced)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=_run)
     return p

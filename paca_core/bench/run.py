@@ -22,6 +22,7 @@ from devices.profiles import UnknownProfileError, get_profile
 
 from .. import assets, extras
 from ..errors import PacaConfigError
+from ..outputs import check_output, publish_directory
 from ..methods import external_method_modules, registered_methods
 from ..plan.planner import MethodTracer, PlanSettings, search_largest
 from ..plan.shapes import load_config
@@ -112,9 +113,15 @@ def run_bench(args: argparse.Namespace) -> int:
         raise PacaConfigError("--accuracy-model needs real weights and a tokenizer: 'default' or a local model folder.")
     if args.steps < 1:
         raise PacaConfigError("--steps must be >= 1.")
+    target = _checked_output(args)
     environment = _environment(args.device)  # also fails early for a missing device
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with publish_directory(target) as out:  # logs and results staged; the old output stays whole until this one is
+        return _run_speed_and_accuracy(args, out, target.path, specs, seq_lens, batches, ranks, budget, environment, plots)
+
+
+def _run_speed_and_accuracy(args: argparse.Namespace, out: Path, final: Path, specs, seq_lens, batches, ranks, budget,
+                            environment: dict, plots: bool) -> int:
+    """The speed and accuracy jobs, each in a worker process, written into ``out`` (published at ``final``)."""
     base = _job_base(args)
 
     speed_jobs: list[tuple[dict, list[int]]] = []  # (job, LoRA ranks it stands for)
@@ -164,6 +171,7 @@ def run_bench(args: argparse.Namespace) -> int:
     bar.close()
 
     report.add_ratios(speed_records)
+    _point_at_published(speed_records + accuracy_records, out, final)
     document = {
         "command": _command_line(),
         "environment": environment,
@@ -185,7 +193,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if plots and accuracy_records:
         outputs.append(report.plot_loss_curves(accuracy_records, out))
     print(report.markdown_report(document))
-    print("Wrote " + ", ".join(str(p) for p in outputs))
+    print("Wrote " + ", ".join(str(final / p.name) for p in outputs))
     if not plots:
         print(f"No PNG plots: matplotlib is not installed ({extras.install_hint('matplotlib')}).")
     failed = [r for r in speed_records + accuracy_records if r.get("status") == "error"]
@@ -215,10 +223,15 @@ def run_max_context(args: argparse.Namespace) -> int:
             profile = get_profile(args.plan_profile)
         except UnknownProfileError as error:
             raise PacaConfigError(str(error)) from None
+    target = _checked_output(args)
     environment = _environment(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with publish_directory(target) as out:
+        return _max_context_into(args, out, target.path, specs, batch, budget, lora_rank, dtype, options, config, profile, environment)
 
+
+def _max_context_into(args: argparse.Namespace, out: Path, final: Path, specs, batch: int, budget: int, lora_rank: int, dtype,
+                      options: dict, config, profile, environment: dict) -> int:
+    """Each entry's longest sequence (searched, then planned on --plan-model), written into ``out`` (published at ``final``)."""
     records, planned_records = [], []
     bar = tqdm(total=len(specs) * (2 if profile else 1), desc="max-context", unit="entry", disable=args.no_progress, dynamic_ncols=True)
     for spec in specs:
@@ -253,8 +266,36 @@ def run_max_context(args: argparse.Namespace) -> int:
         if planned_records:
             max_context.plot_context(planned_records, out / "max_context_planned.png",
                                      f"{args.plan_model} on {args.plan_profile}, batch {batch} (simulated)")
-    print(f"Wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    print(f"Wrote {final / 'bench.json'} and {final / 'bench.md'}")
     return 0
+
+
+def _point_at_published(records: list[dict], staging: Path, final: Path) -> None:
+    """Log paths in failure reasons name the folder as published, not the staging folder they were written in."""
+    for record in records:
+        if isinstance(record.get("reason"), str):
+            record["reason"] = record["reason"].replace(str(staging), str(final))
+
+
+def _checked_output(args: argparse.Namespace):
+    """``--out`` against the output policy (paca_core.outputs), before any worker runs."""
+    inputs = {"--data": None if args.data == "default" else args.data}
+    for flag, value in (("--model", args.model), ("--accuracy-model", getattr(args, "accuracy_model", None))):
+        if value and Path(str(value)).expanduser().exists():
+            inputs[flag] = value
+    return check_output(args.out, "bench", overwrite=args.overwrite, inputs=inputs, legacy=is_legacy_bench_output)
+
+
+def is_legacy_bench_output(folder: Path, entries: set[str]) -> bool:
+    """A ``paca bench`` folder from before outputs carried a marker: bench.json (its command and results), bench.md,
+    plots and logs/."""
+    if "bench.json" not in entries or any(name not in ("bench.json", "bench.md", "logs") and not name.endswith(".png") for name in entries):
+        return False
+    try:
+        document = json.loads((folder / "bench.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and "command" in document and "environment" in document
 
 
 def _context_report(document: dict, budget: int, profile) -> str:

@@ -66,7 +66,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--no-search", dest="search", action="store_false", help="skip the max_seq_len / max_batch_size searches")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes tracing methods side by side (tracing is single-threaded)")
-    p.add_argument("--out", type=Path, default=None, help="write plan.json, plan.md and PNG plots here")
+    p.add_argument("--out", type=Path, default=None, help="write plan.json, plan.md and PNG plots here (a new or empty folder, or an "
+                   "earlier paca plan output with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier paca plan output in --out (nothing else is ever replaced)")
     p.set_defaults(handler=_run)
 
 

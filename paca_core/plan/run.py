@@ -9,13 +9,14 @@ import logging
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from devices.profiles import UnknownProfileError, calibrate_cpu, get_profile, measures_this_machine, save_calibration
 
 from .. import extras
-from ..atomic import write_bytes_atomic
+from ..outputs import check_output, publish_directory
 from ..chunked_loss import parse_loss_chunk_tokens
 from ..errors import PacaConfigError
 from ..workloads.four_bit import four_bit_entries, four_bit_form
@@ -119,6 +120,10 @@ def run_plan(args: argparse.Namespace) -> int:
         raise PacaConfigError("--rank must be at least 1.")
     if args.workers < 1:
         raise PacaConfigError("--workers must be at least 1.")
+    target = None
+    if args.out is not None:  # before any tracing: the output policy (paca_core.outputs)
+        local_model = args.model if Path(str(args.model)).expanduser().exists() else None
+        target = check_output(args.out, "plan", overwrite=args.overwrite, inputs={"--model": local_model}, legacy=is_legacy_plan_output)
     config = load_config(args.model)
     profiles = _profiles(args.device_profile, args.calibrate)
     kind = args.quantize or "nf4"
@@ -147,17 +152,28 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"\n({elapsed:.0f} s; simulated from traced steps and device profiles, not measured on the hardware)")
     for note in document["notes"][len(NOTES):]:
         print(f"Note: {note}")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(args.out / "plan.json", json.dumps(document, indent=1, default=str).encode())
-        write_bytes_atomic(args.out / "plan.md", markdown_document(document, table).encode())
-        if extras.installed("matplotlib"):
-            for path in plot_plan(records, args.out):
-                logger.info("Wrote %s", path)
-        else:
+    if target is not None:
+        with publish_directory(target) as staging:  # the old output stays whole until the new one is complete
+            (staging / "plan.json").write_text(json.dumps(document, indent=1, default=str))
+            (staging / "plan.md").write_text(markdown_document(document, table))
+            plots = plot_plan(records, staging) if extras.installed("matplotlib") else []
+        for path in plots:
+            logger.info("Wrote %s", target.path / path.name)
+        if not extras.installed("matplotlib"):
             print(f"No PNG plots: matplotlib is not installed ({extras.install_hint('matplotlib')}).")
-        print(f"Wrote {args.out / 'plan.json'} and {args.out / 'plan.md'}")
+        print(f"Wrote {target.path / 'plan.json'} and {target.path / 'plan.md'}")
     return 0
+
+
+def is_legacy_plan_output(folder: Path, entries: set[str]) -> bool:
+    """A ``paca plan --out`` folder from before outputs carried a marker: plan.json (with its records), plan.md, plots."""
+    if not {"plan.json"} <= entries or any(name not in ("plan.json", "plan.md") and not name.endswith(".png") for name in entries):
+        return False
+    try:
+        document = json.loads((folder / "plan.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and "records" in document and "profiles" in document
 
 
 NOTES = [
