@@ -6,11 +6,29 @@ Low in the package: layers, surgery and placement may import it; it imports noth
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import PacaConfigError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+
+class LazyClasses:
+    """A ``ClassVar`` tuple of classes named ``"module:Class"``, imported on first read: a config class (and the
+    ``paca`` argument parser that lists the methods) must not import torch just to say it adapts ``nn.Linear``.
+    A subclass may assign a plain tuple of classes instead."""
+
+    def __init__(self, *paths: str):
+        self.paths = paths
+        self._classes: tuple[type, ...] | None = None
+
+    def __get__(self, instance: object, owner: type) -> tuple[type, ...]:
+        if self._classes is None:
+            import importlib
+
+            self._classes = tuple(getattr(importlib.import_module(module), name) for module, name in (p.split(":") for p in self.paths))
+        return self._classes
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
@@ -53,8 +71,9 @@ class MethodConfig:
     method: ClassVar[str] = ""
     #: True for methods that modify layers other methods create (VeLoRA) instead of creating their own.
     modifier: ClassVar[bool] = False
-    #: Module types this method's ``target_modules`` may select.
-    target_types: ClassVar[tuple[type, ...]] = (nn.Linear,)
+    #: Module types this method's ``target_modules`` may select (set below the class: a dataclass reads its
+    #: annotated class attributes while it is made, which would import them).
+    target_types: ClassVar[tuple[type, ...]]
     target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     exclude_modules: list[str] = field(default_factory=list)
     seed: int = 0
@@ -82,6 +101,9 @@ class MethodConfig:
         """Why this method cannot adapt ``module`` while accelerate offloads its weights (meta, loaded for each
         forward), or None when it can. Refuses by default: a method opts in once it is tested that way."""
         return f"{self.method} has not been made to work with offloaded weights."
+
+
+MethodConfig.target_types = LazyClasses("torch.nn:Linear")
 
 
 def method_name(configs: list[MethodConfig]) -> str:

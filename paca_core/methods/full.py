@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from ..base_config import MethodConfig, parse_targets
 from ..errors import PacaConfigError
-from ..layers.lora import FullLinear
 from .registry import CommonOptions, Method, register_method
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 @dataclass
@@ -20,6 +20,8 @@ class FullConfig(MethodConfig):
     method: ClassVar[str] = "full"
 
     def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
+        from ..layers.lora import FullLinear
+
         return FullLinear(linear, module_name=module_name)
 
     def offloaded_weight_problem(self, module: nn.Module) -> str | None:

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, ClassVar
 
 from ..base_config import MethodConfig, check_rank
 from ..errors import PacaConfigError
-from ..layers.lora import LoRALinear
 from .registry import CommonOptions, Method, ScaledAboveDefaultRank, register_method
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 
 @dataclass
@@ -33,6 +33,8 @@ class LoRAConfig(MethodConfig):
             raise PacaConfigError(f"dropout must be in [0, 1), got {self.dropout!r}.")
 
     def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
+        from ..layers.lora import LoRALinear
+
         return LoRALinear(linear, self.r, self.alpha, self.dropout, freeze_a=self.freeze_a, seed=self.seed, module_name=module_name)
 
     def offloaded_weight_problem(self, module: nn.Module) -> str | None:
@@ -51,6 +53,8 @@ class LoRAFAConfig(LoRAConfig):
 
 def export_lora(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA's own factors, the scaling folded into B."""
+    import torch
+
     lora_a = layer.lora_A.detach().to("cpu", torch.float32).contiguous()
     return lora_a, (layer.lora_B.detach().to("cpu", torch.float32) * layer.scaling).contiguous()
 

@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch.nn as nn
-
-from ..base_config import ALL_LINEAR, MethodConfig, parse_targets
+from ..base_config import ALL_LINEAR, LazyClasses, MethodConfig, parse_targets
 from ..errors import PacaConfigError
-from ..indices import layer_seed
-from ..layers.host_rows import default_num_experts
-from ..layers.sparse_adapter import ATTRIBUTE, SparseFFNAdapter
-from ..surgery import feed_forward_width
 from .registry import CommonOptions, Method, register_method
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 @dataclass
@@ -34,7 +31,6 @@ class MEFTConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "meft"
-    target_types: ClassVar[tuple[type, ...]] = (nn.Module,)
     target_modules: list[str] | str = field(default_factory=lambda: ["mlp"])
     num_rows: int = 4096
     top_k: int = 32
@@ -69,9 +65,15 @@ class MEFTConfig(MethodConfig):
 
     @property
     def experts(self) -> int:
+        from ..layers.host_rows import default_num_experts
+
         return self.num_experts if self.num_experts is not None else default_num_experts(self.num_rows)
 
     def create_layer(self, module: nn.Module, module_name: str) -> nn.Module:
+        from ..indices import layer_seed
+        from ..layers.sparse_adapter import ATTRIBUTE, SparseFFNAdapter
+        from ..surgery import feed_forward_width
+
         width = feed_forward_width(module, module_name)
         adapter = SparseFFNAdapter(
             module,
@@ -91,6 +93,9 @@ class MEFTConfig(MethodConfig):
     def offloaded_weight_problem(self, module: nn.Module) -> str | None:
         return None  # attaches beside the block: its router lives where accelerate runs the block
 
+
+
+MEFTConfig.target_types = LazyClasses("torch.nn:Module")  # whole feed-forward blocks, not linears
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meft-modules", default="mlp", help="MEFT: feed-forward blocks that get a host-memory sparse adapter")

@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from ..base_config import MethodConfig, check_rank
 from ..errors import PacaConfigError
-from ..indices import select_columns
-from ..layers.partial_connection import PaCALinear
-from ..layers.quantized_partial_connection import QuantizedPaCALinear
-from ..quantization import check_kind, import_bitsandbytes, is_quantized_linear, prepare_quantized_target
 from .registry import CommonOptions, Method, ScaledAboveDefaultRank, register_method
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 
 @dataclass
@@ -42,6 +39,8 @@ class PaCAConfig(MethodConfig):
         super().validate()
         check_rank(self)
         if self.quantize is not None:
+            from ..quantization import check_kind
+
             self.quantize = check_kind(self.quantize)
 
     @property
@@ -49,6 +48,11 @@ class PaCAConfig(MethodConfig):
         return float(self.alpha if self.alpha is not None else self.r) / self.r
 
     def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
+        from ..indices import select_columns
+        from ..layers.partial_connection import PaCALinear
+        from ..layers.quantized_partial_connection import QuantizedPaCALinear
+        from ..quantization import is_quantized_linear, prepare_quantized_target
+
         indices = select_columns(linear.in_features, self.r, self.seed, module_name)
         if self.quantize is not None or is_quantized_linear(linear):
             linear = prepare_quantized_target(self, linear, module_name)
@@ -56,6 +60,8 @@ class PaCAConfig(MethodConfig):
         return PaCALinear(linear, self.r, self.alpha, indices, module_name=module_name)
 
     def offloaded_weight_problem(self, module: nn.Module) -> str | None:
+        from ..quantization import is_quantized_linear
+
         if self.quantize is not None or is_quantized_linear(module):
             return "QPaCA quantizes the weight once and runs its 4-bit GEMM on it directly, so it must stay resident."
         return (
@@ -66,6 +72,8 @@ class PaCAConfig(MethodConfig):
 
 def export_lora(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact LoRA factors: ``A`` one-hot rows selecting ``paca_indices``, ``B = scaling · delta``."""
+    import torch
+
     indices = layer.paca_indices.detach().to("cpu", torch.long)
     lora_a = torch.zeros(layer.r, layer.in_features, dtype=torch.float32)
     lora_a[torch.arange(layer.r), indices] = 1.0
@@ -89,6 +97,8 @@ def check_args(args: argparse.Namespace, names: Sequence[str]) -> None:
             "--quantize builds a 4-bit base for PaCA (QPaCA); use it with --method paca. For QLoRA use PEFT on "
             "paca_core.quantization.quantize_base(model, 'nf4')."
         )
+    from ..quantization import import_bitsandbytes
+
     try:
         import_bitsandbytes()
     except ImportError as error:

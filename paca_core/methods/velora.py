@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, ClassVar
 
 from ..base_config import ALL_LINEAR, MethodConfig
 from ..errors import PacaConfigError
-from ..layers.compression import INIT_TYPES, ActivationCompressor
-from ..placement import adapter_device
 from .registry import CommonOptions, Method, register_method
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 @dataclass
@@ -44,12 +43,17 @@ class VeLoRAConfig(MethodConfig):
             raise PacaConfigError(f"num_groups must be a positive integer, got {self.num_groups!r}.")
         if not self.scale > 0:
             raise PacaConfigError(f"scale must be positive, got {self.scale!r}.")
+        from ..layers.compression import INIT_TYPES
+
         if self.init_type not in INIT_TYPES:
             raise PacaConfigError(f"init_type must be one of {', '.join(INIT_TYPES)}, got {self.init_type!r}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise PacaConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}.")
 
     def create_compressor(self, layer: nn.Module) -> nn.Module:
+        from ..layers.compression import ActivationCompressor
+        from ..placement import adapter_device
+
         device = adapter_device(layer.base_layer, layer.module_name)  # offloaded base: where accelerate runs it
         return ActivationCompressor(layer.in_features, self.num_groups, self.scale, self.init_type, self.ema_decay, device=device)
 
