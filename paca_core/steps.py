@@ -98,17 +98,18 @@ def evaluate(model: nn.Module, data, device: torch.device, batch_size: int = 8, 
     for first in tqdm(starts, desc="held-out loss", unit="batch", disable=not progress or len(starts) < 2, dynamic_ncols=True, leave=False):
         subset = data.subset(slice(first, first + batch_size))
         total_tokens += int((subset.labels[:, 1:] != -100).sum())  # counted on the host copy: no device read
-        total_loss += _summed_loss(model, subset, device, chunk).double()
+        total_loss += summed_loss(model, subset.input_ids.to(device), subset.labels.to(device), subset.attention_mask.to(device),
+                                  chunk).double()
         devices.step_boundary(device)  # HPU lazy mode: one graph per eval batch
     model.train(was_training)
     return float(total_loss) / max(1, total_tokens)
 
 
-def _summed_loss(model: nn.Module, batch, device: torch.device, chunk_tokens: int | None) -> torch.Tensor:
-    """The summed next-token loss of one batch: through the chunked head where the model allows it, else from the
-    full logits (in fp32, as the training loss computes them)."""
-    input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    labels = batch.labels.to(device)
+def summed_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                chunk_tokens: int | None) -> torch.Tensor:
+    """The summed next-token loss of one batch (what :func:`evaluate` adds up, and what ``paca plan`` traces of it):
+    through the chunked head where the model allows it, else from the full logits (in fp32, as the training loss
+    computes them)."""
     base = getattr(model, "base_model", None)
     if chunk_tokens is not None and base is not None:
         from .chunked_loss import chunked_causal_lm_forward

@@ -664,3 +664,21 @@ def test_planned_activation_offload_moves_saved_tensors_to_host():
     assert offloaded.saved_bytes < plain.saved_bytes
     assert offloaded.peak_by_phase["forward"] < plain.peak_by_phase["forward"]
     assert offloaded.end_bytes == offloaded.baseline_bytes  # every host copy and device copy is released
+
+
+def test_the_held_out_pass_is_planned_at_the_training_micro_batch_with_the_chunked_loss():
+    """paca train evaluates after training with the optimizer state live: the plan (and so --seq-len auto and
+    --plan-check) includes that pass as phase ``evaluate``; its kernels do not time the step. Its peak is the
+    weights, optimizer state and one batch's forward, so it grows with the full logits only when the loss is not
+    chunked."""
+    config = tiny_llama_config(num_hidden_layers=2, vocab_size=4096)
+    seq, batch = 64, 2
+    logits = batch * seq * 4096 * 4
+    chunked = MethodTracer(config, "paca", PlanSettings(dtype=torch.float32, rank=LORA_RANK, loss_chunk_tokens=16), []).measure(seq, batch)
+    full = MethodTracer(config, "paca", PlanSettings(dtype=torch.float32, rank=LORA_RANK, loss_chunk_tokens=None), []).measure(seq, batch)
+    for m in (chunked, full):
+        assert "evaluate" in m.phase_peaks and m.bytes["peak"] >= m.phase_peaks["evaluate"] > m.bytes["weights"] + m.bytes["optimizer"]
+    assert full.phase_peaks["evaluate"] - chunked.phase_peaks["evaluate"] >= logits  # the full fp32 logits, and only there
+    traced = build(config, parse_method_spec("paca"), LORA_RANK, torch.float32, {}, loss_chunk_tokens=16)
+    trace, _ = trace_step(traced, seq, batch)
+    assert all(op.phase != "evaluate" for op in trace.ops)  # the step's time is the training step's alone

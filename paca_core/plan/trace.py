@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..errors import PacaConfigError
 from ..quantization import quant_state_tensors
-from ..steps import train_step
+from ..steps import summed_loss, train_step
 from ..workloads.accounting import host_tables, table_tensors
 from ..workloads.models import default_dtype
 from ..workloads.prepare import Prepared, apply_levers, prepare
@@ -216,7 +216,9 @@ def _step(prepared: Prepared, ids: torch.Tensor, tracker: StepTracker | None = N
 
 
 def trace_step(traced: TracedModel, seq_len: int, batch_size: int) -> tuple[StepTrace, dict[str, int]]:
-    """One training step at (batch_size, seq_len) under the tracker; returns the trace and byte counts."""
+    """One training step at (batch_size, seq_len) under the tracker, then the held-out pass ``paca train`` runs
+    with the optimizer state live (phase ``evaluate``: its peak counts, its kernels do not time the step);
+    returns the trace and byte counts."""
     prepared = traced.prepared
     with traced.context():
         ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
@@ -225,4 +227,27 @@ def trace_step(traced: TracedModel, seq_len: int, batch_size: int) -> tuple[Step
         with tracker, _data_dependence_explained(traced.spec.name):
             counted = _step(prepared, ids, tracker)
         tracker.trace.end_bytes = tracker.live_bytes
-    return tracker.trace, dict(traced.counts, gradients=counted.get("gradients", 0))
+        live_grads = [p.grad for p in prepared.params if p.grad is not None]  # kept in place under captured graphs
+        evaluation = StepTracker(_weight_tensors(prepared.module) + _optimizer_tensors(prepared.optimizer) + live_grads,
+                                 host=traced.host_tensors)
+        with evaluation, _data_dependence_explained(traced.spec.name):
+            evaluation.set_phase("evaluate")
+            _evaluate(prepared, ids)
+    trace = tracker.trace
+    trace.peak_by_phase["evaluate"] = evaluation.trace.peak_bytes
+    trace.peak_bytes = max(trace.peak_bytes, evaluation.trace.peak_bytes)
+    return trace, dict(traced.counts, gradients=counted.get("gradients", 0))
+
+
+def _evaluate(prepared: Prepared, ids: torch.Tensor) -> None:
+    """One batch of ``paca train``'s held-out pass (:func:`paca_core.steps.evaluate`): the training micro-batch, no
+    gradients, the chunked head and loss where the model chunks its training loss."""
+    module = prepared.module
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            # No attention mask, as the traced training step: transformers skips an all-ones mask in the real run.
+            summed_loss(module, ids, ids, None, getattr(module, "loss_chunk_tokens", None))
+    finally:
+        module.train(was_training)
