@@ -10,7 +10,6 @@ record the kind (``PaCAConfig.quantize``) to rebuild the same 4-bit base from th
 """
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 
 from backends import bnb4bit
 
@@ -91,8 +91,10 @@ def quantize_linear(
     device = torch.device(device) if device is not None else weight.device
     compute_dtype = compute_dtype or weight.dtype
     has_bias = linear.bias is not None
-    if _is_fake(weight):
-        return _fake_linear4bit(linear, kind, compute_dtype)
+    if is_fake(weight):  # paca plan builds models on fake tensors: a byte- and shape-faithful stand-in
+        from .fake_4bit import fake_linear4bit
+
+        return fake_linear4bit(linear, kind, compute_dtype)
     quantized = bnb.nn.Linear4bit(
         linear.in_features,
         linear.out_features,
@@ -111,58 +113,6 @@ def quantize_linear(
     bnb4bit.keep_standard_layout(quantized)
     _warn_if_cpu_kernels_misread(linear, device, module_name)
     return quantized
-
-
-def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)
-
-
-@functools.lru_cache(maxsize=None)
-def _fake_linear4bit_class() -> type:
-    bnb = import_bitsandbytes()
-
-    class FakeLinear4bit(bnb.nn.Linear4bit):
-        """A ``Linear4bit`` whose packed weight is a plain parameter: bitsandbytes' ``Params4bit`` (a tensor
-        subclass) cannot wrap a fake tensor. Everything else is bitsandbytes' own: its layer forward, its
-        autograd, and its quantize/dequantize ops, whose registered fake kernels give the real shapes."""
-
-        def __init__(self, linear: nn.Linear, kind: str, compute_dtype: torch.dtype):
-            nn.Module.__init__(self)
-            self.in_features, self.out_features = linear.in_features, linear.out_features
-            _cache_blockwise_codebook(bnb)
-            packed, state = bnb.functional.quantize_4bit(
-                linear.weight.detach(), blocksize=BLOCKSIZE, compress_statistics=DOUBLE_QUANT, quant_type=kind
-            )
-            self.weight = nn.Parameter(packed, requires_grad=False)
-            # The attributes bitsandbytes' Params4bit carries, which PEFT's QLoRA layers read.
-            for key, value in (("quant_state", state), ("quant_type", kind), ("blocksize", BLOCKSIZE),
-                               ("compress_statistics", DOUBLE_QUANT), ("quant_storage", torch.uint8), ("bnb_quantized", True)):
-                setattr(self.weight, key, value)
-            self.bias = nn.Parameter(linear.bias.detach(), requires_grad=False) if linear.bias is not None else None
-            self.compute_dtype, self.compute_type_is_set = compute_dtype, True
-            self.quant_state, self.quant_storage = state, torch.uint8
-            self.support_avx512bf16_for_cpu = False
-
-    return FakeLinear4bit
-
-
-def _cache_blockwise_codebook(bnb) -> None:
-    """bitsandbytes builds its 8-bit codebook (for the double-quantized scales) with a host read, which
-    fake tensors cannot do; build it for real once, as bitsandbytes itself caches it (256 floats)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    if "dynamic" not in bnb.functional.name2qmap:
-        with unset_fake_temporarily():
-            bnb.functional.name2qmap["dynamic"] = bnb.functional.create_dynamic_map().to("cpu")
-
-
-def _fake_linear4bit(linear: nn.Linear, kind: str, compute_dtype: torch.dtype) -> nn.Module:
-    """The 4-bit layer of a model built on fake tensors (``paca plan``): byte- and shape-faithful, no kernels run."""
-    layer = _fake_linear4bit_class()(linear, kind, compute_dtype)
-    layer.train(linear.training)
-    return layer
 
 
 def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
