@@ -10,12 +10,10 @@ import functools
 import torch
 import torch.nn as nn
 
-from .quantization import BLOCKSIZE, DOUBLE_QUANT, import_bitsandbytes
 
 
 @functools.lru_cache(maxsize=None)
-def _fake_linear4bit_class() -> type:
-    bnb = import_bitsandbytes()
+def _fake_linear4bit_class(bnb, BLOCKSIZE: int, DOUBLE_QUANT: bool) -> type:  # noqa: N803 - the quantizer's constants
 
     class FakeLinear4bit(bnb.nn.Linear4bit):
         """A ``Linear4bit`` whose packed weight is a plain parameter: bitsandbytes' ``Params4bit`` (a tensor
@@ -52,8 +50,9 @@ def _cache_blockwise_codebook(bnb) -> None:
             bnb.functional.name2qmap["dynamic"] = bnb.functional.create_dynamic_map().to("cpu")
 
 
-def fake_linear4bit(linear: nn.Linear, kind: str, compute_dtype: torch.dtype) -> nn.Module:
-    """The 4-bit layer of a model built on fake tensors (``paca plan``): byte- and shape-faithful, no kernels run."""
-    layer = _fake_linear4bit_class()(linear, kind, compute_dtype)
+def fake_linear4bit(bnb, linear: nn.Linear, kind: str, compute_dtype: torch.dtype, blocksize: int, double_quant: bool) -> nn.Module:
+    """The 4-bit layer of a model built on fake tensors (``paca plan``): byte- and shape-faithful, no kernels run.
+    ``bnb``, ``blocksize`` and ``double_quant``: the bitsandbytes module and settings the real layers use."""
+    layer = _fake_linear4bit_class(bnb, blocksize, double_quant)(linear, kind, compute_dtype)
     layer.train(linear.training)
     return layer

@@ -94,7 +94,7 @@ def quantize_linear(
     if is_fake(weight):  # paca plan builds models on fake tensors: a byte- and shape-faithful stand-in
         from .fake_4bit import fake_linear4bit
 
-        return fake_linear4bit(linear, kind, compute_dtype)
+        return fake_linear4bit(bnb, linear, kind, compute_dtype, BLOCKSIZE, DOUBLE_QUANT)
     quantized = bnb.nn.Linear4bit(
         linear.in_features,
         linear.out_features,
