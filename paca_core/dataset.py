@@ -66,7 +66,7 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _prompt_response_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+def prompt_response_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """Prompt tokens (no loss) and response tokens (loss), in the tokenizer's chat format when it has one."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
@@ -168,7 +168,7 @@ def load_dataset(path: str | Path, tokenizer, seq_len: int) -> TokenizedData:
     rows, labels, masks, truncated = [], [], [], 0
     for number, record in enumerate(records, 1):
         if "prompt" in record:
-            prompt_ids, response_ids = _prompt_response_ids(tokenizer, record["prompt"], record["response"])
+            prompt_ids, response_ids = prompt_response_ids(tokenizer, record["prompt"], record["response"])
         else:
             prompt_ids, response_ids = [], _encode(tokenizer, record["text"]) + [_eos_id(tokenizer)]
         ids = (prompt_ids + response_ids)[:seq_len]

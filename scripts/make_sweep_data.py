@@ -60,7 +60,7 @@ def _function_pair(source_lines: list[str], node: ast.FunctionDef | ast.AsyncFun
 def stdlib_function_pairs(tokenizer, seq_len: int, limit: int) -> list[dict]:
     """Prompt/response pairs from the stdlib's top-level modules that fit ``seq_len`` tokens, ``limit``
     of them spread evenly over all that fit (so no few modules dominate)."""
-    from paca_core.dataset import _prompt_response_ids
+    from paca_core.dataset import prompt_response_ids
 
     lib = Path(sysconfig.get_paths()["stdlib"])
     pairs = []
@@ -76,7 +76,7 @@ def stdlib_function_pairs(tokenizer, seq_len: int, limit: int) -> list[dict]:
             pair = _function_pair(lines, node, module)
             if pair is None:
                 continue
-            prompt_ids, response_ids = _prompt_response_ids(tokenizer, pair["prompt"], pair["response"])
+            prompt_ids, response_ids = prompt_response_ids(tokenizer, pair["prompt"], pair["response"])
             if len(prompt_ids) + len(response_ids) <= seq_len and len(response_ids) >= 8:
                 pairs.append(pair)
     if len(pairs) <= limit:

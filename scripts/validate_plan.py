@@ -39,7 +39,7 @@ def peak_child(seq_len: int, batch_size: int, method: str) -> dict:
     import torch
 
     from paca_core.plan.shapes import load_config
-    from paca_core.plan.trace import _step, build, trace_step
+    from paca_core.plan.trace import build, phased_step, trace_step
     from paca_core.workloads.specs import parse_method_spec
 
     torch.set_num_threads(2)
@@ -53,7 +53,7 @@ def peak_child(seq_len: int, batch_size: int, method: str) -> dict:
     # would hide this step's growth. build() already ran a 1 x 2 step, so the optimizer state exists.
     before = _rss_kib("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    _step(real.prepared, ids)
+    phased_step(real.prepared, ids)
     growth = _rss_kib("VmHWM") * 1024 - before
     tracked, _ = trace_step(real, seq_len, batch_size)
     return {

@@ -254,11 +254,11 @@ def _profiled_step_peak(traced) -> tuple[int, int]:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    from paca_core.plan.trace import _step
+    from paca_core.plan.trace import phased_step
 
     ids = torch.zeros((BATCH, SEQ), dtype=torch.long)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _step(traced.prepared, ids)
+        phased_step(traced.prepared, ids)
     sizes = []
 
     def walk(nodes):

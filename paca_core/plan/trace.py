@@ -172,7 +172,7 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
         plan_host_tables(tables)  # MEFT: worst-case row choices instead of data-dependent ones (standins.py)
         ids = torch.zeros((1, 2), dtype=torch.long)
         with _data_dependence_explained(spec.name):
-            _step(prepared, ids)
+            phased_step(prepared, ids)
         # After the step: the tables' Adam moments exist now (they are attributes of the table).
         traced.host_tensors = [t for table in tables for t in table_tensors(table)]
         module = prepared.module
@@ -186,7 +186,7 @@ def build(config, spec: MethodSpec, rank: int | None, dtype: torch.dtype, option
     return traced
 
 
-def _step(prepared: Prepared, ids: torch.Tensor, tracker: StepTracker | None = None) -> dict[str, int]:
+def phased_step(prepared: Prepared, ids: torch.Tensor, tracker: StepTracker | None = None) -> dict[str, int]:
     """One :func:`train_step` as ``paca train`` runs it, its phases labelled for the tracker: forward,
     backward (train_step calls it right after forward returns), optimizer (with clipping), and the
     optimizer's post-step hooks, where PaCA writes its columns."""
@@ -225,7 +225,7 @@ def trace_step(traced: TracedModel, seq_len: int, batch_size: int) -> tuple[Step
         baseline = _weight_tensors(prepared.module) + _optimizer_tensors(prepared.optimizer)
         tracker = StepTracker(baseline, host=traced.host_tensors)
         with tracker, _data_dependence_explained(traced.spec.name):
-            counted = _step(prepared, ids, tracker)
+            counted = phased_step(prepared, ids, tracker)
         tracker.trace.end_bytes = tracker.live_bytes
         live_grads = [p.grad for p in prepared.params if p.grad is not None]  # kept in place under captured graphs
         evaluation = StepTracker(_weight_tensors(prepared.module) + _optimizer_tensors(prepared.optimizer) + live_grads,
