@@ -682,3 +682,29 @@ def test_the_held_out_pass_is_planned_at_the_training_micro_batch_with_the_chunk
     traced = build(config, parse_method_spec("paca"), LORA_RANK, torch.float32, {}, loss_chunk_tokens=16)
     trace, _ = trace_step(traced, seq, batch)
     assert all(op.phase != "evaluate" for op in trace.ops)  # the step's time is the training step's alone
+
+
+def test_plan_labels_layout_budget_context_and_versions(tmp_path):
+    """What the table and plan.json say: memory per rank with the layout named (N replicas without --fsdp/--zero), a
+    longest sequence that is the context marked as such, --memory-budget used for 'fits', library versions recorded."""
+    from paca_core.cli import main
+    from paca_core.plan.report import markdown_table
+
+    assert PlanSettings(world_size=4).layout() == "4 replicas (DDP)"
+    assert PlanSettings(world_size=4, fsdp=True).layout() == "FSDP2 over 4 ranks"
+    assert PlanSettings(world_size=4, zero=2).layout() == "ZeRO-2 over 4 ranks"
+    assert PlanSettings().layout() == "one process"
+    out = tmp_path / "plan"
+    argv = ["plan", "--model", "smollm2-135m", "--methods", "paca", "--device-profile", "h100-80g", "--seq-len", "512",
+            "--batch-size", "1", "--workers", "1", "--out", str(out)]
+    assert main(argv + ["--memory-budget", "64MiB"]) == 0
+    document = json.loads((out / "plan.json").read_text())
+    (tight,) = document["records"]
+    assert tight["usable_bytes"] == 64 * 2**20 and tight["budget_source"] == "--memory-budget" and not tight["fits"]
+    for name in ("transformers", "peft", "bitsandbytes"):
+        assert name in document["environment"]
+    assert main(argv + ["--overwrite"]) == 0
+    (roomy,) = json.loads((out / "plan.json").read_text())["records"]
+    assert roomy["fits"] and roomy["max_seq_len"] == roomy["context"] == 8192 and roomy["max_seq_len_is_context"]
+    table = markdown_table([roomy])
+    assert "8192 (context)" in table and "GiB per rank (one process)" in table and "tokens/s: all ranks" in table

@@ -58,7 +58,11 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--quantize", choices=FOUR_BIT_TYPES, default=None,
                    help=f"plan on a 4-bit bitsandbytes base: each method with a 4-bit form in that form ({forms}; the others stay "
                    "on the --dtype base); 4-bit entries in --methods use it too (default nf4)")
-    p.add_argument("--world-size", type=int, default=1, help="processes (with --fsdp: bytes per rank)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="processes; alone: N replicas (DDP, bytes per rank as one process); with --fsdp/--zero: sharded bytes per rank")
+    p.add_argument("--memory-budget", default=None, metavar="BYTES",
+                   help="memory per process the step must fit (e.g. 24GiB, 40e9), for 'fits' and the searched maxima; "
+                   "default: each --device-profile's usable memory")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding over --world-size ranks")
     p.add_argument("--zero", type=int, choices=(1, 2, 3), default=0,
                    help="DeepSpeed ZeRO stage over --world-size ranks (paca train --deepspeed zeroN): 1 shards optimizer state, "

@@ -54,6 +54,19 @@ class PlanSettings:
     offload_activations: str | None = None
     #: The 4-bit type of entries on a 4-bit base (a method's ``four_bit_form``, peft-qlora): nf4 or fp4.
     quantize: str = "nf4"
+    #: Bytes per process that must hold the step (``paca plan --memory-budget``); None: each profile's usable memory.
+    memory_budget: int | None = None
+
+    def layout(self) -> str:
+        """How the processes share the model, as the table says it."""
+        n = self.world_size
+        if n <= 1:
+            return "one process"
+        if self.fsdp:
+            return f"FSDP2 over {n} ranks"
+        if self.zero:
+            return f"ZeRO-{self.zero} over {n} ranks"
+        return f"{n} replicas (DDP)"
 
 
 @dataclass
@@ -337,7 +350,7 @@ def _plan_method(config, model_name: str, method: str, profile_names, settings: 
     tracer = MethodTracer(config, method, settings, profiles)
     started = time.perf_counter()
     for profile in profiles:
-        budget = profile.usable_bytes()
+        budget = settings.memory_budget if settings.memory_budget is not None else profile.usable_bytes()
         layer_bytes = tracer.layer_weight_bytes()
         peak_of = lambda s, b: per_rank_bytes(tracer.measure(s, b), settings, layer_bytes)["peak"]  # noqa: E731
         max_seq: dict[int, int] = {}
@@ -352,14 +365,17 @@ def _plan_method(config, model_name: str, method: str, profile_names, settings: 
                 max_batch = search_largest(lambda b: peak_of(seq, b), budget, batch, MAX_BATCH, 1, static) if search else None
                 timing = m.times[profile.name]
                 records.append(record(model_name, tracer, profile, settings, seq, batch, per_rank, fits,
-                                      max_seq.get(batch), max_batch, m, timing))
+                                      max_seq.get(batch), max_batch, m, timing, budget=budget, context=context))
     logger.info("%s: %d traces in %.1f s", method, tracer.traces, time.perf_counter() - started)
     return records
 
 
 def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSettings, seq: int, batch: int, per_rank: dict,
-           fits: bool, max_seq: int | None, max_batch: int | None, m: Measurement, timing: dict) -> dict:
+           fits: bool, max_seq: int | None, max_batch: int | None, m: Measurement, timing: dict, budget: int | None = None,
+           context: int | None = None) -> dict:
+    """One row of the plan. Bytes are per rank; ``tokens_per_second`` counts every rank's tokens."""
     counts = tracer.counts
+    budget = profile.usable_bytes() if budget is None else budget
     tokens = seq * batch * max(1, settings.world_size)
     return {
         "model": model_name,
@@ -370,6 +386,7 @@ def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSetting
         "batch_size": batch,
         "rank": tracer.rank,
         "world_size": settings.world_size,
+        "layout": settings.layout(),
         "fsdp": settings.fsdp,
         "zero": settings.zero,
         "gradient_checkpointing": settings.gradient_checkpointing,
@@ -380,9 +397,12 @@ def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSetting
         "trainable_params": counts["trainable_params"],
         "total_params": counts["total_params"],
         "bytes": per_rank,
-        "usable_bytes": profile.usable_bytes(),
+        "usable_bytes": budget,
+        "budget_source": "--memory-budget" if settings.memory_budget is not None else f"{profile.name} usable memory",
         "fits": fits,
         "max_seq_len": max_seq,
+        "context": context,
+        "max_seq_len_is_context": max_seq is not None and context is not None and max_seq >= context,
         "max_batch_size": max_batch,
         "step_seconds": timing["step_seconds"],
         "tokens_per_second": tokens / timing["step_seconds"] if timing["step_seconds"] else None,

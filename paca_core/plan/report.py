@@ -13,9 +13,14 @@ def _gib(value: int | None) -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """One row per record: memory by kind (GiB per rank), whether it fits, the searched maxima and time."""
+    """One row per record: memory by kind (GiB per rank), whether it fits, the searched maxima and time. A
+    longest sequence that is the model's context (not a memory limit) says "(context)"."""
+    layouts = sorted({r.get("layout", "one process") for r in records})
     lines = [
-        "| profile | method | seq × batch | r | trainable | weights | grads | optimizer | saved act. | peak | fits | max seq (this batch) | max batch (this seq) | step s | tokens/s | bound |",
+        f"Memory columns: GiB per rank ({', '.join(layouts)}); tokens/s: all ranks together; step s: one optimizer step.",
+        "",
+        "| profile | method | seq × batch | r | trainable | weights GiB | grads GiB | optimizer GiB | saved act. GiB | peak GiB | fits | "
+        "max seq (this batch) | max batch (this seq) | step s | tokens/s | bound |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -24,10 +29,16 @@ def markdown_table(records: list[dict]) -> str:
         lines.append(
             f"| {r['device_profile']} | {r['method']} | {r['seq_len']} × {r['batch_size']} | {r['rank'] or '–'} | {r['trainable_params'] / 1e6:.1f}M | "
             f"{_gib(b['weights'])} | {_gib(b['gradients'])} | {_gib(b['optimizer'])} | {_gib(b['saved_activations'])} | {_gib(b['peak'])}{host} | "
-            f"{'yes' if r['fits'] else '**no**'} | {r['max_seq_len'] if r['max_seq_len'] is not None else '–'} | "
+            f"{'yes' if r['fits'] else '**no**'} | {_max_seq(r)} | "
             f"{r['max_batch_size'] if r['max_batch_size'] is not None else '–'} | {r['step_seconds']:.3f} | {r['tokens_per_second']:,.0f} | {r['bound']} |"
         )
     return "\n".join(lines)
+
+
+def _max_seq(record: dict) -> str:
+    if record["max_seq_len"] is None:
+        return "–"
+    return f"{record['max_seq_len']} (context)" if record.get("max_seq_len_is_context") else str(record["max_seq_len"])
 
 
 def plot_plan(records: list[dict], out_dir: Path) -> list[Path]:

@@ -17,6 +17,7 @@ from devices.profiles import UnknownProfileError, calibrate_cpu, get_profile, me
 
 from .. import extras
 from ..outputs import check_output, publish_directory
+from ..workloads.byte_sizes import parse_bytes
 from ..chunked_loss import parse_loss_chunk_tokens
 from ..errors import PacaConfigError
 from ..workloads.four_bit import four_bit_entries, four_bit_form
@@ -101,6 +102,20 @@ def _check_methods(methods: list[str], profiles: list, kind: str) -> None:
                                   f"profile's four_bit_types and its source say so); {remedy}.")
 
 
+def library_versions() -> dict[str, str | None]:
+    """The libraries a traced step depends on (e.g. whether the loss makes an fp32 copy of the logits): recorded
+    beside torch's version in plan.json so a plan can be matched to the stack it was made on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("transformers", "peft", "bitsandbytes", "deepspeed", "accelerate"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """``paca plan``: trace each method, write the table (and with --out plan.json, plan.md and plots)."""
     started = time.perf_counter()
@@ -120,6 +135,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise PacaConfigError("--rank must be at least 1.")
     if args.workers < 1:
         raise PacaConfigError("--workers must be at least 1.")
+    budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
     target = None
     if args.out is not None:  # before any tracing: the output policy (paca_core.outputs)
         local_model = args.model if Path(str(args.model)).expanduser().exists() else None
@@ -128,7 +144,7 @@ def run_plan(args: argparse.Namespace) -> int:
     profiles = _profiles(args.device_profile, args.calibrate)
     kind = args.quantize or "nf4"
     _check_methods(methods, profiles, kind)
-    settings = PlanSettings(dtype=DTYPES[args.dtype], rank=args.rank, match_params=args.match_params,
+    settings = PlanSettings(dtype=DTYPES[args.dtype], memory_budget=budget, rank=args.rank, match_params=args.match_params,
                             gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp, zero=args.zero,
                             options=(("target_modules", args.target_modules),) if args.target_modules else (),
                             loss_chunk_tokens=parse_loss_chunk_tokens(args.loss_chunk_tokens),
@@ -141,9 +157,10 @@ def run_plan(args: argparse.Namespace) -> int:
         "command": "paca " + " ".join(sys.argv[sys.argv.index("plan"):]) if "plan" in sys.argv else "paca plan (from Python)",
         "model": args.model,
         "settings": {"offload_activations": args.offload_activations, "target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "quantize": args.quantize, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
-                     "world_size": args.world_size, "fsdp": args.fsdp, "zero": args.zero, "seq_lens": seq_lens, "batch_sizes": batch_sizes},
+                     "world_size": args.world_size, "fsdp": args.fsdp, "zero": args.zero, "memory_budget": budget, "layout": settings.layout(), "seq_lens": seq_lens, "batch_sizes": batch_sizes},
         "profiles": {p.name: p.to_dict() for p in profiles},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "planner_seconds": round(elapsed, 1)},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, **library_versions(),
+                        "planner_seconds": round(elapsed, 1)},
         "notes": NOTES + list(dict.fromkeys(note for r in records for note in r["notes"])),
         "records": records,
     }
