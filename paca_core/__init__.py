@@ -20,6 +20,8 @@ _LAZY = {
         "paca_core.config",
     ),
     **dict.fromkeys(("AdapterLayer", "LinearAdapterLayer", "PaCALinear"), "paca_core.layers"),
+    "field_default": "paca_core.base_config",
+    "layer_seed": "paca_core.indices",
     **dict.fromkeys(("CommonOptions", "Method", "get_method", "register_method", "registered_methods"), "paca_core.methods"),
     **dict.fromkeys(("AdaptedModel", "PacaModel", "prepare_model"), "paca_core.model"),
 }
@@ -29,6 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         LLAMA_PROJECTIONS, METHOD_CONFIGS, FullConfig, LoRAConfig, LoRAFAConfig, MEFTConfig, MethodConfig, PaCAConfig, VeLoRAConfig,
         config_from_dict,
     )
+    from .base_config import field_default
+    from .indices import layer_seed
     from .layers import AdapterLayer, LinearAdapterLayer, PaCALinear
     from .methods import CommonOptions, Method, get_method, register_method, registered_methods
     from .model import AdaptedModel, PacaModel, prepare_model

@@ -5,7 +5,7 @@ Low in the package: layers, surgery and placement may import it; it imports noth
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import PacaConfigError
@@ -82,15 +82,30 @@ class MethodConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field: the shared ones here, then each class's own :meth:`check`, base class first.
+
+        Runs when a config is made (saved ones too) and again in ``prepare_model`` (fields may have changed).
+        Method configs implement :meth:`check`, not this, so no subclass can skip a parent's checks by
+        forgetting ``super()``. (A subclass that overrides ``validate`` and calls ``super().validate()``, the
+        earlier recipe, still works.)"""
         self.target_modules = _check_targets(self.target_modules)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise PacaConfigError(f"seed must be a non-negative integer, got {self.seed!r}.")
+        for cls in reversed(type(self).__mro__):
+            check = cls.__dict__.get("check")
+            if callable(check):
+                check(self)
+
+    def check(self) -> None:
+        """This class's own field checks (raise :class:`PacaConfigError`). :meth:`validate` calls the ``check`` of
+        every class in the hierarchy, base first, after the shared fields: do not call ``super().check()``."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}
 
     def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
-        """The adapter layer that replaces ``linear`` (or attaches to it)."""
+        """The adapter layer that replaces ``linear`` (or attaches to it): an ``AdapterLayer`` (``prepare_model`` checks),
+        which draws its random tensors from the config's ``seed`` through ``layer.generator(self.seed)``."""
         raise NotImplementedError
 
     def create_compressor(self, layer: nn.Module) -> nn.Module:
@@ -104,6 +119,19 @@ class MethodConfig:
 
 
 MethodConfig.target_types = LazyClasses("torch.nn:Linear")
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass field ``name`` of ``cls``: a method's ``paca train`` flag takes its default from
+    here, so each default is written once, in the config class, and the flag, the CLI and the Python API agree."""
+    for item in fields(cls):
+        if item.name == name:
+            if item.default is not MISSING:
+                return item.default
+            if item.default_factory is not MISSING:
+                return item.default_factory()
+            raise TypeError(f"{cls.__name__}.{name} has no default.")
+    raise AttributeError(f"{cls.__name__} has no field {name!r}.")
 
 
 def method_name(configs: list[MethodConfig]) -> str:

@@ -1,4 +1,10 @@
-"""Deterministic per-layer column choice."""
+"""Per-layer seeds and PaCA's deterministic column choice.
+
+:func:`layer_seed` is public API: every random tensor an adapter layer draws (PaCA's columns, LoRA's A, MEFT's
+keys and router, a plug-in's frozen projection) is seeded from it, through ``AdapterLayer.generator``. A tensor
+that a checkpoint does not hold is rebuilt from it on load, in another process, so it must never depend on
+Python's ``hash()`` (salted per process) or on the global RNG's state.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +13,8 @@ import torch
 
 
 def layer_seed(seed: int, module_name: str) -> int:
-    """A 63-bit seed from the config seed and the module name, stable across processes and Python versions."""
+    """A 63-bit seed from the config's ``seed`` and the module name (SHA-256 of both): different for every layer,
+    and the same in every process, on every machine and Python version."""
     digest = hashlib.sha256(f"{seed}:{module_name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
 

@@ -74,14 +74,25 @@ def prepare_model(
     freeze(model)
     created = {}
     for name, (config, module) in sorted(plan.items(), key=lambda item: -item[0].count(".")):  # deepest first
-        created[name] = config.create_layer(module, name)
-        created[name].config_index = configs.index(config)  # which config made it (saved in checkpoints)
+        created[name] = _created_layer(config, module, name)
+        created[name].bind_config(config, configs.index(config))  # its method and config index (saved in checkpoints)
         if not created[name].attaches:
             replace_module(model, name, created[name])
     for modifier in modifiers:
         _apply_modifier(model, modifier, created)
     logger.info("%s: adapted %d modules on %s", method_name(configs), len(plan), _devices_text(created.values()))
     return AdaptedModel(model, configs)
+
+
+def _created_layer(config: MethodConfig, module: nn.Module, name: str) -> AdapterLayer:
+    """``config.create_layer``, checked: everything after surgery (checkpoints, merge, export) relies on the layer contract."""
+    layer = config.create_layer(module, name)
+    if not isinstance(layer, AdapterLayer):
+        raise TypeError(
+            f"{type(config).__name__}.create_layer returned a {type(layer).__name__} for {name}; it must return an "
+            "AdapterLayer (subclass paca_core.LinearAdapterLayer or AdapterLayer)."
+        )
+    return layer
 
 
 def _refuse_partitioned(plan: dict[str, tuple[MethodConfig, nn.Module]]) -> None:

@@ -88,7 +88,7 @@ def check_targets_placement(plan: dict[str, tuple["MethodConfig", nn.Module]]) -
 
 def check_mergeable(names_and_layers: list[tuple[str, nn.Module]]) -> None:
     """Refuse to merge into offloaded weights: the merge would land on meta tensors and be lost silently."""
-    offloaded = [name for name, layer in names_and_layers if is_offloaded(layer.base_layer)]
+    offloaded = [name for name, layer in names_and_layers if any(p.is_meta for p in layer.base_parameters())]
     if offloaded:
         raise PlacementError(
             f"Cannot fold the adapter into {', '.join(offloaded[:3])}{' …' if len(offloaded) > 3 else ''}: accelerate "

@@ -7,15 +7,15 @@ when asked for. What it must know about our layers, and what we need from it, li
   a user's JSON gets our flags only in its ``"auto"`` fields, and a value that contradicts a flag is
   an error, never silently overridden (:func:`build_config`).
 * **ZeRO-3 partitions every parameter** (flattened, split by element count, empty outside the
-  forward that needs it). Adapter layers read their base layer's weight inside their own forward, so
-  the base layer's parameters are registered as the adapter layer's *external* parameters: DeepSpeed
+  forward that needs it). Adapter layers read their base weights inside their own forward, so the
+  parameters each declares (``layer.base_parameters()``) are registered as its *external* parameters: DeepSpeed
   gathers them for that forward and its backward (:func:`initialize`).
 * **After each optimizer step** the layers that update themselves from a global optimizer post-step
-  hook (PaCA's column write, MEFT's host update) find their parameters by identity; DeepSpeed's inner
-  optimizer steps flat partitions instead, so :func:`after_step` calls those hooks once more with the
-  model's own parameters. Under ZeRO-3 PaCA writes the adapted entries that fall in each rank's own
-  flat partition after one all-gather of the small (out × r) deltas (:func:`write_partitioned_columns`);
-  the frozen weights themselves never cross.
+  hook find their parameters by identity; DeepSpeed's inner optimizer steps flat partitions instead, so
+  :func:`after_step` calls those hooks once more with the model's own parameters. A layer that keeps
+  adapter state inside its base weight writes it into each rank's own flat partition through its class's
+  ``write_partitioned`` hook (:func:`write_into_partitions` dispatches; the layer module implements it), so
+  the frozen weights themselves never cross. This module names no method.
 * **Checkpoints** hold whole tensors in the single-process format: adapters gathered, optimizer state
   assembled with DeepSpeed's tensor-fragment API (:func:`full_optimizer_state`), so a ZeRO checkpoint
   resumes with any number of processes, with or without DeepSpeed (:func:`restore_optimizer_state`).
@@ -200,8 +200,8 @@ def full_parameter(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().clone()
 
 
-def _partition_bounds(parameter: torch.Tensor) -> tuple[int, int]:
-    """[start, end) of the flat elements this rank's partition of a ZeRO-3 parameter holds."""
+def partition_bounds(parameter: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of the flat (row-major) elements this rank's partition of a ZeRO-3 parameter holds."""
     import torch.distributed as dist
 
     size = int(parameter.ds_tensor.ds_numel)
@@ -209,53 +209,20 @@ def _partition_bounds(parameter: torch.Tensor) -> tuple[int, int]:
     return rank * size, (rank + 1) * size
 
 
-@torch.no_grad()
-def write_partitioned_columns(layers: list) -> None:
-    """PaCA's column write under ZeRO-3: ``weight[:, idx] = original + scaling·delta`` on each rank's partition.
-
-    The (out × r) deltas are all-gathered once for all layers; the adapted values are rounded exactly as
-    the backend's write rounds them (it writes them); then each rank copies the entries whose flat
-    position ``row·in + column`` falls inside its own partition. No frozen weight is gathered. A weight
-    DeepSpeed keeps whole between forwards (smaller than ``stage3_param_persistence_threshold``) gets
-    the columns in that whole copy too.
-    """
-    from backends import get_backend
-
-    layers = [layer for layer in layers if is_partitioned(layer.base_layer.weight)]
-    if not layers:
-        return
-    with gathered([layer.paca_delta for layer in layers]):
-        for layer in layers:
-            weight = layer.base_layer.weight
-            partition = weight.ds_tensor
-            adapted = torch.empty(layer.out_features, layer.r, dtype=partition.dtype, device=partition.device)
-            every = torch.arange(layer.r, device=partition.device)
-            get_backend(partition.device).write_adapted_columns(
-                [adapted], [every], [layer.paca_original_columns.to(partition.device)],
-                [layer.paca_delta.detach().to(partition.device)], [layer.scaling],
-            )
-            local, source = _local_positions(layer, weight)
-            partition.view(-1).index_copy_(0, local, adapted.view(-1).index_select(0, source))
-            if weight.data.numel() == weight.ds_numel:  # held whole between forwards (a small, persistent parameter)
-                weight.data.view(layer.out_features, layer.in_features).index_copy_(1, layer.paca_indices.to(weight.device), adapted.to(weight.device))
-            layer._mark_applied()
+def partitioned_layers(layers: Iterable[nn.Module]) -> list:
+    """The adapter layers among ``layers`` whose base weight (``layer.base_weight()``) ZeRO-3 partitions."""
+    return [layer for layer in layers if is_partitioned(layer.base_weight())]
 
 
-def _local_positions(layer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions in this rank's partition, positions in the (out, r) adapted block) of the adapted entries."""
-    key = (int(layer.paca_indices.sum()), tuple(layer.paca_indices[:4].tolist()), layer.r)
-    cached = getattr(layer, "_zero3_positions", None)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    start, end = _partition_bounds(weight)
-    rows = torch.arange(layer.out_features, device=layer.paca_indices.device).unsqueeze(1)
-    flat = (rows * layer.in_features + layer.paca_indices.unsqueeze(0)).reshape(-1)
-    inside = (flat >= start) & (flat < end)
-    device = weight.ds_tensor.device
-    local = (flat[inside] - start).to(device)
-    source = inside.nonzero().squeeze(1).to(device)
-    layer._zero3_positions = (key, local, source)
-    return local, source
+def write_into_partitions(layers: Iterable[nn.Module]) -> None:
+    """Layers that keep adapter state inside their base weight, brought up to date in each rank's own ZeRO-3
+    partition: each layer class's ``write_partitioned`` hook (``AdapterLayer.write_partitioned``) gets its layers,
+    classes in first-seen order (a collective: every rank calls it with the same layers)."""
+    by_class: dict[type, list] = {}
+    for layer in partitioned_layers(layers):
+        by_class.setdefault(type(layer), []).append(layer)
+    for cls, group in by_class.items():
+        cls.write_partitioned(group)
 
 
 # --- the engine -------------------------------------------------------------------------------------
@@ -266,10 +233,7 @@ def _register_base_parameters(model: nn.Module) -> int:
 
     count = 0
     for layer in model.adapter_layers().values():
-        base = getattr(layer, "base_layer", None)
-        if base is None:
-            continue
-        for parameter in base.parameters():
+        for parameter in layer.base_parameters():  # declared by the layer (AdapterLayer.base_parameters)
             register_external_parameter(layer, parameter)
             count += 1
     return count
@@ -510,7 +474,7 @@ def align_scheduler_state(state: dict, saved_groups: list[dict], live_groups: li
 
 
 def run_post_step_hooks(group_parameters: list[list[torch.Tensor]], live_groups: list[dict]) -> None:
-    """torch's global optimizer post-step hooks (PaCA's column write, MEFT's host update), called with the
+    """torch's global optimizer post-step hooks (layers that update themselves after a step), called with the
     model's own parameters once DeepSpeed has copied the step into them.
 
     They also fire inside DeepSpeed's step, for its inner optimizer over flat partitions; there they find
@@ -536,5 +500,5 @@ class _ParameterGroupsView:
 
 __all__ = [
     "INSTALL_HINT", "STAGES", "ZeroEngine", "align_saved_groups", "align_scheduler_state", "match_saved_groups", "model_parameter_groups", "run_post_step_hooks", "build_config", "config_stage", "deepspeed_available", "full_parameter",
-    "gathered", "is_partitioned", "require_deepspeed", "write_partitioned_columns",
+    "gathered", "is_partitioned", "partition_bounds", "partitioned_layers", "require_deepspeed", "write_into_partitions",
 ]

@@ -12,8 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..indices import layer_seed
-from ..placement import adapter_device
 from .base import LinearAdapterLayer
 from .compression import ActivationCompressor, CompressibleInput
 
@@ -21,42 +19,30 @@ from .compression import ActivationCompressor, CompressibleInput
 class LoRALinear(CompressibleInput, LinearAdapterLayer):
     """Frozen base linear plus ``lora_B @ lora_A`` (A: r × in, B: out × r; B starts at zero)."""
 
-    method = "lora"
-
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float | None, dropout: float, freeze_a: bool, seed: int, module_name: str = ""):
         super().__init__(base_layer, module_name)
         base_layer.weight.requires_grad_(False)
-        device = adapter_device(base_layer, module_name)  # beside the weight (offloaded: where accelerate runs it)
         self.r, self.alpha = r, float(alpha if alpha is not None else r)
         self.scaling = self.alpha / r
         lora_a = torch.empty(r, self.in_features, dtype=torch.float32)
-        generator = torch.Generator().manual_seed(layer_seed(seed, module_name))
         bound = 1.0 / math.sqrt(self.in_features)  # = kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
-        lora_a.uniform_(-bound, bound, generator=generator)
-        self.lora_A = nn.Parameter(lora_a.to(device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
+        lora_a.uniform_(-bound, bound, generator=self.generator(seed))
+        # Declared: placed beside the weight (offloaded: where accelerate runs it); LoRA-FA's A saved but frozen.
+        self.add_adapter_parameter("lora_A", lora_a, trainable=not freeze_a)
+        self.add_adapter_parameter("lora_B", torch.zeros(self.out_features, r, dtype=torch.float32, device=self.adapter_device))
         self.freeze_a = freeze_a
-        if freeze_a:
-            self.lora_A.requires_grad_(False)
-            self.method = "lorafa"
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.compressor: ActivationCompressor | None = None
-
-    @property
-    def frozen_adapter_parameters(self) -> tuple[str, ...]:
-        return ("lora_A",) if self.freeze_a else ()
 
     def supports_compression(self) -> bool:
         """VeLoRA applies to A's input only when A is trained (a frozen A keeps no input anyway)."""
         return not self.freeze_a
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {"lora_A": self.lora_A, "lora_B": self.lora_B, **self._compressor_state()}
+        return {**self.declared_state(), **self._compressor_state()}
 
-    @torch.no_grad()
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.lora_A.copy_(tensors["lora_A"])
-        self.lora_B.copy_(tensors["lora_B"])
+        super().load_adapter_state(tensors)
         self._load_compressor_state(tensors)
 
     def delta_weight(self) -> torch.Tensor:
@@ -107,8 +93,6 @@ class FullLinear(CompressibleInput, LinearAdapterLayer):
     Used beside PaCA or LoRA for the modules a user wants fully trained. ΔW is not kept (it would
     double the layer's memory), so ``unload()`` without merge and ``disable_adapter()`` are refused.
     """
-
-    method = "full"
 
     def __init__(self, base_layer: nn.Linear, module_name: str = ""):
         super().__init__(base_layer, module_name)

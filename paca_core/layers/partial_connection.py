@@ -27,7 +27,7 @@ from backends import Backend, get_backend
 
 from ..indices import check_columns
 from ..sharding import full_tensor, gather_rows, is_sharded, local_rows, wrap_local
-from ..zero import is_partitioned, write_partitioned_columns
+from ..zero import gathered, partition_bounds, partitioned_layers, write_into_partitions
 from .base import LinearAdapterLayer
 
 logger = logging.getLogger(__name__)
@@ -49,16 +49,18 @@ def check_rank_fits(r: int | None, in_features: int, module_name: str) -> None:
         raise ValueError(f"r={r} exceeds in_features={in_features} of {module_name}: choose r <= {in_features}.")
 
 
-def init_partial_connection(layer: LinearAdapterLayer, r: int, alpha: float | None, indices: torch.Tensor, device) -> None:
-    """The state PaCA and QPaCA share: ``r``, ``alpha``, ``scaling``, ``paca_delta`` (out, r, fp32, zero) and ``paca_indices``."""
+def init_partial_connection(layer: LinearAdapterLayer, r: int, alpha: float | None, indices: torch.Tensor) -> None:
+    """The state PaCA and QPaCA share: ``r``, ``alpha``, ``scaling``, and the declared adapter tensors ``paca_delta``
+    (out, r, fp32, zero; trained) and ``paca_indices`` (saved), beside the base weight."""
     check_rank_fits(r, layer.in_features, layer.module_name)
     if indices.shape != (r,):
         raise ValueError(f"{layer.module_name}: expected {r} column indices, got shape {tuple(indices.shape)}.")
     layer.r = r
     layer.alpha = float(alpha if alpha is not None else r)
     layer.scaling = layer.alpha / r
-    layer.paca_delta = nn.Parameter(torch.zeros(layer.out_features, r, dtype=torch.float32, device=device))
-    layer.register_buffer("paca_indices", indices.to(device=device, dtype=torch.long).clone())
+    device = layer.adapter_device
+    layer.add_adapter_parameter("paca_delta", torch.zeros(layer.out_features, r, dtype=torch.float32, device=device))
+    layer.add_adapter_buffer("paca_indices", indices.to(device=device, dtype=torch.long).clone())  # a copy of the caller's
 
 
 def partial_connection_delta(layer: LinearAdapterLayer, delta: torch.Tensor) -> torch.Tensor:
@@ -108,13 +110,11 @@ class _PartialConnectionLinear(torch.autograd.Function):
 class PaCALinear(LinearAdapterLayer):
     """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) with a trainable ``paca_delta`` of shape (out, r)."""
 
-    method = "paca"
-
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float | None, indices: torch.Tensor, module_name: str = ""):
         super().__init__(base_layer, module_name)
         weight = base_layer.weight
         weight.requires_grad_(False)
-        init_partial_connection(self, r, alpha, indices, weight.device)
+        init_partial_connection(self, r, alpha, indices)
         self.register_buffer(
             "paca_original_columns", weight.detach().index_select(1, self.paca_indices).clone(), persistent=False
         )
@@ -174,16 +174,58 @@ class PaCALinear(LinearAdapterLayer):
         """ΔW (out, in) in float32: ``scaling·delta`` in the selected columns, zero elsewhere."""
         return partial_connection_delta(self, full_tensor(self.paca_delta).detach())  # FSDP/ZeRO-3: gathered (every rank calls this)
 
+    @classmethod
+    @torch.no_grad()
+    def write_partitioned(cls, layers: "list[PaCALinear]") -> None:
+        """The column write under DeepSpeed ZeRO-3: ``weight[:, idx] = original + scaling·delta`` on each rank's partition.
+
+        The (out × r) deltas are all-gathered once for all layers; the adapted values are rounded exactly as
+        the backend's write rounds them (it writes them); then each rank copies the entries whose flat
+        position ``row·in + column`` falls inside its own partition. No frozen weight is gathered. A weight
+        DeepSpeed keeps whole between forwards (smaller than ``stage3_param_persistence_threshold``) gets
+        the columns in that whole copy too.
+        """
+        with gathered([layer.paca_delta for layer in layers]):
+            for layer in layers:
+                weight = layer.base_layer.weight
+                partition = weight.ds_tensor
+                adapted = torch.empty(layer.out_features, layer.r, dtype=partition.dtype, device=partition.device)
+                every = torch.arange(layer.r, device=partition.device)
+                get_backend(partition.device).write_adapted_columns(
+                    [adapted], [every], [layer.paca_original_columns.to(partition.device)],
+                    [layer.paca_delta.detach().to(partition.device)], [layer.scaling],
+                )
+                local, source = layer._partition_positions(weight)
+                partition.view(-1).index_copy_(0, local, adapted.view(-1).index_select(0, source))
+                if weight.data.numel() == weight.ds_numel:  # held whole between forwards (a small, persistent parameter)
+                    weight.data.view(layer.out_features, layer.in_features).index_copy_(
+                        1, layer.paca_indices.to(weight.device), adapted.to(weight.device)
+                    )
+                layer._mark_applied()
+
+    def _partition_positions(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions in this rank's ZeRO-3 partition, positions in the (out, r) adapted block) of the adapted entries."""
+        key = (int(self.paca_indices.sum()), tuple(self.paca_indices[:4].tolist()), self.r)
+        cached = getattr(self, "_zero3_positions", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        start, end = partition_bounds(weight)
+        rows = torch.arange(self.out_features, device=self.paca_indices.device).unsqueeze(1)
+        flat = (rows * self.in_features + self.paca_indices.unsqueeze(0)).reshape(-1)
+        inside = (flat >= start) & (flat < end)
+        device = weight.ds_tensor.device
+        local = (flat[inside] - start).to(device)
+        source = inside.nonzero().squeeze(1).to(device)
+        self._zero3_positions = (key, local, source)
+        return local, source
+
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy / pickle: register the copy so the optimizer hook keeps it adapted too.
         super().__setstate__(state)
         _LAYERS.add(self)
         register_optimizer_sync_hook()
 
-    # --- checkpoint state -------------------------------------------------------------------------
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {"paca_delta": self.paca_delta, "paca_indices": self.paca_indices}
-
+    # --- checkpoint state (declared: paca_delta, paca_indices) -------------------------------------
     @torch.no_grad()
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         indices = tensors["paca_indices"]
@@ -305,11 +347,12 @@ def _sync_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
 def sync_layers(layers: list[PaCALinear]) -> None:
     """Rewrite the adapted columns of ``layers``, batched per device so a backend can use one launch.
 
-    Under DeepSpeed ZeRO-3 each rank writes its own flat partition of the weights (paca_core/zero.py)."""
-    partitioned = [layer for layer in layers if is_partitioned(layer.base_layer.weight)]
+    Under DeepSpeed ZeRO-3 each rank writes its own flat partition of the weights (:meth:`PaCALinear.write_partitioned`)."""
+    partitioned = partitioned_layers(layers)
     if partitioned:
-        write_partitioned_columns(partitioned)
-        layers = [layer for layer in layers if not is_partitioned(layer.base_layer.weight)]
+        write_into_partitions(partitioned)
+        written = {id(layer) for layer in partitioned}
+        layers = [layer for layer in layers if id(layer) not in written]
     by_device: dict[torch.device, list[tuple[PaCALinear, tuple]]] = {}
     for layer in layers:
         parts = layer._local_parts()

@@ -77,7 +77,6 @@ class QuantizedPaCALinear(LinearAdapterLayer):
     to a PEFT LoRA adapter works unchanged (exact on the same 4-bit base).
     """
 
-    method = "paca"
     shardable = False  # bitsandbytes 4-bit weights are not FSDP2 parameters
     quantized_base = True
 
@@ -90,12 +89,9 @@ class QuantizedPaCALinear(LinearAdapterLayer):
         base_layer.weight.requires_grad_(False)
         bnb4bit.restore_standard_layout(base_layer, module_name)
         bnb4bit.keep_standard_layout(base_layer)  # its eval forward is ours; a repacked weight has no backward
-        init_partial_connection(self, r, alpha, indices, base_layer.weight.device)
+        init_partial_connection(self, r, alpha, indices)
 
-    # --- checkpoint state -------------------------------------------------------------------------
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {"paca_delta": self.paca_delta, "paca_indices": self.paca_indices}
-
+    # --- checkpoint state (declared: paca_delta, paca_indices) -------------------------------------
     @torch.no_grad()
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         indices = tensors["paca_indices"]

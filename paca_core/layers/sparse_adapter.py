@@ -26,7 +26,6 @@ import devices
 from backends import Backend, get_backend
 from devices import Transfer
 
-from ..placement import adapter_device
 from .base import AdapterLayer
 from .host_rows import HostRowTable
 
@@ -72,7 +71,6 @@ class _InFlight:
 class SparseFFNAdapter(AdapterLayer):
     """MEFT adapter attached to one feed-forward module (``target.meft_adapter``)."""
 
-    method = "meft"
     attaches = True
     mergeable = False
 
@@ -89,17 +87,17 @@ class SparseFFNAdapter(AdapterLayer):
         seed: int,
         module_name: str = "",
     ):
-        super().__init__(module_name, width, width)
+        """``seed``: the config's seed; the router and the keys draw from this layer's own streams of it."""
+        super().__init__(module_name, width, width, adapted=target)
         self.top_k, self.num_probe, self.capacity = top_k, num_probe, capacity
         parameter = next(target.parameters(), None)
-        device = adapter_device(target, module_name)  # beside the block (offloaded: where accelerate runs it)
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-        self.router = nn.Linear(width, num_experts, bias=False, device=device, dtype=dtype)
+        # beside the block (offloaded: where accelerate runs it), in the block's dtype: the router runs on its input
+        self.router = nn.Linear(width, num_experts, bias=False, device=self.adapter_device, dtype=dtype)
         with torch.no_grad():
-            generator = torch.Generator().manual_seed(seed + 1)
-            self.router.weight.copy_(torch.randn(num_experts, width, generator=generator) * width**-0.5)
+            self.router.weight.copy_(torch.randn(num_experts, width, generator=self.generator(seed, stream=1)) * width**-0.5)
         _LAYERS.add(self)  # lets the optimizer hook find this layer
-        self.table = HostRowTable(num_rows, width, num_experts, key_std, seed)
+        self.table = HostRowTable(num_rows, width, num_experts, key_std, self.layer_seed(seed))
         self._in_flight: _InFlight | None = None
         target.register_forward_pre_hook(self._start)
         target.register_forward_hook(self._finish)
@@ -173,7 +171,7 @@ class SparseFFNAdapter(AdapterLayer):
         """Run the host's Adam(W) on the rows used since the last update (the optimizer hook calls this)."""
         return self.table.apply_update(lr, betas, eps, weight_decay)
 
-    # --- checkpoints ----------------------------------------------------------------------------
+    # --- checkpoints: state outside declared tensors (host rows, the router submodule) ------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {"meft_keys": self.table.keys, "meft_values": self.table.values, "meft_router": self.router.weight}
 

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _full_targets(args: argparse.Namespace) -> list[str] | str | None:
-    text = getattr(args, "full_modules", None)
+    text = args.full_modules
     return parse_targets(text) if text else None
 
 

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ..base_config import MethodConfig, check_rank
+from ..base_config import MethodConfig, check_rank, field_default
 from ..errors import PacaConfigError
 from .registry import CommonOptions, Method, ScaledAboveDefaultRank, register_method
 
@@ -26,8 +26,7 @@ class LoRAConfig(MethodConfig):
     alpha: float | None = None
     dropout: float = 0.0
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         check_rank(self)
         if not 0.0 <= self.dropout < 1.0:
             raise PacaConfigError(f"dropout must be in [0, 1), got {self.dropout!r}.")
@@ -60,15 +59,12 @@ def export_lora(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="lora/lorafa dropout (p > 0 keeps a full-size mask per layer)")
+    parser.add_argument("--lora-dropout", type=float, default=field_default(LoRAConfig, "dropout"), help="lora/lorafa dropout (p > 0 keeps a full-size mask per layer)")
 
 
 def _from_args(cls: type[LoRAConfig]):
     def from_args(args: argparse.Namespace, common: CommonOptions) -> LoRAConfig:
-        return cls(
-            r=common.rank, alpha=common.alpha, dropout=getattr(args, "lora_dropout", 0.0), target_modules=common.target_modules,
-            exclude_modules=common.exclude_modules, seed=common.seed,
-        )
+        return cls(r=common.rank, alpha=common.alpha, dropout=args.lora_dropout, **common.config_fields())
 
     return from_args
 

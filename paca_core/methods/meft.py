@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from ..base_config import ALL_LINEAR, LazyClasses, MethodConfig, parse_targets
+from ..base_config import ALL_LINEAR, LazyClasses, MethodConfig, field_default, parse_targets
 from ..errors import PacaConfigError
 from .registry import CommonOptions, Method, register_method
 
@@ -39,8 +39,7 @@ class MEFTConfig(MethodConfig):
     rows_per_step: int = 2048
     key_std: float | None = None
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         if self.target_modules == ALL_LINEAR:
             raise PacaConfigError("MEFT targets feed-forward blocks, not linear layers: use target_modules=['mlp'].")
         for name in ("num_rows", "top_k", "num_probe", "rows_per_step"):
@@ -70,7 +69,6 @@ class MEFTConfig(MethodConfig):
         return self.num_experts if self.num_experts is not None else default_num_experts(self.num_rows)
 
     def create_layer(self, module: nn.Module, module_name: str) -> nn.Module:
-        from ..indices import layer_seed
         from ..layers.sparse_adapter import ATTRIBUTE, SparseFFNAdapter
         from ..surgery import feed_forward_width
 
@@ -84,7 +82,7 @@ class MEFTConfig(MethodConfig):
             num_probe=self.num_probe,
             capacity=min(self.rows_per_step, self.num_rows),
             key_std=self.key_std if self.key_std is not None else width**-0.5,
-            seed=layer_seed(self.seed, module_name),
+            seed=self.seed,
             module_name=module_name,
         )
         setattr(module, ATTRIBUTE, adapter)
@@ -98,12 +96,16 @@ class MEFTConfig(MethodConfig):
 MEFTConfig.target_types = LazyClasses("torch.nn:Module")  # whole feed-forward blocks, not linears
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--meft-modules", default="mlp", help="MEFT: feed-forward blocks that get a host-memory sparse adapter")
-    parser.add_argument("--meft-rows", type=int, default=4096, help="MEFT: key/value rows per block, held in host memory")
-    parser.add_argument("--meft-topk", type=int, default=32, help="MEFT: rows each token uses")
-    parser.add_argument("--meft-experts", type=int, default=None, help="MEFT: router groups of rows (default about sqrt(rows)/2)")
-    parser.add_argument("--meft-probe", type=int, default=2, help="MEFT: groups each token is routed to (only their rows are scored)")
-    parser.add_argument("--meft-rows-per-step", type=int, default=2048, help="MEFT: distinct rows sent to the device per forward (fixed buffer)")
+    def default(name: str):
+        return field_default(MEFTConfig, name)
+
+    parser.add_argument("--meft-modules", default=",".join(default("target_modules")), help="MEFT: feed-forward blocks that get a host-memory sparse adapter")
+    parser.add_argument("--meft-rows", type=int, default=default("num_rows"), help="MEFT: key/value rows per block, held in host memory")
+    parser.add_argument("--meft-topk", type=int, default=default("top_k"), help="MEFT: rows each token uses")
+    parser.add_argument("--meft-experts", type=int, default=default("num_experts"), help="MEFT: router groups of rows (default about sqrt(rows)/2)")
+    parser.add_argument("--meft-probe", type=int, default=default("num_probe"), help="MEFT: groups each token is routed to (only their rows are scored)")
+    parser.add_argument("--meft-rows-per-step", type=int, default=default("rows_per_step"),
+                        help="MEFT: distinct rows sent to the device per forward (fixed buffer)")
 
 
 def from_args(args: argparse.Namespace, common: CommonOptions) -> MEFTConfig:

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
-from ..base_config import MethodConfig, check_rank
+from ..base_config import MethodConfig, check_rank, field_default
 from ..errors import PacaConfigError
 from .registry import CommonOptions, Method, ScaledAboveDefaultRank, register_method
 
@@ -35,8 +35,7 @@ class PaCAConfig(MethodConfig):
     alpha: float | None = None
     quantize: str | None = None
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         check_rank(self)
         if self.quantize is not None:
             from ..quantization import check_kind
@@ -83,14 +82,14 @@ def export_lora(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--quantize", default=None, choices=["nf4", "fp4"],
+        "--quantize", default=field_default(PaCAConfig, "quantize"), choices=["nf4", "fp4"],
         help="QPaCA: hold the PaCA target linears as frozen bitsandbytes 4-bit weights (needs paca-hal[quant]; --method paca)",
     )
 
 
 def check_args(args: argparse.Namespace, names: Sequence[str]) -> None:
     """--quantize is QPaCA: it needs a PaCA method and bitsandbytes (clear errors before anything loads)."""
-    if getattr(args, "quantize", None) is None:
+    if args.quantize is None:
         return
     if "paca" not in names:
         raise PacaConfigError(
@@ -106,10 +105,7 @@ def check_args(args: argparse.Namespace, names: Sequence[str]) -> None:
 
 
 def from_args(args: argparse.Namespace, common: CommonOptions) -> PaCAConfig:
-    return PaCAConfig(
-        r=common.rank, alpha=common.alpha, target_modules=common.target_modules, exclude_modules=common.exclude_modules,
-        seed=common.seed, quantize=getattr(args, "quantize", None),
-    )
+    return PaCAConfig(r=common.rank, alpha=common.alpha, quantize=args.quantize, **common.config_fields())
 
 
 DEFAULT_RANK = 16

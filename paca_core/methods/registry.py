@@ -28,13 +28,23 @@ ENTRY_POINT_GROUP = "paca_hal.methods"
 
 @dataclass(frozen=True)
 class CommonOptions:
-    """The ``paca train`` flags every method may use, already parsed."""
+    """The ``paca train`` flags every method may use, already parsed (what ``from_args`` gets beside ``args``)."""
 
+    #: ``--rank`` (the method's ``default_rank`` without the flag; 8 for methods without a rank, which ignore it).
     rank: int
+    #: ``--alpha`` (None: alpha = r).
     alpha: float | None
+    #: ``--target-modules``, parsed (a list of names, a regex or ``"all-linear"``).
     target_modules: list[str] | str
+    #: Modules other methods of the combination claim (``+full --full-modules``): leave them out.
     exclude_modules: list[str]
+    #: ``--seed``: what the config's ``seed`` (and so every layer's random tensors) derives from.
     seed: int
+
+    def config_fields(self) -> dict[str, Any]:
+        """The :class:`~paca_core.base_config.MethodConfig` fields every config shares, from these flags:
+        ``Config(my_field=args.my_flag, **common.config_fields())``."""
+        return {"target_modules": self.target_modules, "exclude_modules": list(self.exclude_modules), "seed": self.seed}
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,9 @@ class Method:
         name: the ``--method`` name, and ``config.method`` (what checkpoints record).
         config: its :class:`~paca_core.base_config.MethodConfig` subclass; ``config.create_layer``
             is the layer factory (``create_compressor`` for modifiers).
-        from_args: ``(args, common) -> config`` from the parsed ``paca train`` flags.
+        from_args: ``(args, common) -> config`` from the parsed ``paca train`` flags. ``args`` always holds every
+            registered method's flags (read them as ``args.<dest>``, no ``getattr`` default): a default is written
+            once, on the config field, and the flag takes it from there (:func:`paca_core.base_config.field_default`).
         aliases: other ``--method`` names for it.
         alone: what ``--method NAME`` means when NAME is used alone (VeLoRA: ``("lora", "velora")``).
         add_arguments: adds the method's own ``paca train`` flags to a parser.

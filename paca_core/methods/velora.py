@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ..base_config import ALL_LINEAR, MethodConfig
+from ..base_config import ALL_LINEAR, MethodConfig, field_default
 from ..errors import PacaConfigError
 from .registry import CommonOptions, Method, register_method
 
@@ -37,8 +37,7 @@ class VeLoRAConfig(MethodConfig):
     init_type: str = "batch_average_once"
     ema_decay: float = 0.9
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         if not isinstance(self.num_groups, int) or self.num_groups < 1:
             raise PacaConfigError(f"num_groups must be a positive integer, got {self.num_groups!r}.")
         if not self.scale > 0:
@@ -52,23 +51,21 @@ class VeLoRAConfig(MethodConfig):
 
     def create_compressor(self, layer: nn.Module) -> nn.Module:
         from ..layers.compression import ActivationCompressor
-        from ..placement import adapter_device
 
-        device = adapter_device(layer.base_layer, layer.module_name)  # offloaded base: where accelerate runs it
-        return ActivationCompressor(layer.in_features, self.num_groups, self.scale, self.init_type, self.ema_decay, device=device)
+        # beside the layer's other adapter tensors (offloaded base: where accelerate runs it)
+        return ActivationCompressor(layer.in_features, self.num_groups, self.scale, self.init_type, self.ema_decay, device=layer.adapter_device)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--velora-groups", type=int, default=32, help="VeLoRA sub-tokens per token (G numbers kept instead of d)")
-    parser.add_argument("--velora-scale", type=float, default=1.0, help="VeLoRA scale of the rebuilt input")
-    parser.add_argument("--velora-init", default="batch_average_once", help="VeLoRA projection: batch_average_once, batch_average or ema")
+    parser.add_argument("--velora-groups", type=int, default=field_default(VeLoRAConfig, "num_groups"),
+                        help="VeLoRA sub-tokens per token (G numbers kept instead of d)")
+    parser.add_argument("--velora-scale", type=float, default=field_default(VeLoRAConfig, "scale"), help="VeLoRA scale of the rebuilt input")
+    parser.add_argument("--velora-init", default=field_default(VeLoRAConfig, "init_type"),
+                        help="VeLoRA projection: batch_average_once, batch_average or ema")
 
 
 def from_args(args: argparse.Namespace, common: CommonOptions) -> VeLoRAConfig:
-    return VeLoRAConfig(
-        num_groups=getattr(args, "velora_groups", 32), scale=getattr(args, "velora_scale", 1.0),
-        init_type=getattr(args, "velora_init", "batch_average_once"), seed=common.seed,
-    )
+    return VeLoRAConfig(num_groups=args.velora_groups, scale=args.velora_scale, init_type=args.velora_init, seed=common.seed)
 
 
 METHOD = register_method(

@@ -16,9 +16,10 @@ import torch.nn as nn
 
 import devices
 
-from ..base_config import LLAMA_PROJECTIONS, parse_targets
+from ..base_config import LLAMA_PROJECTIONS, field_default, parse_targets
 from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, chunked_causal_lm_forward
 from ..errors import PacaConfigError
+from ..methods.velora import VeLoRAConfig
 from ..model import prepare_model
 from ..offload import ActivationOffload
 from ..quantization import quantize_base
@@ -60,9 +61,13 @@ def _peft_lora_config(rank: int, options: dict, velora: bool):
     import peft
 
     velora_config = None
-    if velora:  # PEFT's VeLoRA, with our velora method's options where the entry sets them
+    if velora:  # PEFT's VeLoRA, with our velora method's options where the entry sets them, else its defaults
+        def option(flag: str, field: str):
+            value = options.get(flag)
+            return value if value is not None else field_default(VeLoRAConfig, field)
+
         velora_config = peft.tuners.lora.config.VeloraConfig(
-            num_groups=int(options.get("velora_groups") or 32), init_type=options.get("velora_init") or "batch_average_once"
+            num_groups=int(option("velora_groups", "num_groups")), init_type=option("velora_init", "init_type")
         )
     # alpha = r (scaling 1), as our methods default to; dropout 0 as ours (a mask would keep full-size tensors).
     return peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=target_list(options.get("target_modules")),
