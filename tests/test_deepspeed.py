@@ -105,6 +105,7 @@ def _assert_close(got, want, what):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.slow
 def test_zero_on_two_processes_equals_one_process_and_the_adapter_loads_in_one(stage, tmp_path):
     _spawn(_equivalence_worker, tmp_path, stage, str(tmp_path))
     got = torch.load(tmp_path / "rank0.pt", weights_only=False)
@@ -144,6 +145,7 @@ def _resume_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_zero3_checkpoint_resumes_exactly_and_in_one_process_without_deepspeed(tmp_path):
     _spawn(_resume_worker, tmp_path, str(tmp_path))
     result = torch.load(tmp_path / "resume0.pt", weights_only=False)
@@ -233,6 +235,7 @@ def _partitioned_load_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_model_partitioned_while_loading_is_refused_with_what_to_do(tmp_path):
     _spawn(_partitioned_load_worker, tmp_path, str(tmp_path))
     assert (tmp_path / "refused-rank0").is_file() and (tmp_path / "refused-rank1").is_file()

@@ -44,6 +44,7 @@ def test_bench_quantized_entries_need_bitsandbytes_before_any_work(monkeypatch, 
     assert "paca-hal[quant]" in caplog.text and not out.exists()
 
 
+@pytest.mark.slow
 def test_bench_without_matplotlib_writes_json_and_markdown_and_says_how_to_get_plots(monkeypatch, tmp_path, capsys):
     _hide(monkeypatch, "matplotlib")  # the workers are fresh processes; only this process (which plots) lacks it
     out = tmp_path / "bench"

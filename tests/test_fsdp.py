@@ -75,6 +75,7 @@ def _spawn(worker, directory, *args):
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.slow
 def test_fsdp_two_processes_equal_one_process_and_the_saved_adapter_loads_in_one(method, tmp_path):
     torch.manual_seed(0)
     single = prepare_model(tiny_llama(seed=0), CONFIGS[method](), device="cpu")
@@ -127,6 +128,7 @@ def _trainer_worker(rank, world, init_file, data, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_trainer_under_fsdp_checkpoints_and_resumes_exactly(tmp_path):
     from paca_core.dataset import TokenizedData
 

@@ -60,10 +60,13 @@ def _models():
         pytest.param(
             tiny_llama,
             id="tiny-llama",
-            marks=pytest.mark.skipif(
-                _transformers_major() < 5,
-                reason="transformers 4.x's own LLaMA forward graph-breaks under this torch's dynamo (not paca-hal code)",
-            ),
+            marks=[
+                pytest.mark.skipif(
+                    _transformers_major() < 5,
+                    reason="transformers 4.x's own LLaMA forward graph-breaks under this torch's dynamo (not paca-hal code)",
+                ),
+                pytest.mark.slow,  # compiling a whole model: seconds each; plain-block keeps every method in the fast tier
+            ],
         )
     )
     return cases

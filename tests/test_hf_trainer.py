@@ -47,6 +47,7 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(config, tmp_pat
         torch.testing.assert_close(loaded(input_ids=ids).logits, straight(input_ids=ids).logits)
 
 
+@pytest.mark.slow
 def test_trainer_under_torchrun_ddp_equals_one_process_on_the_global_batch(tmp_path):
     """`torchrun --nproc-per-node 2` (DDP, gloo) with 2 examples per process trains the adapter one process
     trains with 4; rank 0 writes the adapter checkpoint. Each rank prepares its model without device= and

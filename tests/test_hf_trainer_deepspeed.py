@@ -68,6 +68,7 @@ def runs(tmp_path_factory):
 
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.slow
 def test_hf_trainer_under_zero_equals_one_process_on_the_global_batch(runs, stage):
     for method in METHODS:
         got, other = _final(runs[f"zero{stage}"], method), _final(runs[f"zero{stage}"], method, rank=1)
@@ -78,6 +79,7 @@ def test_hf_trainer_under_zero_equals_one_process_on_the_global_batch(runs, stag
 
 
 @needs_deepspeed
+@pytest.mark.slow
 def test_zero_checkpoints_hold_the_gathered_adapter_and_whole_optimizer_state_and_load_in_one_process(runs):
     checkpoint = runs["zero3"] / "paca" / f"checkpoint-{SAVE}"
     assert (checkpoint / "adapter_model.safetensors").is_file()
@@ -94,6 +96,7 @@ def test_zero_checkpoints_hold_the_gathered_adapter_and_whole_optimizer_state_an
 
 
 @needs_deepspeed
+@pytest.mark.slow
 def test_resume_is_exact_under_zero3_and_across_process_counts(runs, tmp_path):
     same = _launch(tmp_path / "zero3-resumed", 3, str(runs["zero3"] / "{method}" / f"checkpoint-{SAVE}"))
     to_one = _launch(tmp_path / "one-from-zero3", 0, str(runs["zero3"] / "{method}" / f"checkpoint-{SAVE}"))

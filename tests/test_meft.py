@@ -385,6 +385,7 @@ def test_traffic_counts_buffer_bytes_against_the_selected_rows_minimum():
     assert traffic["copied_to_device_bytes"] == 0  # host-only device: nothing actually crossed
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager_and_still_sends_gradients_home():
     """torch.compile runs the device parts as graphs; the host round trip is excluded from them."""
     model = prepare_model(tiny_llama(seed=0), MEFTConfig(num_rows=64, top_k=4, rows_per_step=32), device="cpu")

