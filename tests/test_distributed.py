@@ -168,8 +168,11 @@ def test_paca_train_launched_on_two_processes_equals_one_process_with_the_global
     _run([*command, *data, *COMMON, *extra, "--batch-size", "2", "--out", str(tmp_path)], env)
     two = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert one.keys() == two.keys()
+    # FSDP reduce-scatters gradients in another summation order than one process; Adam's first steps divide by
+    # sqrt(v) ~ |g|, so an entry whose gradient is near zero moves by a few 1e-6 differently (measured 1.9e-6 on an
+    # AMD EPYC without AVX-512, the same before and after 2026-12-06's changes); values are ~5e-3.
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
     assert (tmp_path / "checkpoint" / "trainer_state.safetensors").is_file()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["training"]["fsdp"] == ("fsdp" in launch)
