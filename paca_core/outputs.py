@@ -265,8 +265,9 @@ def disk_full_error(error: BaseException, path: Path, needed_bytes: int | None) 
         free = None
     need = f"about {format_size(needed_bytes)} needed" if needed_bytes else "more space needed"
     have = f", {format_size(free)} free" if free is not None else ""
-    return DiskFullError(errno.ENOSPC, f"disk full while writing {path}: {need}{have}; nothing was replaced. Free space or "
-                                       "choose another --out")
+    reason = getattr(error, "strerror", None) or "No space left on device"
+    return DiskFullError(errno.ENOSPC, f"disk full while writing {path} ({reason}): {need}{have}; nothing was replaced. Free "
+                                       "space or choose another --out")
 
 
 def check_free_space(path: Path, needed_bytes: int, flag: str = "--out") -> None:

@@ -232,12 +232,20 @@ class Trainer:
         }
         if self.run_folder is not None and directory.parent == self.run_folder.path:
             self.run_folder.claim(directory.name)
-        with atomic_directory(directory, owned=(LEGACY_STATE_NAME,)) as staging:  # a 0.1.0 state is rewritten in this format
-            write_adapter_files(self.model, staging, tensors=tensors)
-            # The shape too: the data position counts batches of it, so a resumed `--seq-len auto` run re-uses it.
-            summary = {**self.checkpoint_metadata, "step": self.state.step, "total_steps": self.total_steps,
-                       "seq_len": int(self.train_data.input_ids.shape[1]), "batch_size": self.args.batch_size}
-            write_training_state(staging, training_state, summary=summary)
+        try:
+            with atomic_directory(directory, owned=(LEGACY_STATE_NAME,)) as staging:  # a 0.1.0 state is rewritten in this format
+                write_adapter_files(self.model, staging, tensors=tensors)
+                # The shape too: the data position counts batches of it, so a resumed `--seq-len auto` run re-uses it.
+                summary = {**self.checkpoint_metadata, "step": self.state.step, "total_steps": self.total_steps,
+                           "seq_len": int(self.train_data.input_ids.shape[1]), "batch_size": self.args.batch_size}
+                write_training_state(staging, training_state, summary=summary)
+        except OSError as error:
+            from .outputs import disk_full_error, is_disk_full
+
+            if not is_disk_full(error):
+                raise
+            needed = _tensor_bytes(tensors) + _tensor_bytes(training_state)
+            raise disk_full_error(error, directory, needed) from error  # the previous checkpoint is whole
         logger.info("Checkpoint at step %d saved to %s", self.state.step, directory)
         self.last_saved_step = self.state.step
         if self.world_size > 1:
@@ -463,6 +471,17 @@ def _process_group() -> tuple[int, int]:
 def _data_parallel(model, device: torch.device):
     """DDP over the adapted model: only trainable (adapter) parameters' gradients are all-reduced."""
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=devices.runtime_for(device).ddp_device_ids(device))
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor in a nested state (what a checkpoint write needs on disk, about)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
