@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Backend, PartialConnectionGrads, Tolerance
-from .bnb4bit import dequantize as dequantize_4bit
+from .bitsandbytes_compat import dequantize as dequantize_4bit
 
 #: Upper bound on the float32 temporary made when upcasting half-precision GEMM operands.
 _FP32_CHUNK_BYTES = 64 * 2**20
@@ -139,7 +139,7 @@ class TorchBackend(Backend):
         return grad_x, grad_keys, grad_values, grad_gates
 
     # --- partial connection on a 4-bit quantized base (QPaCA) ------------------------------------
-    # bitsandbytes (an optional extra) is reached through backends.bnb4bit, which dequantizes the same,
+    # bitsandbytes (an optional extra) is reached through backends.bitsandbytes_compat, which dequantizes the same,
     # correct weight on every kernel bitsandbytes may pick for the tensors' device.
     def quantized_partial_connection_forward(self, x, weight_4bit, quant_state, bias, delta, indices, scaling):
         if bias is not None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import is_fake
 
-from backends import bnb4bit
+from backends import bitsandbytes_compat
 
 from .base_config import LLAMA_PROJECTIONS
 from .errors import PacaConfigError
@@ -83,7 +83,7 @@ def quantize_linear(
     Quantized on ``device`` (default: where the weight is); only the packed weight and its small
     quantization state stay alive afterwards. The layer keeps bitsandbytes' standard layout: its
     CPU-inference repacking (AVX512-BF16 CPUs, eval mode) is switched off, because a repacked weight
-    has no backward and fails every other bitsandbytes function (``backends.bnb4bit``).
+    has no backward and fails every other bitsandbytes function (``backends.bitsandbytes_compat``).
     """
     bnb = import_bitsandbytes()
     kind = check_kind(kind)
@@ -110,7 +110,7 @@ def quantize_linear(
     if has_bias:
         quantized.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
     quantized.train(linear.training)
-    bnb4bit.keep_standard_layout(quantized)
+    bitsandbytes_compat.keep_standard_layout(quantized)
     _warn_if_cpu_kernels_misread(linear, device, module_name)
     return quantized
 
@@ -132,10 +132,10 @@ def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
 def _warn_if_cpu_kernels_misread(linear: nn.Linear, device: torch.device, module_name: str) -> None:
     """Say so when bitsandbytes' own AVX-512 CPU kernels will compute this layer with wrong block scales.
 
-    QPaCA reads every layer correctly (``backends.bnb4bit.dequantize``); other users of the same
+    QPaCA reads every layer correctly (``backends.bitsandbytes_compat.dequantize``); other users of the same
     4-bit base (PEFT QLoRA, ``Linear4bit.forward``) go through bitsandbytes' kernels.
     """
-    if linear.in_features % BLOCKSIZE == 0 or not bnb4bit.own_kernels_misread_unaligned_rows(device):
+    if linear.in_features % BLOCKSIZE == 0 or not bitsandbytes_compat.own_kernels_misread_unaligned_rows(device):
         return
     logger.warning(
         "%s: in_features=%d is not a multiple of the 4-bit block size %d. On this CPU (AVX-512) bitsandbytes' "
@@ -161,7 +161,7 @@ def quantize_base(
     where each weight is), so a full-precision copy of the model never has to fit on an accelerator.
     Returns ``model`` (marked ``is_loaded_in_4bit`` as transformers does). The layers keep
     bitsandbytes' standard layout on every CPU (see :func:`quantize_linear`), so training after an
-    evaluation works; ``backends.bnb4bit.allow_cpu_repacking(layer)`` gives an inference-only layer
+    evaluation works; ``backends.bitsandbytes_compat.allow_cpu_repacking(layer)`` gives an inference-only layer
     back bitsandbytes' packed CPU path. Both QPaCA (``prepare_model(model, PaCAConfig(...))`` then wraps the 4-bit
     layers) and PEFT QLoRA (``peft.get_peft_model``) accept the result.
     """
@@ -182,8 +182,8 @@ def dequantize_weight(linear: nn.Module) -> torch.Tensor:
 
     A weight bitsandbytes repacked for CPU inference is brought back to the standard layout first.
     """
-    bnb4bit.restore_standard_layout(linear)
-    return bnb4bit.dequantize(linear.weight.data, linear.weight.quant_state)
+    bitsandbytes_compat.restore_standard_layout(linear)
+    return bitsandbytes_compat.dequantize(linear.weight.data, linear.weight.quant_state)
 
 
 @dataclass
@@ -198,7 +198,7 @@ def requantize(linear: nn.Module, weight: torch.Tensor) -> RequantizationError:
     """Put ``weight`` (full precision) into the 4-bit layer ``linear`` in place, with its own kind and
     block settings; returns how much the rounding changed it."""
     bnb = import_bitsandbytes()
-    bnb4bit.restore_standard_layout(linear)
+    bitsandbytes_compat.restore_standard_layout(linear)
     old = linear.weight
     state = old.quant_state
     linear.weight = bnb.nn.Params4bit(
@@ -258,7 +258,7 @@ def prepare_quantized_target(config, linear: nn.Module, module_name: str) -> nn.
     itself when it already is 4-bit (then ``config.quantize`` records its kind, for checkpoints)."""
     if not is_quantized_linear(linear):
         return quantize_linear(linear, config.quantize, module_name=module_name)
-    bnb4bit.restore_standard_layout(linear, module_name)  # e.g. the user evaluated the 4-bit base first
+    bitsandbytes_compat.restore_standard_layout(linear, module_name)  # e.g. the user evaluated the 4-bit base first
     kind = quantized_kind(linear)
     if config.quantize is None:
         config.quantize = kind

@@ -20,7 +20,7 @@ from .conftest import tiny_llama
 bnb = pytest.importorskip("bitsandbytes", reason="QPaCA needs bitsandbytes (pip install 'paca-hal[quant]')")
 
 from paca_core.layers.quantized_partial_connection import QuantizedPaCALinear  # noqa: E402
-from backends import bnb4bit  # noqa: E402
+from backends import bitsandbytes_compat  # noqa: E402
 from paca_core.quantization import (  # noqa: E402
     BLOCKSIZE,
     dequantize_weight,
@@ -315,7 +315,7 @@ def test_dequantization_follows_the_flat_block_format_on_this_cpu(shape, nested,
     torch.manual_seed(sum(shape))
     weight = torch.randn(shape) * 0.02
     packed, state = bnb.functional.quantize_4bit(weight, blocksize=BLOCKSIZE, compress_statistics=nested, quant_type=kind)
-    ours = bnb4bit.dequantize(packed, state)
+    ours = bitsandbytes_compat.dequantize(packed, state)
     torch.testing.assert_close(ours, _reference_dequantize(packed, state), rtol=1e-6, atol=1e-9)
     assert ((ours - weight).norm() / weight.norm()) < 0.2  # and it is the weight it stands for
 
@@ -363,7 +363,7 @@ def test_qpaca_is_right_where_bitsandbytes_reads_block_scales_per_row(row_indexe
     packed, state = bnb.functional.quantize_4bit(weight, blocksize=BLOCKSIZE, quant_type="nf4")
     assert not torch.allclose(bnb.functional.dequantize_4bit(packed, state), _reference_dequantize(packed, state))
     # ...while QPaCA's reading, its gradients (32-wide projections) and its merge error stay what the format says.
-    torch.testing.assert_close(bnb4bit.dequantize(packed, state), _reference_dequantize(packed, state), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(bitsandbytes_compat.dequantize(packed, state), _reference_dequantize(packed, state), rtol=1e-6, atol=1e-9)
     test_gradients_match_dense_autograd_on_dequantized_weight("nf4", None)
     qpaca = prepare_model(tiny_llama(), PaCAConfig(r=4, quantize="nf4"), device="cpu")
     _randomise(qpaca, scale=0.2)
@@ -389,7 +389,7 @@ def _repack_with_an_eval_forward(model):
     """The real trigger: an eval-mode forward without grad (bitsandbytes repacks only where the CPU has AVX512-BF16)."""
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            bnb4bit.allow_cpu_repacking(module)
+            bitsandbytes_compat.allow_cpu_repacking(module)
     model.eval()
     with torch.no_grad():
         model(input_ids=torch.randint(0, 128, (2, 8)))
@@ -400,7 +400,7 @@ REPACKS = [
     pytest.param(
         _repack_with_an_eval_forward, id="eval-forward-on-avx512bf16",
         marks=pytest.mark.skipif(
-            not bnb4bit.cpu_has_avx512bf16(),
+            not bitsandbytes_compat.cpu_has_avx512bf16(),
             reason="bitsandbytes repacks 4-bit weights for CPU inference only on CPUs with AVX512-BF16; this one has none",
         ),
     ),
@@ -408,7 +408,7 @@ REPACKS = [
 
 
 def _repacked_layers(model):
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and bnb4bit.is_repacked(m.weight.quant_state)]
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and bitsandbytes_compat.is_repacked(m.weight.quant_state)]
 
 
 @pytest.mark.parametrize("repack", REPACKS)

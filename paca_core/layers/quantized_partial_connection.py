@@ -19,7 +19,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from backends import Backend, bnb4bit, get_backend
+from backends import Backend, bitsandbytes_compat, get_backend
 
 from ..indices import check_columns
 from ..quantization import dequantize_weight, is_quantized_linear, quantized_kind, requantize
@@ -87,8 +87,8 @@ class QuantizedPaCALinear(LinearAdapterLayer):
         self.quant_type = quantized_kind(base_layer)
         check_rank_fits(r, self.in_features, module_name)
         base_layer.weight.requires_grad_(False)
-        bnb4bit.restore_standard_layout(base_layer, module_name)
-        bnb4bit.keep_standard_layout(base_layer)  # its eval forward is ours; a repacked weight has no backward
+        bitsandbytes_compat.restore_standard_layout(base_layer, module_name)
+        bitsandbytes_compat.keep_standard_layout(base_layer)  # its eval forward is ours; a repacked weight has no backward
         init_partial_connection(self, r, alpha, indices)
 
     # --- checkpoint state (declared: paca_delta, paca_indices) -------------------------------------
@@ -113,8 +113,8 @@ class QuantizedPaCALinear(LinearAdapterLayer):
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bnb4bit.is_repacked(self.base_layer.weight.quant_state):  # someone ran the base layer on its own
-            bnb4bit.restore_standard_layout(self.base_layer, self.module_name)
+        if bitsandbytes_compat.is_repacked(self.base_layer.weight.quant_state):  # someone ran the base layer on its own
+            bitsandbytes_compat.restore_standard_layout(self.base_layer, self.module_name)
         weight = self.base_layer.weight
         delta = self.paca_delta if self.adapter_enabled else None
         backend = get_backend(x.device)
@@ -160,7 +160,7 @@ class QuantizedPaCALinear(LinearAdapterLayer):
                 "export it with `paca export-peft`, or merge to full precision (merge_and_dequantize).",
                 self.module_name, self.quant_type, self.merge_error.max_abs, self.merge_error.relative,
             )
-        bnb4bit.allow_cpu_repacking(self.base_layer)  # a plain bitsandbytes layer again: its own inference path
+        bitsandbytes_compat.allow_cpu_repacking(self.base_layer)  # a plain bitsandbytes layer again: its own inference path
         return self.base_layer
 
     def extra_repr(self) -> str:

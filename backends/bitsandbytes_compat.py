@@ -1,4 +1,5 @@
-"""bitsandbytes 4-bit weights, read the same way on every CPU kernel bitsandbytes may pick.
+"""bitsandbytes 4-bit weights, read the same way on every CPU kernel bitsandbytes may pick. A compatibility layer
+over bitsandbytes, not a :class:`~backends.base.Backend`: the backends and QPaCA call it.
 
 bitsandbytes is an optional extra, imported here only when a function runs. Two behaviours of its
 CPU backend (0.49–0.50.x) depend on which instructions the CPU has, and this module makes both
@@ -47,7 +48,7 @@ def dequantize(weight: torch.Tensor, quant_state) -> torch.Tensor:
     if is_repacked(quant_state):
         raise ValueError(
             "This 4-bit weight is in bitsandbytes' CPU-inference layout; call "
-            "backends.bnb4bit.restore_standard_layout(linear) first."
+            "backends.bitsandbytes_compat.restore_standard_layout(linear) first."
         )
     shape = tuple(quant_state.shape)
     if shape[-1] % quant_state.blocksize == 0:
