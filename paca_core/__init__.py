@@ -14,11 +14,9 @@ from .errors import CheckpointError, PacaConfigError, TargetModuleError
 
 #: public name -> the module that defines it
 _LAZY = {
-    **dict.fromkeys(
-        ("LLAMA_PROJECTIONS", "METHOD_CONFIGS", "FullConfig", "LoRAConfig", "LoRAFAConfig", "MEFTConfig", "MethodConfig", "PaCAConfig",
-         "VeLoRAConfig", "config_from_dict"),
-        "paca_core.config",
-    ),
+    **dict.fromkeys(("METHOD_CONFIGS", "config_from_dict"), "paca_core.config"),
+    **dict.fromkeys(("LLAMA_PROJECTIONS", "MethodConfig"), "paca_core.base_config"),
+    **dict.fromkeys(("FullConfig", "LoRAConfig", "LoRAFAConfig", "MEFTConfig", "PaCAConfig", "VeLoRAConfig"), "paca_core.methods"),
     **dict.fromkeys(("AdapterLayer", "LinearAdapterLayer", "PaCALinear"), "paca_core.layers"),
     "field_default": "paca_core.base_config",
     "layer_seed": "paca_core.indices",
@@ -27,14 +25,14 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .config import (
-        LLAMA_PROJECTIONS, METHOD_CONFIGS, FullConfig, LoRAConfig, LoRAFAConfig, MEFTConfig, MethodConfig, PaCAConfig, VeLoRAConfig,
-        config_from_dict,
-    )
-    from .base_config import field_default
+    from .base_config import LLAMA_PROJECTIONS, MethodConfig, field_default
+    from .config import METHOD_CONFIGS, config_from_dict
     from .indices import layer_seed
     from .layers import AdapterLayer, LinearAdapterLayer, PaCALinear
-    from .methods import CommonOptions, Method, get_method, register_method, registered_methods
+    from .methods import (
+        CommonOptions, FullConfig, LoRAConfig, LoRAFAConfig, MEFTConfig, Method, PaCAConfig, VeLoRAConfig, get_method, register_method,
+        registered_methods,
+    )
     from .model import AdaptedModel, PacaModel, prepare_model
 
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .atomic import staging_for
-from .config import MethodConfig, config_from_dict, method_name
+from .base_config import MethodConfig, method_name
+from .config import config_from_dict
 from .errors import CheckpointError, PacaConfigError
 from .sharding import full_tensor, shard_like
 from .surgery import module_io

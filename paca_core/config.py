@@ -1,8 +1,9 @@
-"""Method configurations: one dataclass per method, combinable in a list, serialised into checkpoints.
+"""Rebuilding saved method configs: :func:`config_from_dict` (what checkpoints and adapters are read with) and
+:data:`METHOD_CONFIGS`, both read live from the method registry.
 
-Each config class lives with its method in ``paca_core/methods/<name>.py``; the shared base is in
-:mod:`paca_core.base_config`. This module keeps the names importable from one place and rebuilds
-saved configs through the method registry.
+It is also the stable public import path for the config classes (``from paca_core.config import PaCAConfig``, as
+users and older adapters' code have it); each class lives with its method in ``paca_core/methods/<name>.py`` and the
+shared base in :mod:`paca_core.base_config`, and the package itself imports them from there.
 """
 from __future__ import annotations
 

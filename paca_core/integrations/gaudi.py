@@ -22,7 +22,7 @@ import torch
 
 import devices
 
-from ..config import MethodConfig
+from ..base_config import MethodConfig
 from ..model import AdaptedModel, prepare_model
 
 logger = logging.getLogger(__name__)
