@@ -7,8 +7,9 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,125 +46,172 @@ def _sample(model, tokenizer, prompt_ids: torch.Tensor, new_tokens: int) -> str:
     return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
 
 
+@dataclass
+class _Run:
+    """What the stages of one ``paca train`` hand each other."""
+
+    args: argparse.Namespace
+    plan: Any  # train_preflight.TrainPlan
+    device: torch.device
+    rank: int
+    world_size: int
+    graph_mode: str
+    dtype: torch.dtype
+    model_path: str
+    fingerprint: str | None
+    shape: Any = None  # plan.auto_shape.ShapeChoice when --seq-len/--batch-size auto chose
+    started: float = field(default_factory=time.perf_counter)
+    evaluation_seconds: float = 0.0
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """``paca train`` in stages, each with one job: preflight (no weights), announce, shape, load, train, finish."""
-    from . import assets
-    from .outputs import RunFolder
-    from .trainer import Trainer
-    from .train_preflight import check_base_model, check_context, describe, preflight_train
-
-    if _accelerate_asks_for_fsdp():
-        args.fsdp = True
-    args.deepspeed = args.deepspeed or _accelerate_deepspeed_spec(args)
-    plan = preflight_train(args)  # every check that needs no weights; nothing written, nothing loaded
-    train_args = plan.train_args
-    # The planner's sharded layout (base weights and adapters split over the processes) is also ZeRO-3's.
-    shards_weights = train_args.fsdp or (train_args.deepspeed is not None and requested_stage(train_args.deepspeed) == 3)
-    device, rank, world_size = devices.init_distributed(args.device)  # torchrun: one process per device
-    graph_mode = devices.resolve_graph_mode(device, args.graph_mode)
-    dtype = _resolve_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
-
-    started = time.perf_counter()
-    model_path = assets.resolve_model_path(args.model)  # the default model is converted here, once
-    check_context(model_path, args.seq_len)
-    fingerprint = assets.model_fingerprint(model_path)
-    if plan.resume_dir is not None:
-        check_base_model(plan.resume_summary, fingerprint, args.model)
-    shape = _choose_shape(args, plan, model_path, device, dtype, world_size, shards_weights)
-    train_args.batch_size = args.batch_size
-    if rank == 0:
-        print(describe(plan, args, device, str(model_path)), flush=True)
-
-    model, tokenizer = assets.load_model_and_tokenizer(model_path, dtype=dtype)
-    train_data, eval_data = _load_data(args, plan, tokenizer)
-    if shape is not None and "batch_size" in shape.chosen:
-        train_args.batch_size = args.batch_size = _batch_within_data(args.batch_size, len(train_data), world_size)
-
-    paca_model = _prepare(args, model, plan, device, graph_mode)
-    trainable, total = paca_model.parameter_counts()
-    logger.info("Trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
-
-    trainer = Trainer(paca_model, train_args, train_data, device)
-    trainer.run_folder = RunFolder(plan.output)
-    trainer.checkpoint_metadata = {"data": str(plan.data_path), "base_model": str(model_path), "base_model_fingerprint": fingerprint}
-    if plan.resume_dir is not None:
-        trainer.resume_from(plan.resume_dir, trust_checkpoint=args.trust_checkpoint)
-    prompt_ids = _sample_prompt(eval_data if eval_data is not None else train_data, args.seq_len).to(device)
-    eval_started = time.perf_counter()
-    eval_before = trainer.evaluate(eval_data) if eval_data is not None else None
-    eval_seconds = time.perf_counter() - eval_started
-    sample_before = _sample(paca_model, tokenizer, prompt_ids, args.sample_tokens) if args.sample_tokens else None
-    if eval_before is not None:
-        logger.info("Held-out loss before training: %.4f (%d examples, %.0f s)", eval_before, len(eval_data), eval_seconds)
-
+    """``paca train`` in stages, each with one job: set up (preflight, no weights; device; shape; announce), load,
+    evaluate before, train, and finish (evaluate after, save, report)."""
+    run = _set_up(args)
+    paca_model, tokenizer, trainer, train_data, eval_data = _load(run)
+    prompt_ids = _sample_prompt(eval_data if eval_data is not None else train_data, args.seq_len).to(run.device)
+    before, sample_before = _evaluate_and_sample(run, trainer, paca_model, tokenizer, eval_data, prompt_ids, "before")
     train_start = time.perf_counter()
     interrupted = False
     try:
         trainer.train()
     except KeyboardInterrupt:
         interrupted = True
-    train_seconds = time.perf_counter() - train_start
+    metrics = _metrics(run, paca_model, trainer, time.perf_counter() - train_start, before, interrupted)
+    if interrupted:
+        if run.rank == 0:
+            _write_run_metrics(trainer, metrics)
+            print(_interrupted_message(trainer))
+        return 130
+    after, sample_after = _evaluate_and_sample(run, trainer, paca_model, tokenizer, eval_data, prompt_ids, "after")
+    adapter_dir = _save_adapter(run, paca_model, trainer)
+    metrics.update(
+        eval_seconds=run.evaluation_seconds,
+        held_out_loss_after=after,
+        held_out_perplexity_before=_safe_exp(before),
+        held_out_perplexity_after=_safe_exp(after),
+        prompt=tokenizer.decode(prompt_ids[0], skip_special_tokens=True),
+        sample_before=sample_before,
+        sample_after=sample_after,
+        adapter=str(adapter_dir),
+        peak_memory_bytes=devices.memory_stats(run.device).peak_bytes,
+        total_seconds=time.perf_counter() - run.started,
+        world_size=run.world_size,
+    )
+    if run.rank == 0:
+        _write_run_metrics(trainer, metrics)
+        _print_summary(metrics)
+    devices.shutdown_distributed()  # every rank waits for rank 0's writes, then leaves the group
+    return 0
 
-    metrics = {
+
+def _set_up(args: argparse.Namespace) -> _Run:
+    """Everything before the weights load: preflight, the device, the model folder's checks, the shape, and the
+    lines saying what will run."""
+    from . import assets
+    from .train_preflight import check_base_model, check_context, describe, preflight_train
+
+    if _accelerate_asks_for_fsdp():
+        args.fsdp = True
+    args.deepspeed = args.deepspeed or _accelerate_deepspeed_spec(args)
+    plan = preflight_train(args)  # every check that needs no weights; nothing written, nothing loaded
+    device, rank, world_size = devices.init_distributed(args.device)  # torchrun: one process per device
+    graph_mode = devices.resolve_graph_mode(device, args.graph_mode)
+    dtype = _resolve_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    model_path = assets.resolve_model_path(args.model)  # the default model is converted here, once
+    check_context(model_path, args.seq_len)
+    fingerprint = assets.model_fingerprint(model_path)
+    if plan.resume_dir is not None:
+        check_base_model(plan.resume_summary, fingerprint, args.model)
+    run = _Run(args, plan, device, rank, world_size, graph_mode, dtype, str(model_path), fingerprint, started=started)
+    train_args = plan.train_args
+    # The planner's sharded layout (base weights and adapters split over the processes) is also ZeRO-3's.
+    shards_weights = train_args.fsdp or (train_args.deepspeed is not None and requested_stage(train_args.deepspeed) == 3)
+    run.shape = _choose_shape(args, plan, model_path, device, dtype, world_size, shards_weights)
+    train_args.batch_size = args.batch_size
+    if rank == 0:
+        print(describe(plan, args, device, run.model_path), flush=True)
+    return run
+
+
+def _load(run: _Run):
+    """The weights, the data, the adapters and the Trainer (resumed when asked)."""
+    from . import assets
+    from .outputs import RunFolder
+    from .trainer import Trainer
+
+    args, plan = run.args, run.plan
+    model, tokenizer = assets.load_model_and_tokenizer(run.model_path, dtype=run.dtype)
+    train_data, eval_data = _load_data(args, plan, tokenizer)
+    if run.shape is not None and "batch_size" in run.shape.chosen:
+        plan.train_args.batch_size = args.batch_size = _batch_within_data(args.batch_size, len(train_data), run.world_size)
+    paca_model = _prepare(args, model, plan, run.device, run.graph_mode)
+    trainable, total = paca_model.parameter_counts()
+    logger.info("Trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    trainer = Trainer(paca_model, plan.train_args, train_data, run.device)
+    trainer.run_folder = RunFolder(plan.output)
+    trainer.checkpoint_metadata = {"data": str(plan.data_path), "base_model": run.model_path, "base_model_fingerprint": run.fingerprint}
+    if plan.resume_dir is not None:
+        trainer.resume_from(plan.resume_dir, trust_checkpoint=args.trust_checkpoint)
+    return paca_model, tokenizer, trainer, train_data, eval_data
+
+
+def _evaluate_and_sample(run: _Run, trainer, paca_model, tokenizer, eval_data, prompt_ids, when: str):
+    """The held-out loss (None without held-out data) and the greedy sample, timed into ``run.evaluation_seconds``."""
+    started = time.perf_counter()
+    loss = trainer.evaluate(eval_data) if eval_data is not None else None
+    seconds = time.perf_counter() - started
+    run.evaluation_seconds += seconds
+    sample = _sample(paca_model, tokenizer, prompt_ids, run.args.sample_tokens) if run.args.sample_tokens else None
+    if loss is not None and when == "before":
+        logger.info("Held-out loss before training: %.4f (%d examples, %.0f s)", loss, len(eval_data), seconds)
+    return loss, sample
+
+
+def _save_adapter(run: _Run, paca_model, trainer) -> Path:
+    adapter_dir = trainer.output_dir / "adapter"
+    if run.rank == 0:
+        trainer.run_folder.claim("adapter")
+    # Every rank takes part (FSDP gathers the shards); rank 0 writes.
+    paca_model.save_pretrained(adapter_dir, is_main_process=run.rank == 0, base_model=run.model_path,
+                               base_model_fingerprint=run.fingerprint)
+    return adapter_dir
+
+
+def _metrics(run: _Run, paca_model, trainer, train_seconds: float, before: float | None, interrupted: bool) -> dict:
+    """metrics.json as it stands when training ends (finish adds the evaluation after, the sample and the adapter)."""
+    args, plan = run.args, run.plan
+    trainable, total = paca_model.parameter_counts()
+    return {
         "library_version": __version__,
         "command": " ".join(sys.argv),
         "method": paca_model.method,
-        "model": str(model_path),
-        "base_model_fingerprint": fingerprint,
+        "model": run.model_path,
+        "base_model_fingerprint": run.fingerprint,
         "data": str(plan.data_path),
         "eval_data": str(plan.eval_data_path) if plan.eval_data_path else None,
-        "device": str(device),
-        "graph_mode": graph_mode,
-        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(run.device),
+        "graph_mode": run.graph_mode,
+        "dtype": str(run.dtype).replace("torch.", ""),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": _version_of("transformers")},
         "configs": [c.to_dict() for c in plan.configs],
         "seq_len": args.seq_len,
-        "auto_shape": _auto_shape_record(shape, plan.recorded_shape, args),
-        "training": vars(train_args),
+        "auto_shape": _auto_shape_record(run.shape, plan.recorded_shape, args),
+        "training": vars(plan.train_args),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "host_parameters": paca_model.host_parameter_count(),
         "host_traffic": paca_model.host_traffic(),
         "steps": trainer.state.step,
         "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
+        "eval_seconds": run.evaluation_seconds,
         "history": trainer.state.history,
-        "held_out_loss_before": eval_before,
+        "held_out_loss_before": before,
         "interrupted": interrupted,
         "checkpoint": str(trainer.checkpoint_dir) if trainer.last_saved_step is not None else None,
     }
-    if interrupted:
-        if rank == 0:
-            _write_run_metrics(trainer, metrics)
-            print(_interrupted_message(trainer))
-        return 130
-    eval_started = time.perf_counter()
-    eval_after = trainer.evaluate(eval_data) if eval_data is not None else None
-    metrics["eval_seconds"] = eval_seconds + time.perf_counter() - eval_started
-    sample_after = _sample(paca_model, tokenizer, prompt_ids, args.sample_tokens) if args.sample_tokens else None
-    adapter_dir = trainer.output_dir / "adapter"
-    if rank == 0:
-        trainer.run_folder.claim("adapter")
-    # Every rank takes part (FSDP gathers the shards); rank 0 writes.
-    paca_model.save_pretrained(adapter_dir, is_main_process=rank == 0, base_model=str(model_path), base_model_fingerprint=fingerprint)
-    metrics.update(
-        held_out_loss_after=eval_after,
-        held_out_perplexity_before=_safe_exp(eval_before),
-        held_out_perplexity_after=_safe_exp(eval_after),
-        prompt=tokenizer.decode(prompt_ids[0], skip_special_tokens=True),
-        sample_before=sample_before,
-        sample_after=sample_after,
-        adapter=str(adapter_dir),
-        peak_memory_bytes=devices.memory_stats(device).peak_bytes,
-        total_seconds=time.perf_counter() - started,
-        world_size=world_size,
-    )
-    if rank == 0:
-        _write_run_metrics(trainer, metrics)
-        _print_summary(metrics)
-    devices.shutdown_distributed()  # every rank waits for rank 0's writes, then leaves the group
-    return 0
 
 
 def _choose_shape(args, plan, model_path, device, dtype, world_size: int, shards_weights: bool):
