@@ -122,54 +122,12 @@ def run_bench(args: argparse.Namespace) -> int:
 def _run_speed_and_accuracy(args: argparse.Namespace, out: Path, final: Path, specs, seq_lens, batches, ranks, budget,
                             environment: dict, plots: bool) -> int:
     """The speed and accuracy jobs, each in a worker process, written into ``out`` (published at ``final``)."""
-    base = _job_base(args)
-
-    speed_jobs: list[tuple[dict, list[int]]] = []  # (job, LoRA ranks it stands for)
-    if args.mode in ("speed", "both"):
-        for seq in seq_lens:
-            for batch in batches:
-                for spec in specs:
-                    group = ranks if not spec.uses_rank else None
-                    for rank in ([ranks[0]] if group else ranks):
-                        job = dict(base, mode="speed", method=spec.name, model=args.model, seq_len=seq, batch_size=batch,
-                                   rank=spec.rank(rank, args.match_params), lr=_lr(spec, args, spec.rank(rank, args.match_params)), steps=args.steps, warmup_steps=args.warmup_steps)
-                        speed_jobs.append((job, group or [rank]))
-    accuracy_jobs = []
-    if args.mode in ("accuracy", "both"):
-        accuracy = {"data": args.data, "eval_fraction": 0.1, "eval_every": args.eval_every, "warmup_steps": min(5, args.accuracy_steps // 5)}
-        for spec in specs:
-            accuracy_jobs.append(dict(
-                base, mode="accuracy", method=spec.name, model=args.accuracy_model, seq_len=args.accuracy_seq_len,
-                batch_size=args.accuracy_batch_size, rank=spec.rank(args.accuracy_rank, args.match_params),
-                lr=_lr(spec, args, spec.rank(args.accuracy_rank, args.match_params)),
-                steps=args.accuracy_steps, accuracy=accuracy,
-            ))
-
+    speed_jobs = _speed_jobs(args, specs, seq_lens, batches, ranks) if args.mode in ("speed", "both") else []
+    accuracy_jobs = _accuracy_jobs(args, specs) if args.mode in ("accuracy", "both") else []
     bar = tqdm(total=len(speed_jobs) + len(accuracy_jobs), desc="bench", unit="method", disable=args.no_progress, dynamic_ncols=True)
-    logs = out / "logs"
-    speed_records: list[dict] = []
-    for job, group in speed_jobs:
-        bar.set_postfix_str(f"{job['method']} seq {job['seq_len']} b {job['batch_size']} r {job['rank']}")
-        started = time.perf_counter()
-        result = run_worker(job, logs / f"speed-{_slug(job)}.log", args.worker_timeout)
-        result["wall_s"] = time.perf_counter() - started
-        if budget is not None and result.get("status") == "ok":
-            bar.set_postfix_str(f"{job['method']}: searching max {args.search} under {args.memory_budget}")
-            result["search"] = _search(job, args, budget, logs).as_dict()
-        for rank in group:
-            speed_records.append(dict(result, method=job["method"], rank=job["rank"], group_rank=rank, seq_len=job["seq_len"],
-                                      batch_size=job["batch_size"], lr=job["lr"]))
-        _log_result(job, result)
-        bar.update(1)
-    accuracy_records = []
-    for job in accuracy_jobs:
-        bar.set_postfix_str(f"accuracy: {job['method']} r {job['rank']}")
-        result = run_worker(job, logs / f"accuracy-{_slug(job)}.log", args.worker_timeout)
-        accuracy_records.append(dict(result, method=job["method"], rank=job["rank"], lr=job["lr"]))
-        _log_result(job, result)
-        bar.update(1)
+    speed_records = _run_speed_jobs(args, speed_jobs, budget, out / "logs", bar)
+    accuracy_records = _run_accuracy_jobs(args, accuracy_jobs, out / "logs", bar)
     bar.close()
-
     report.add_ratios(speed_records)
     _point_at_published(speed_records + accuracy_records, out, final)
     document = {
@@ -185,19 +143,78 @@ def _run_speed_and_accuracy(args: argparse.Namespace, out: Path, final: Path, sp
         "speed": speed_records,
         "accuracy": accuracy_records,
     }
+    _write_report(document, out, final, plots)
+    failed = [r for r in speed_records + accuracy_records if r.get("status") == "error"]
+    return 1 if failed else 0
+
+
+def _speed_jobs(args: argparse.Namespace, specs, seq_lens, batches, ranks) -> list[tuple[dict, list[int]]]:
+    """(job, the LoRA ranks it stands for): a method without a rank runs once for the whole group of ranks."""
+    base = _job_base(args)
+    jobs: list[tuple[dict, list[int]]] = []
+    for seq in seq_lens:
+        for batch in batches:
+            for spec in specs:
+                group = ranks if not spec.uses_rank else None
+                for rank in ([ranks[0]] if group else ranks):
+                    method_rank = spec.rank(rank, args.match_params)
+                    job = dict(base, mode="speed", method=spec.name, model=args.model, seq_len=seq, batch_size=batch, rank=method_rank,
+                               lr=_lr(spec, args, method_rank), steps=args.steps, warmup_steps=args.warmup_steps)
+                    jobs.append((job, group or [rank]))
+    return jobs
+
+
+def _accuracy_jobs(args: argparse.Namespace, specs) -> list[dict]:
+    base = _job_base(args)
+    accuracy = {"data": args.data, "eval_fraction": 0.1, "eval_every": args.eval_every, "warmup_steps": min(5, args.accuracy_steps // 5)}
+    return [dict(base, mode="accuracy", method=spec.name, model=args.accuracy_model, seq_len=args.accuracy_seq_len,
+                 batch_size=args.accuracy_batch_size, rank=spec.rank(args.accuracy_rank, args.match_params),
+                 lr=_lr(spec, args, spec.rank(args.accuracy_rank, args.match_params)), steps=args.accuracy_steps, accuracy=accuracy)
+            for spec in specs]
+
+
+def _run_speed_jobs(args: argparse.Namespace, jobs: list[tuple[dict, list[int]]], budget, logs: Path, bar) -> list[dict]:
+    records: list[dict] = []
+    for job, group in jobs:
+        bar.set_postfix_str(f"{job['method']} seq {job['seq_len']} b {job['batch_size']} r {job['rank']}")
+        started = time.perf_counter()
+        result = run_worker(job, logs / f"speed-{_slug(job)}.log", args.worker_timeout)
+        result["wall_s"] = time.perf_counter() - started
+        if budget is not None and result.get("status") == "ok":
+            bar.set_postfix_str(f"{job['method']}: searching max {args.search} under {args.memory_budget}")
+            result["search"] = _search(job, args, budget, logs).as_dict()
+        for rank in group:
+            records.append(dict(result, method=job["method"], rank=job["rank"], group_rank=rank, seq_len=job["seq_len"],
+                                batch_size=job["batch_size"], lr=job["lr"]))
+        _log_result(job, result)
+        bar.update(1)
+    return records
+
+
+def _run_accuracy_jobs(args: argparse.Namespace, jobs: list[dict], logs: Path, bar) -> list[dict]:
+    records = []
+    for job in jobs:
+        bar.set_postfix_str(f"accuracy: {job['method']} r {job['rank']}")
+        result = run_worker(job, logs / f"accuracy-{_slug(job)}.log", args.worker_timeout)
+        records.append(dict(result, method=job["method"], rank=job["rank"], lr=job["lr"]))
+        _log_result(job, result)
+        bar.update(1)
+    return records
+
+
+def _write_report(document: dict, out: Path, final: Path, plots: bool) -> None:
+    """bench.json, bench.md and the plots into ``out``; the paths printed are where they will be (``final``)."""
     outputs = [out / "bench.json", out / "bench.md"]
     report.write_json(outputs[0], document)
     outputs[1].write_text(report.markdown_report(document))
-    if plots and speed_records:
-        outputs += report.plot_speed(speed_records, out)
-    if plots and accuracy_records:
-        outputs.append(report.plot_loss_curves(accuracy_records, out))
+    if plots and document["speed"]:
+        outputs += report.plot_speed(document["speed"], out)
+    if plots and document["accuracy"]:
+        outputs.append(report.plot_loss_curves(document["accuracy"], out))
     print(report.markdown_report(document))
     print("Wrote " + ", ".join(str(final / p.name) for p in outputs))
     if not plots:
         print(f"No PNG plots: matplotlib is not installed ({extras.install_hint('matplotlib')}).")
-    failed = [r for r in speed_records + accuracy_records if r.get("status") == "error"]
-    return 1 if failed else 0
 
 
 def run_max_context(args: argparse.Namespace) -> int:
