@@ -223,6 +223,8 @@ def test_deepspeed_with_fsdp_or_in_one_process_is_refused(tmp_path):
 
 def _partitioned_load_worker(rank, world, init_file, out_dir):
     import deepspeed
+    from transformers import LlamaForCausalLM  # noqa: F401 - the model class is imported before zero.Init patches
+    # tensor creation, as from_pretrained does (importing it inside would import torch._dynamo under the patch)
 
     _init(rank, world, init_file)
     try:
