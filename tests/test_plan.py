@@ -708,3 +708,20 @@ def test_plan_labels_layout_budget_context_and_versions(tmp_path):
     assert roomy["fits"] and roomy["max_seq_len"] == roomy["context"] == 8192 and roomy["max_seq_len_is_context"]
     table = markdown_table([roomy])
     assert "8192 (context)" in table and "GiB per rank (one process)" in table and "tokens/s: all ranks" in table
+
+
+@needs_peft
+@needs_bnb
+def test_peft_qlora_is_planned_as_users_run_it():
+    """transformers' load_in_4bit quantizes every linear but the head whatever LoRA targets, and PEFT's
+    prepare_model_for_kbit_training upcasts what stays in 16 bits (norms, embeddings, head) to fp32."""
+    config = tiny_llama_config(num_hidden_layers=2)
+    few = build(config, parse_method_spec("peft-qlora"), LORA_RANK, torch.bfloat16, {"target_modules": "q_proj,v_proj"})
+    every = build(config, parse_method_spec("peft-qlora"), LORA_RANK, torch.bfloat16, {})
+    assert few.counts["weights"] == every.counts["weights"] - (every.counts["trainable_params"] - few.counts["trainable_params"]) * 4
+    import bitsandbytes as bnb
+
+    module = few.prepared.module
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in module.modules()) == 2 * 7  # every projection, not only q and v
+    kept = {p.dtype for n, p in module.named_parameters() if not p.requires_grad and "norm" in n or "embed" in n}
+    assert kept == {torch.float32}

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import devices
 
-from ..base_config import LLAMA_PROJECTIONS, field_default, parse_targets
+from ..base_config import ALL_LINEAR, LLAMA_PROJECTIONS, field_default, parse_targets
 from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, chunked_causal_lm_forward
 from ..errors import PacaConfigError
 from ..methods.velora import VeLoRAConfig
@@ -89,6 +89,21 @@ def quantize_targets(model: nn.Module, options: dict) -> nn.Module:
         raise Unavailable(str(error).splitlines()[0]) from None
 
 
+def quantize_for_qlora(model: nn.Module, options: dict) -> nn.Module:
+    """PEFT QLoRA as its users run it: every linear layer but the output head in 4 bits (what transformers'
+    ``BitsAndBytesConfig(load_in_4bit=True)`` loads, whatever the LoRA targets), then PEFT's
+    ``prepare_model_for_kbit_training``, which upcasts the parameters left in 16 bits (norms, embeddings, head) to
+    fp32 and makes the embeddings' output require grad. Its gradient checkpointing stays a lever of the entry
+    (``@gc``), not forced here."""
+    import peft
+
+    try:
+        model = quantize_base(model, options.get("quantize") or "nf4", target_modules=ALL_LINEAR)
+    except ImportError as error:
+        raise Unavailable(str(error).splitlines()[0]) from None
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict, device: torch.device, lr: float,
             place: bool = True, configs: list | None = None) -> Prepared:
     """Set ``model`` up for ``spec``; the optimizer is AdamW in the device's form (PEFT LoRA-FA: its own).
@@ -111,7 +126,9 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
         return Prepared(model, params, make_adamw(params), _lm_loss(model))
     if spec.kind == "peft":
         _import_peft()  # before quantizing: a missing package is said first
-    if spec.four_bit:
+    if spec.four_bit and spec.kind == "peft":
+        model = quantize_for_qlora(model, options)
+    elif spec.four_bit:
         model = quantize_targets(model, options)
     if spec.kind == "peft":
         return _prepare_peft(spec, model, rank, options, lr, make_adamw)
