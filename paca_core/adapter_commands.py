@@ -30,7 +30,7 @@ def _load_for_adapter(args):
 
 def run_merge(args: argparse.Namespace) -> int:
     from . import assets
-    from .outputs import check_free_space, disk_full_error, is_disk_full, publish_directory
+    from .outputs import check_free_space, publish_directory
     from .quantization import is_quantized_model, merge_and_dequantize
 
     target = _adapter_output(args, "merge")
@@ -40,31 +40,21 @@ def run_merge(args: argparse.Namespace) -> int:
     paca_model, tokenizer = _load_for_adapter(args)
     # A 4-bit (QPaCA) base is written dequantized with the delta added: exact, and a plain HF model.
     merged = merge_and_dequantize(paca_model) if is_quantized_model(paca_model) else paca_model.merge_and_unload()
-    try:
-        with publish_directory(target) as staging:  # a crash or a full disk leaves the old state
-            merged.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-    except Exception as error:
-        if is_disk_full(error):
-            raise disk_full_error(error, target.path, needed) from None
-        raise
+    with publish_directory(target, needed_bytes=needed) as staging:  # a crash or a full disk leaves the old state
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     print(f"Merged model written to {target.path}")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     from .export import peft_lora_adapter, write_peft_lora
-    from .outputs import disk_full_error, is_disk_full, publish_directory
+    from .outputs import publish_directory
 
     target = _adapter_output(args, "export-peft")
     paca_model, _ = _load_for_adapter(args)
     tensors, config = peft_lora_adapter(paca_model)
-    try:
-        with publish_directory(target) as staging:
-            write_peft_lora(staging, tensors, config)
-    except Exception as error:
-        if is_disk_full(error):
-            raise disk_full_error(error, target.path, None) from None
-        raise
+    with publish_directory(target, needed_bytes=sum(t.numel() * t.element_size() for t in tensors.values())) as staging:
+        write_peft_lora(staging, tensors, config)
     print(f"PEFT LoRA adapter written to {target.path} (load with peft.PeftModel.from_pretrained)")
     return 0

@@ -196,17 +196,23 @@ def _marker_bytes(command: str, entries: list[str]) -> bytes:
 
 
 @contextlib.contextmanager
-def publish_directory(target: OutputTarget) -> Iterator[Path]:
+def publish_directory(target: OutputTarget, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield an empty staging folder beside ``target``; once written, it becomes ``target`` in one rename.
 
-    A crash or a full disk leaves the previous state (nothing, or the previous output) and no staging folder.
-    The folder's contents are re-checked right before the swap (:func:`~paca_core.atomic.atomic_directory`), so a
-    file a user dropped in meanwhile is kept and nothing is replaced.
+    A crash or a full disk leaves the previous state (nothing, or the previous output) and no staging folder; a
+    full disk is reported as :class:`DiskFullError` naming ``target`` and ``needed_bytes``. The folder's contents
+    are re-checked right before the swap (:func:`~paca_core.atomic.atomic_directory`), so a file a user dropped in
+    meanwhile is kept and nothing is replaced.
     """
-    with atomic_directory(target.path, owned=target.previous_entries + [MARKER_NAME]) as staging:
-        yield staging
-        entries = [name for name in os.listdir(staging) if name != MARKER_NAME]
-        (staging / MARKER_NAME).write_bytes(_marker_bytes(target.command, entries))
+    try:
+        with atomic_directory(target.path, owned=target.previous_entries + [MARKER_NAME]) as staging:
+            yield staging
+            entries = [name for name in os.listdir(staging) if name != MARKER_NAME]
+            (staging / MARKER_NAME).write_bytes(_marker_bytes(target.command, entries))
+    except Exception as error:
+        if is_disk_full(error) and not isinstance(error, DiskFullError):
+            raise disk_full_error(error, target.path, needed_bytes) from error
+        raise
 
 
 class RunFolder:

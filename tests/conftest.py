@@ -135,3 +135,14 @@ def sample_text_file(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text(SAMPLE_TEXT)
     return path
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail the test if any model weights load: a refusal that needs no weights must come before the load."""
+    import paca_core.assets as assets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(assets, "load_model_and_tokenizer", refuse)

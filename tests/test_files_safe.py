@@ -24,15 +24,6 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return found
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    """Fail the test if any weights load (the refusal must come first)."""
-    import paca_core.assets as assets
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the refusal")
-
-    monkeypatch.setattr(assets, "load_model_and_tokenizer", refuse)
 
 
 @pytest.fixture

@@ -10,14 +10,6 @@ import pytest
 from paca_core.cli import main
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    import paca_core.assets as assets
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the refusal")
-
-    monkeypatch.setattr(assets, "load_model_and_tokenizer", refuse)
 
 
 def _argv(model, data, out, *extra):
