@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -230,7 +231,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": python_rng_state(), "numpy": numpy_rng_state()},
             "total_steps": self.total_steps,
         }
-        if self.run_folder is not None and directory.parent == self.run_folder.path:
+        if self.run_folder is not None and Path(os.path.abspath(directory)).parent == self.run_folder.path:
             self.run_folder.claim(directory.name)
         try:
             with atomic_directory(directory, owned=(LEGACY_STATE_NAME,)) as staging:  # a 0.1.0 state is rewritten in this format

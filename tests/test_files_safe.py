@@ -258,3 +258,17 @@ def test_bench_refuses_a_folder_of_user_files_before_any_worker(user_folder, mon
     assert _run(["bench", "--model", "tiny", "--methods", "paca", "--out", str(user_folder)], caplog) == 2
     assert "did not write" in _error_lines(caplog)[0]
     assert snapshot(user_folder) == before
+
+
+def test_a_relative_out_is_recognised_as_this_commands_output_next_time(tiny_model_dir, sample_text_file, tmp_path, monkeypatch, caplog):
+    """The main job's default --out is relative (runs/paca): its second run must see its own earlier run."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert _run(_train(tiny_model_dir, sample_text_file, "runs/x"), caplog) == 0
+    marker = json.loads((work / "runs" / "x" / MARKER_NAME).read_text())
+    assert set(marker["entries"]) == {"adapter", "checkpoint", "metrics.json"}
+    assert _run(_train(tiny_model_dir, sample_text_file, "runs/x"), caplog) == 2
+    assert "holds a previous `paca train` output" in _error_lines(caplog)[0]
+    assert _run(_train(tiny_model_dir, sample_text_file, "runs/x", "--resume", "runs/x", "--steps", "3"), caplog) == 0
+    assert _run(_train(tiny_model_dir, sample_text_file, "runs/x", "--overwrite"), caplog) == 0
