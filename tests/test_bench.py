@@ -198,3 +198,17 @@ def test_bench_flags_and_four_bit_forms_come_from_the_registration(toy_with_benc
     with pytest.raises(PacaConfigError, match="bench_flags"):
         dataclasses.replace(toy_with_bench_declarations, bench_flags=("not_an_option",))
 
+
+
+@pytest.mark.parametrize("error", [RuntimeError("HPU out of memory: tried to allocate 2 GiB"), MemoryError()])
+def test_a_worker_reports_any_devices_out_of_memory_as_oom(monkeypatch, error):
+    """HPU and CPU report running out of memory as RuntimeError/MemoryError, not torch.OutOfMemoryError; the bench
+    still records it as 'oom' (not 'error'), as the Trainer does (errors.is_out_of_memory)."""
+    from paca_core.bench import worker
+
+    def fails(job):
+        raise error
+
+    monkeypatch.setitem(worker.MODES, "speed", fails)
+    result = worker.run_job({"mode": "speed"})
+    assert result["status"] == "oom", result

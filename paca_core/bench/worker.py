@@ -26,6 +26,7 @@ import torch
 
 import devices
 
+from ..errors import is_out_of_memory
 from ..measure import count_saved_tensors
 from ..methods import import_method_modules
 from ..quantization import quant_state_tensors
@@ -37,8 +38,6 @@ from ..workloads.specs import MethodSpec, parse_method_spec
 
 logger = logging.getLogger(__name__)
 
-#: torch.OutOfMemoryError appeared in torch 2.5; the CUDA one is its alias there and exists before.
-_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -241,9 +240,9 @@ def run_job(job: dict) -> dict:
         return MODES[job["mode"]](dict(job))
     except Unavailable as error:
         return {"status": "unavailable", "reason": str(error)}
-    except _OUT_OF_MEMORY as error:
-        return {"status": "oom", "reason": str(error).splitlines()[0]}
     except Exception as error:  # reported per method; the other methods still run
+        if is_out_of_memory(error):  # every device's form (CUDA's OutOfMemoryError, HPU/CPU RuntimeErrors)
+            return {"status": "oom", "reason": (str(error).splitlines() or [type(error).__name__])[0]}
         logger.debug("worker failed", exc_info=True)
         return {"status": "error", "reason": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-4000:]}
 
