@@ -103,6 +103,21 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}
 
+    @classmethod
+    def upgrade_saved(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` as saved by an earlier release, with what that release meant filled in explicitly.
+
+        Called by :func:`paca_core.config.config_from_dict` before the config is made. A field added later
+        whose default changes behaviour (QPaCA's ``quantize_scope``) records here what an old checkpoint did, so
+        it loads as it trained. Default: unchanged."""
+        return fields
+
+    def prepare_base(self, model: nn.Module, adapted: set[str]) -> None:
+        """Change the frozen base before any layer is adapted (QPaCA: quantize every linear but the head).
+
+        ``adapted``: names of the modules some method of this ``prepare_model`` call will adapt; leave those to
+        :meth:`create_layer`. Runs after the model is frozen and placed. Default: nothing."""
+
     def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
         """The adapter layer that replaces ``linear`` (or attaches to it): an ``AdapterLayer`` (``prepare_model`` checks),
         which draws its random tensors from the config's ``seed`` through ``layer.generator(self.seed)``."""

@@ -119,7 +119,17 @@ def config_differences(saved: list[dict[str, Any]], current: list[dict[str, Any]
     current_methods = [c.get("method") for c in current]
     if saved_methods != current_methods:
         return [f"method: checkpoint {'+'.join(map(str, saved_methods))!r} vs now {'+'.join(map(str, current_methods))!r}"]
+    saved = [_as_current(entry) for entry in saved]
     return [f"{key}: checkpoint {s.get(key)!r} vs now {c.get(key)!r}" for s, c in zip(saved, current) for key in c if s.get(key) != c.get(key)]
+
+
+def _as_current(entry: dict[str, Any]) -> dict[str, Any]:
+    """A saved config as this release reads it (fields added since then filled in as the saving release meant
+    them), so a field that did not exist yet is no difference; an entry that cannot be read is compared as saved."""
+    try:
+        return config_from_dict(entry).to_dict()
+    except (PacaConfigError, TypeError):
+        return entry
 
 
 def read_configs(document: dict[str, Any], directory) -> list[MethodConfig]:

@@ -64,6 +64,7 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     if method not in METHOD_CONFIGS:
         raise PacaConfigError(f"Unknown method {method!r}; known methods: {', '.join(METHOD_CONFIGS)}.")
     cls = METHOD_CONFIGS[method]
+    data = cls.upgrade_saved(data)
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - known)
     if unknown:

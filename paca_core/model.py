@@ -41,6 +41,11 @@ def prepare_model(
     Trainer, accelerate, torchrun, DeepSpeed or a ``device_map`` that runs the script places the model, as
     with PEFT's ``get_peft_model``. An explicit ``device`` (``auto``/``cpu``/``cuda[:N]``/``hpu[:N]``)
     moves the whole model there first.
+
+    The base keeps the dtype it was loaded in; adapter parameters (and so their gradients and optimizer state)
+    are fp32 whatever it is. To load as ``paca train --dtype auto`` does, pass ``devices.default_dtype(device)``
+    as ``from_pretrained``'s dtype: bf16 on GPUs and Gaudi, and on CPUs that multiply bf16 natively
+    (AVX512-BF16 or AMX); fp32 on other CPUs, where bf16 would be emulated and slower.
     """
     if isinstance(model, AdaptedModel):
         raise ValueError("This model is already prepared; call prepare_model on the base model once.")
@@ -72,6 +77,8 @@ def prepare_model(
         move_model(model, resolve_device(device))  # refused for offloaded or device_map-dispatched models
     check_targets_placement(plan)  # before any surgery: methods that cannot use an offloaded weight say so
     freeze(model)
+    for config in configs:  # e.g. QPaCA's whole-base 4-bit quantization, before the targets are wrapped
+        config.prepare_base(model, set(plan))
     created = {}
     for name, (config, module) in sorted(plan.items(), key=lambda item: -item[0].count(".")):  # deepest first
         created[name] = _created_layer(config, module, name)

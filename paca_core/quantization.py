@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from backends import bitsandbytes_compat
 
-from .base_config import LLAMA_PROJECTIONS
+from .base_config import ALL_LINEAR, LLAMA_PROJECTIONS
 from .errors import PacaConfigError
 from .surgery import find_targets, replace_module
 
@@ -175,6 +175,34 @@ def quantize_base(
     model.is_loaded_in_4bit = True
     logger.info("Quantized %d linear layers to %s", len(targets), kind)
     return model
+
+
+def frozen_base_linears(model: nn.Module, adapted: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every ``nn.Linear`` of ``model`` no method adapts and that is not the output head,
+    including those already in 4 bits: what a whole-base quantization covers beside the adapted targets."""
+    adapted = set(adapted)
+    return [(n, m) for n, m in find_targets(model, ALL_LINEAR) if n not in adapted]
+
+
+def observed_scope(model: nn.Module, adapted: Iterable[str]) -> str:
+    """``"base"`` when every frozen linear outside the adapted ones is already 4-bit, else ``"targets"``: the scope a
+    model quantized before ``prepare_model`` records, so loading its checkpoint rebuilds the same base."""
+    rest = frozen_base_linears(model, adapted)
+    return "base" if rest and all(is_quantized_linear(m) for _, m in rest) else "targets"
+
+
+def quantize_frozen_base(model: nn.Module, kind: str, adapted: Iterable[str]) -> int:
+    """Quantize, in place, every full-precision linear that :func:`frozen_base_linears` lists (the adapted targets
+    are left to their method, which quantizes them as it wraps them). Returns how many were quantized."""
+    import_bitsandbytes()
+    kind = check_kind(kind)
+    todo = [(n, m) for n, m in frozen_base_linears(model, adapted) if not is_quantized_linear(m)]
+    for name, linear in todo:
+        replace_module(model, name, quantize_linear(linear, kind, module_name=name))
+    if todo:
+        model.is_loaded_in_4bit = True
+        logger.info("Quantized %d frozen linear layers outside the adapted ones to %s (quantize_scope='base')", len(todo), kind)
+    return len(todo)
 
 
 def dequantize_weight(linear: nn.Module) -> torch.Tensor:

@@ -233,6 +233,84 @@ def test_prequantized_base_records_its_kind():
     assert not isinstance(qpaca.base_model.lm_head, bnb.nn.Linear4bit)  # all-linear leaves the head alone
 
 
+def _four_bit_names(model):
+    return {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_quantize_puts_the_whole_base_but_the_head_in_4_bits_as_qlora_does():
+    qpaca = prepare_model(tiny_llama(), PaCAConfig(r=4, quantize="nf4", target_modules=["q_proj", "v_proj"]), device="cpu")
+    four_bit = {n.removesuffix(".base_layer") for n in _four_bit_names(qpaca.base_model)}
+    projections = {n for n, _ in tiny_llama().named_modules() if n.endswith(PROJECTIONS)}
+    assert four_bit == projections  # q,v (wrapped by QPaCA) and k,o,gate,up,down alike
+    assert not isinstance(qpaca.base_model.lm_head, bnb.nn.Linear4bit)
+    assert set(qpaca.adapter_layers()) == {n for n in qpaca.adapter_layers() if n.endswith(("q_proj", "v_proj"))}
+    assert all(p.requires_grad is False for n, p in qpaca.base_model.named_parameters() if "paca_delta" not in n)
+
+
+def test_quantize_scope_targets_keeps_the_rest_in_the_model_dtype():
+    qpaca = prepare_model(tiny_llama(), PaCAConfig(r=4, quantize="nf4", quantize_scope="targets", target_modules=["q_proj", "v_proj"]), device="cpu")
+    assert {n.split(".")[-2] for n in _four_bit_names(qpaca.base_model)} == {"q_proj", "v_proj"}
+
+
+def test_a_method_trained_module_is_never_quantized():
+    from paca_core import FullConfig
+
+    configs = [PaCAConfig(r=4, quantize="nf4", target_modules=["q_proj", "v_proj"]), FullConfig(target_modules=["down_proj"])]
+    model = prepare_model(tiny_llama(), configs, device="cpu")
+    assert not any(n.endswith("down_proj") or ".down_proj." in n for n in _four_bit_names(model.base_model))
+    assert any(n.endswith("up_proj") for n in _four_bit_names(model.base_model))
+
+
+def test_a_checkpoint_from_before_quantize_scope_loads_as_it_trained(tmp_path):
+    from paca_core.checkpoint import config_differences
+    from paca_core.config import config_from_dict
+
+    old = {"method": "paca", "r": 4, "alpha": None, "quantize": "nf4", "target_modules": ["q_proj"], "exclude_modules": [], "seed": 0}
+    assert config_from_dict(old).quantize_scope == "targets"
+    assert config_from_dict({**old, "quantize": None}).quantize_scope == "base"  # no 4-bit base: nothing to say
+    now = PaCAConfig(r=4, quantize="nf4", quantize_scope="targets", target_modules=["q_proj"]).to_dict()
+    assert config_differences([old], [now]) == []
+    assert config_differences([old], [PaCAConfig(r=4, quantize="nf4", target_modules=["q_proj"]).to_dict()]) == [
+        "quantize_scope: checkpoint 'targets' vs now 'base'"
+    ]
+    # Loading it on a full-precision base rebuilds only the targets in 4 bits, as that release trained.
+    trained = prepare_model(tiny_llama(), PaCAConfig(r=4, quantize="nf4", quantize_scope="targets", target_modules=["q_proj"]), device="cpu")
+    trained.save_pretrained(tmp_path / "adapter")
+    document_path = tmp_path / "adapter" / "adapter_config.json"
+    document = json.loads(document_path.read_text())
+    del document["configs"][0]["quantize_scope"]
+    document_path.write_text(json.dumps(document))
+    loaded = PacaModel.from_pretrained(tiny_llama(), tmp_path / "adapter", device="cpu")
+    assert {n.split(".")[-2] for n in _four_bit_names(loaded.base_model)} == {"q_proj"}
+
+
+def test_whole_base_round_trip_rebuilds_the_same_4bit_base(tmp_path):
+    qpaca = prepare_model(tiny_llama(), PaCAConfig(r=4, quantize="nf4", target_modules=["q_proj"], seed=2), device="cpu")
+    _randomise(qpaca)
+    qpaca.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["configs"][0]["quantize_scope"] == "base"
+    loaded = PacaModel.from_pretrained(tiny_llama(), tmp_path / "adapter", device="cpu")
+    assert _four_bit_names(loaded.base_model) == _four_bit_names(qpaca.base_model)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, qpaca(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quantized, scope", [(PROJECTIONS, "base"), (("q_proj", "v_proj"), "targets")])
+def test_a_base_quantized_by_the_caller_records_its_scope(quantized, scope):
+    config = PaCAConfig(r=4, target_modules=["q_proj", "v_proj"])
+    prepare_model(quantize_base(tiny_llama(), "nf4", target_modules=list(quantized)), config, device="cpu")
+    assert config.quantize == "nf4" and config.quantize_scope == scope
+
+
+def test_cli_quantize_scope_needs_quantize(tmp_path, caplog):
+    assert main(["train", "--method", "paca", "--quantize-scope", "targets", "--out", str(tmp_path / "x")]) == 2
+    assert "--quantize nf4" in caplog.text
+
+
 def _code(kind):
     return bnb.functional.get_4bit_type(kind, device="cpu").float()
 

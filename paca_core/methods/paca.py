@@ -28,12 +28,20 @@ class PaCAConfig(MethodConfig):
             layer and the delta is added beside it (needs ``paca-hal[quant]``). Targets that already
             are 4-bit layers (``quantization.quantize_base``) are used as they are and set this field,
             so checkpoints record the quantization and loading re-quantizes the base the same way.
+        quantize_scope: with ``quantize``, which frozen linears are 4-bit: ``"base"`` (default) every linear but
+            the output head, the targets included — QLoRA's convention (bitsandbytes' ``load_in_4bit``), so a 7B
+            base is about 4 GB whatever the targets; ``"targets"`` only the PaCA targets, the rest stays in the
+            model dtype. Modules other methods adapt (``paca+full``) are never quantized. Checkpoints saved before
+            this field existed read as ``"targets"``, which is what they trained on. Unlike PEFT's
+            ``prepare_model_for_kbit_training``, the layers left in 16 bits (norms, embeddings, head) are not
+            upcast to fp32: they are frozen, and the trained columns and optimizer state are fp32 already.
     """
 
     method: ClassVar[str] = "paca"
     r: int = 8
     alpha: float | None = None
     quantize: str | None = None
+    quantize_scope: str = "base"
 
     def check(self) -> None:
         check_rank(self)
@@ -41,6 +49,28 @@ class PaCAConfig(MethodConfig):
             from ..quantization import check_kind
 
             self.quantize = check_kind(self.quantize)
+        if self.quantize_scope not in ("base", "targets"):
+            raise PacaConfigError(f"quantize_scope must be 'base' or 'targets', got {self.quantize_scope!r}.")
+
+    @classmethod
+    def upgrade_saved(cls, fields: dict) -> dict:
+        """A QPaCA checkpoint from before ``quantize_scope`` quantized only its targets."""
+        if fields.get("quantize") is not None and "quantize_scope" not in fields:
+            return {**fields, "quantize_scope": "targets"}
+        return fields
+
+    def prepare_base(self, model: nn.Module, adapted: set[str]) -> None:
+        """QPaCA on the whole base: every frozen linear but the head in 4 bits before the targets are wrapped. A base
+        quantized by the caller (``quantization.quantize_base``) and no ``quantize`` asked: record what it is."""
+        from ..quantization import is_quantized_linear, observed_scope, quantize_frozen_base
+
+        if self.quantize is None:
+            quantized = [m for m in model.modules() if is_quantized_linear(m)]
+            if quantized:  # the targets' own kind is checked (and recorded) as each is wrapped
+                self.quantize_scope = observed_scope(model, adapted)
+            return
+        if self.quantize_scope == "base":
+            quantize_frozen_base(model, self.quantize, adapted)
 
     @property
     def scaling(self) -> float:
@@ -83,13 +113,20 @@ def export_lora(layer) -> tuple[torch.Tensor, torch.Tensor]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize", default=field_default(PaCAConfig, "quantize"), choices=["nf4", "fp4"],
-        help="QPaCA: hold the PaCA target linears as frozen bitsandbytes 4-bit weights (needs paca-hal[quant]; --method paca)",
+        help="QPaCA: hold the frozen base as bitsandbytes 4-bit weights (needs paca-hal[quant]; --method paca)",
+    )
+    parser.add_argument(
+        "--quantize-scope", default=None, choices=["base", "targets"],
+        help="with --quantize: 'base' = every linear but the output head in 4 bits, as QLoRA loads it (default); "
+        "'targets' = only the PaCA targets (what checkpoints without a quantize_scope field did)",
     )
 
 
 def check_args(args: argparse.Namespace, names: Sequence[str]) -> None:
     """--quantize is QPaCA: it needs a PaCA method and bitsandbytes (clear errors before anything loads)."""
     if args.quantize is None:
+        if getattr(args, "quantize_scope", None) is not None:
+            raise PacaConfigError("--quantize-scope says which layers --quantize puts in 4 bits; add --quantize nf4 (or fp4), or drop it.")
         return
     if "paca" not in names:
         raise PacaConfigError(
@@ -105,7 +142,8 @@ def check_args(args: argparse.Namespace, names: Sequence[str]) -> None:
 
 
 def from_args(args: argparse.Namespace, common: CommonOptions) -> PaCAConfig:
-    return PaCAConfig(r=common.rank, alpha=common.alpha, quantize=args.quantize, **common.config_fields())
+    scope = getattr(args, "quantize_scope", None) or field_default(PaCAConfig, "quantize_scope")
+    return PaCAConfig(r=common.rank, alpha=common.alpha, quantize=args.quantize, quantize_scope=scope, **common.config_fields())
 
 
 DEFAULT_RANK = 16
@@ -120,7 +158,7 @@ METHOD = register_method(
         config=PaCAConfig,
         from_args=from_args,
         add_arguments=add_arguments,
-        options=("quantize",),
+        options=("quantize", "quantize_scope"),
         check_args=check_args,
         default_lr=DEFAULT_LR,
         #: r·out trainable per layer (LoRA: r·(in + out)): 16 matches LoRA at 8.

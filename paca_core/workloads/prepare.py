@@ -3,8 +3,8 @@
 The one place an entry becomes a trainable model, so ``paca bench`` (real tensors, in a worker
 process) and ``paca plan`` (fake tensors) step exactly the same thing. Our methods go through
 :func:`paca_core.model.prepare_model` with the configs ``paca train`` would build; the PEFT peers
-through ``peft.get_peft_model``; 4-bit entries first quantize the base's targets
-(:func:`paca_core.quantization.quantize_base`).
+through ``peft.get_peft_model``; 4-bit entries hold the base in 4 bits as their users do (PEFT QLoRA: every
+linear but the head, then ``prepare_model_for_kbit_training``; QPaCA: ``PaCAConfig.quantize_scope``).
 """
 from __future__ import annotations
 
@@ -81,14 +81,6 @@ def _import_peft() -> None:
         raise Unavailable(f"HF PEFT is not installed ({error}); pip install 'paca-hal[peft]'") from None
 
 
-def quantize_targets(model: nn.Module, options: dict) -> nn.Module:
-    """The base's target linears as frozen bitsandbytes 4-bit layers (``options["quantize"]``, default nf4)."""
-    try:
-        return quantize_base(model, options.get("quantize") or "nf4", target_modules=target_list(options.get("target_modules")))
-    except ImportError as error:
-        raise Unavailable(str(error).splitlines()[0]) from None
-
-
 def quantize_for_qlora(model: nn.Module, options: dict) -> nn.Module:
     """PEFT QLoRA as its users run it: every linear layer but the output head in 4 bits (what transformers'
     ``BitsAndBytesConfig(load_in_4bit=True)`` loads, whatever the LoRA targets), then PEFT's
@@ -128,12 +120,15 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
         _import_peft()  # before quantizing: a missing package is said first
     if spec.four_bit and spec.kind == "peft":
         model = quantize_for_qlora(model, options)
-    elif spec.four_bit:
-        model = quantize_targets(model, options)
+    elif spec.four_bit:  # ours (qpaca): the method quantizes the base as paca train --quantize does (quantize_scope)
+        options = {**options, "quantize": options.get("quantize") or "nf4"}
     if spec.kind == "peft":
         return _prepare_peft(spec, model, rank, options, lr, make_adamw)
     configs = configs if configs is not None else build_our_configs(spec.equivalent, rank or 8, options)
-    adapted = prepare_model(model, configs, device=device if place else None)
+    try:
+        adapted = prepare_model(model, configs, device=device if place else None)
+    except ImportError as error:  # bitsandbytes missing for a 4-bit entry
+        raise Unavailable(str(error).splitlines()[0]) from None
     adapted.set_loss_chunk_tokens(None)  # every candidate on the full logits: the peers have no chunked loss
     params = adapted.trainable_parameters()
     tables = host_tables(adapted)

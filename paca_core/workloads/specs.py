@@ -41,7 +41,7 @@ class MethodSpec:
     match_factor: int
     #: Memory levers on top of the method (``levers.LEVERS``), in that order; the name carries them after ``@``.
     levers: tuple[str, ...] = ()
-    #: On a frozen 4-bit bitsandbytes base (``qpaca``, ``peft-qlora``): the base's targets are quantized first.
+    #: On a frozen 4-bit bitsandbytes base (``qpaca``, ``peft-qlora``): every linear but the head in 4 bits, as users run them.
     four_bit: bool = False
 
     @property
