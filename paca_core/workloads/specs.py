@@ -119,10 +119,22 @@ def parse_method_list(text: str) -> list[MethodSpec]:
             specs.append(parse_method_spec(name))
         except PacaConfigError as error:
             raise PacaConfigError(
-                f"--methods entry {name!r} is not valid ({error}). Peers: {', '.join(everyday_peers() + four_bit_entries())}; "
-                "our methods: any `paca train --method` string."
+                f"--methods entry {name!r} is not valid.{_suggestion(name)} Peers: {', '.join(everyday_peers() + four_bit_entries())}; "
+                f"our methods: any `paca train --method` string ({error})"
             ) from None
     return specs
+
+
+def _suggestion(name: str) -> str:
+    """`` Did you mean 'peft-qlora'?`` for a near miss among the entries (``qlora``, ``lora-fa``), else ''."""
+    import difflib
+
+    from ..methods.registry import registered_methods
+
+    candidates = [*everyday_peers(), *four_bit_entries(), *(m.name for m in registered_methods())]
+    key = name.strip().lower()
+    close = [c for c in candidates if c.endswith("-" + key)] or difflib.get_close_matches(key, candidates, n=2, cutoff=0.6)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def train_namespace(method: str, rank: int, options: dict | None = None) -> argparse.Namespace:
