@@ -57,12 +57,30 @@ _TORCH_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _DEVICE_TYPE = re.compile(r"^[a-z][a-z0-9_]*$")
 SOURCE_PREFIXES = ("primary", "secondary", "assumption", "uncalibrated default", "measured")
 
-_SCALAR_FIELDS = ("memory_bytes", "usable_fraction", "runtime_reserve_bytes", "memory_bandwidth", "launch_overhead_s")
+_SCALAR_FIELDS = ("memory_bytes", "memory_bandwidth", "launch_overhead_s")
 _RATE_FIELDS = ("matmul_flops", "vector_flops")
+#: The device-memory model (docs/plan.md, "Device memory"): numbers that may be absent, and groups of named
+#: byte figures. ``usable_fraction`` and ``runtime_reserve_bytes`` are the older, flat form of
+#: ``memory_margin_fraction`` and ``runtime_memory``, still read (a plug-in's profile file may use them).
+_MEMORY_SCALARS = ("memory_margin_fraction", "allocator_workspace_copies", "usable_fraction", "runtime_reserve_bytes")
+_MEMORY_GROUPS = ("runtime_memory", "allocator_workspaces", "collective_memory")
 _REQUIRED = ("description", "device_type", *_SCALAR_FIELDS, "matmul_flops", "fuse_elementwise", "fusion_rule", "sources")
-_OPTIONAL = ("vector_flops", "four_bit_types")
+_OPTIONAL = ("vector_flops", "four_bit_types", "allocator", *_MEMORY_SCALARS, *_MEMORY_GROUPS)
 #: bitsandbytes' 4-bit weight types (QPaCA, PEFT QLoRA).
 FOUR_BIT_TYPES = ("nf4", "fp4")
+#: The time model's groups (docs/plan.md, "The time model"): each optional (absent: the plain roofline, no link
+#: figures), complete when present. ``efficiency``: achievable matrix throughput by GEMM shape and the fused
+#: attention kernel's share of the peak (paca_core/plan/efficiency.py); ``interconnect``: the links collectives
+#: run over (paca_core/plan/communication.py).
+TIME_MODEL_KEYS: dict[str, tuple[str, ...]] = {
+    "efficiency": ("matmul_achievable", "matmul_reference_m", "matmul_reference_n", "matmul_reference_k", "compute_units",
+                   "tile", "narrow_tile", "k_overhead", "half_occupancy_tiles_per_unit", "attention"),
+    "interconnect": ("devices_per_node", "intra_node_bandwidth", "inter_node_bandwidth", "bus_efficiency",
+                     "intra_node_latency_s", "inter_node_latency_s"),
+}
+#: Keys of those groups that are shares of something, so in (0, 1].
+_TIME_MODEL_FRACTIONS = ("efficiency.matmul_achievable", "efficiency.attention", "interconnect.bus_efficiency")
+_OPTIONAL = (*_OPTIONAL, *TIME_MODEL_KEYS)
 
 Bound = Literal["compute", "memory"]
 
@@ -92,8 +110,6 @@ class DeviceProfile:
     description: str
     device_type: str
     memory_bytes: int
-    usable_fraction: float
-    runtime_reserve_bytes: int
     matmul_flops: Mapping[str, float]
     memory_bandwidth: float
     launch_overhead_s: float
@@ -103,12 +119,31 @@ class DeviceProfile:
     vector_flops: Mapping[str, float] = field(default_factory=dict)
     #: The 4-bit weight types bitsandbytes has kernels for on this device (empty: none).
     four_bit_types: tuple[str, ...] = ()
+    #: The time model's figures by name (:data:`TIME_MODEL_KEYS`); empty: not modelled for this device.
+    efficiency: Mapping[str, float] = field(default_factory=dict)
+    interconnect: Mapping[str, float] = field(default_factory=dict)
+    #: Share of ``memory_bytes`` a plan leaves unused (the reason is in its source).
+    memory_margin_fraction: float | None = None
+    #: Device memory the runtime holds outside the framework's allocator, by name (CUDA context...).
+    runtime_memory: Mapping[str, float] = field(default_factory=dict)
+    #: The framework allocator's rule: ``{"rule": name, constant: value...}`` (paca_core/plan/allocator.py).
+    allocator: Mapping[str, Any] = field(default_factory=dict)
+    #: Library workspaces allocated through that allocator (cuBLAS), by name, each ``allocator_workspace_copies`` times.
+    allocator_workspaces: Mapping[str, float] = field(default_factory=dict)
+    allocator_workspace_copies: int | None = None
+    #: Collective-library buffers per process when there are several: ``buffer_bytes`` x ``channels`` x ``peers``.
+    collective_memory: Mapping[str, float] = field(default_factory=dict)
+    #: Older flat form of the margin (``1 - memory_margin_fraction``) and of ``runtime_memory`` (one figure).
+    usable_fraction: float | None = None
+    runtime_reserve_bytes: int | None = None
 
     def __post_init__(self) -> None:
         # Read-only views, so a shared profile cannot be edited in place by one caller.
-        for name in ("matmul_flops", "vector_flops", "sources"):
+        for name in ("matmul_flops", "vector_flops", "sources", "allocator", *_MEMORY_GROUPS):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         object.__setattr__(self, "four_bit_types", tuple(self.four_bit_types))
+        for name in TIME_MODEL_KEYS:
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         self._validate()
 
     def supports_4bit(self, kind: str) -> bool:
@@ -116,9 +151,35 @@ class DeviceProfile:
         return kind in self.four_bit_types
 
     # -- capacity ---------------------------------------------------------------------------------
-    def usable_bytes(self) -> int:
-        """What a PyTorch process can hold in tensors: capacity x usable share, less the runtime's own reserve."""
-        return int(self.memory_bytes * self.usable_fraction) - self.runtime_reserve_bytes
+    def memory_margin(self) -> float:
+        """Share of the device memory a plan keeps free (``memory_margin_fraction``, or ``1 - usable_fraction``)."""
+        if self.memory_margin_fraction is not None:
+            return self.memory_margin_fraction
+        return 1.0 - (self.usable_fraction if self.usable_fraction is not None else 1.0)
+
+    def memory_limit(self) -> int:
+        """Bytes one process may hold on the device, everything counted (the runtime's own memory, the allocator's
+        segments): ``memory_bytes`` less the margin. A plan fits when its device total stays at or below it."""
+        return int(self.memory_bytes * (1.0 - self.memory_margin()))
+
+    def runtime_fixed_bytes(self, world_size: int = 1) -> dict[str, int]:
+        """Memory the runtime holds outside the framework's allocator, by name; with ``world_size`` > 1 also the
+        collective library's buffers (``collective_memory``: buffer x channels x peers)."""
+        parts = {name: int(value) for name, value in self.runtime_memory.items()}
+        if self.runtime_reserve_bytes is not None:
+            parts["runtime_reserve"] = int(self.runtime_reserve_bytes)
+        if world_size > 1 and self.collective_memory:
+            parts["collective_buffers"] = int(math.prod(self.collective_memory.values()))
+        return parts
+
+    def workspace_allocations(self) -> list[int]:
+        """Sizes of the library workspaces allocated through the framework's allocator, each copy listed."""
+        copies = self.allocator_workspace_copies if self.allocator_workspace_copies is not None else 1
+        return [int(size) for size in self.allocator_workspaces.values() for _ in range(int(copies))]
+
+    def usable_bytes(self, world_size: int = 1) -> int:
+        """What the framework's allocator may reserve: :meth:`memory_limit` less :meth:`runtime_fixed_bytes`."""
+        return self.memory_limit() - sum(self.runtime_fixed_bytes(world_size).values())
 
     # -- speed ------------------------------------------------------------------------------------
     def matmul_throughput(self, dtype: torch.dtype | str, allow_tf32: bool = False) -> float:
@@ -177,14 +238,26 @@ class DeviceProfile:
         """Every number in the profile with its dotted name (the key its source is filed under)."""
         for name in _SCALAR_FIELDS:
             yield name, getattr(self, name)
-        for group in _RATE_FIELDS:
+        for name in _MEMORY_SCALARS:
+            if getattr(self, name) is not None:
+                yield name, getattr(self, name)
+        for group in _RATE_FIELDS + _MEMORY_GROUPS:
+            for key, value in getattr(self, group).items():
+                yield f"{group}.{key}", value
+        for key, value in self.allocator.items():
+            if key != "rule":
+                yield f"allocator.{key}", value
+        for group in TIME_MODEL_KEYS:
             for key, value in getattr(self, group).items():
                 yield f"{group}.{key}", value
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON entry for this profile (without its name, which is the entry's key)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
-        for name in ("matmul_flops", "vector_flops", "sources"):
+        for name in ("matmul_flops", "vector_flops", "sources", "allocator", *_MEMORY_GROUPS):
+            data[name] = dict(data[name])
+        data = {key: value for key, value in data.items() if value is not None}  # the older memory fields, when unused
+        for name in TIME_MODEL_KEYS:
             data[name] = dict(data[name])
         data["four_bit_types"] = list(self.four_bit_types)
         return data
@@ -205,6 +278,7 @@ class DeviceProfile:
 
     def _validate(self) -> None:
         where = f"profile {self.name!r}"
+        self._validate_time_model(where)
         if not isinstance(self.device_type, str) or not _DEVICE_TYPE.match(self.device_type):
             raise ValueError(f"{where}: device_type {self.device_type!r} is not a device type name (e.g. 'cuda')")
         if not isinstance(self.fuse_elementwise, bool):
@@ -218,22 +292,50 @@ class DeviceProfile:
             bad = [key for key in getattr(self, group) if key not in DTYPE_KEYS]
             if bad:
                 raise ValueError(f"{where}: {group} has unknown dtype names {bad} (known: {DTYPE_KEYS})")
+        for name, older in (("memory_margin_fraction", "usable_fraction"), ("runtime_memory", "runtime_reserve_bytes")):
+            given = [key for key in (name, older) if getattr(self, key) not in (None, {})]
+            if len(given) != 1:
+                raise ValueError(f"{where}: give {name} (or its older form {older}), exactly one of them")
+        rule = self.allocator.get("rule") if self.allocator else "exact"
+        if not isinstance(rule, str) or not rule:
+            raise ValueError(f"{where}: allocator needs a 'rule' name (e.g. 'cuda_caching'; see paca_core/plan/allocator.py)")
+        may_be_zero = ("runtime_reserve_bytes", "memory_margin_fraction", "runtime_memory.", "allocator_workspaces.")
         for key, value in self.numeric_fields():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{where}: {key} must be a finite number, got {value!r}")
-            if value < 0 or (value == 0 and key != "runtime_reserve_bytes"):
+            if value < 0 or (value == 0 and not key.startswith(may_be_zero)):
                 raise ValueError(f"{where}: {key} must be positive, got {value!r}")
             source = self.sources.get(key)
             if not isinstance(source, str) or not source.strip():
                 raise ValueError(f"{where}: {key} has no source (add it to 'sources')")
-        known = {key for key, _ in self.numeric_fields()} | {"fuse_elementwise", "fusion_rule", "description", "four_bit_types"}
+        known = {key for key, _ in self.numeric_fields()} | {"fuse_elementwise", "fusion_rule", "description", "four_bit_types",
+                                                             "allocator"}
         stray = [key for key in self.sources if key not in known]
         if stray:
             raise ValueError(f"{where}: sources name no field of the profile: {stray}")
-        if not 0 < self.usable_fraction <= 1:
+        if self.usable_fraction is not None and not 0 < self.usable_fraction <= 1:
             raise ValueError(f"{where}: usable_fraction must be in (0, 1], got {self.usable_fraction}")
+        if not 0 <= self.memory_margin() < 1:
+            raise ValueError(f"{where}: memory_margin_fraction must be in [0, 1), got {self.memory_margin()}")
         if self.usable_bytes() <= 0:
-            raise ValueError(f"{where}: usable_bytes() is not positive; check memory_bytes and runtime_reserve_bytes")
+            raise ValueError(f"{where}: usable_bytes() is not positive; check memory_bytes, the margin and runtime_memory")
+
+
+    def _validate_time_model(self, where: str) -> None:
+        """Each time-model group is absent or complete, with known keys only and its shares in (0, 1]; the numbers'
+        sources and signs are checked with every other number's."""
+        for group, keys in TIME_MODEL_KEYS.items():
+            given = getattr(self, group)
+            if not isinstance(given, Mapping):
+                raise ValueError(f"{where}: {group} must be an object of named numbers")
+            unknown = sorted(set(given) - set(keys))
+            missing = [key for key in keys if key not in given] if given else []
+            if unknown or missing:
+                raise ValueError(f"{where}: {group} has unknown keys {unknown} and lacks {missing} (it needs all of {list(keys)})")
+            for key in keys:
+                value = given.get(key)
+                if f"{group}.{key}" in _TIME_MODEL_FRACTIONS and isinstance(value, (int, float)) and not 0 < value <= 1:
+                    raise ValueError(f"{where}: {group}.{key} is a share and must be in (0, 1], got {value!r}")
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -507,8 +609,9 @@ def calibrate_cpu(seconds: float = 3.0, threads: int | None = None) -> DevicePro
     defaults = _shipped()["cpu"]
     sources.update(
         memory_bytes=f"{stamp}: {memory_how}",
-        usable_fraction="assumption: 10% of RAM left to the OS and other processes",
-        runtime_reserve_bytes="assumption: Python + torch resident baseline, 512 MiB",
+        **{key: source.replace("uncalibrated default; run `paca plan --device-profile cpu --calibrate`. ", "")
+           for key, source in defaults.sources.items() if key.startswith(("memory_margin", "runtime_memory", "runtime_reserve",
+                                                                          "usable_fraction"))},
         memory_bandwidth=f"{stamp}: best dst.copy_(src) of a 64-256 MiB float32 tensor, read + write bytes",
         launch_overhead_s=f"{stamp}: best per-op time of torch.add on one-element tensors",
         fuse_elementwise="assumption: eager CPU execution does not fuse",

@@ -90,6 +90,20 @@ def test_auto_picks_exactly_the_largest_shape_whose_planned_peak_fits(long_conte
 
 
 @pytest.mark.slow
+def test_on_an_accelerator_the_choice_counts_what_the_device_holds(long_context_config):
+    """On cuda/hpu, auto and --plan-check count the allocator's reserve and the runtime's own memory, as `paca plan`'s
+    fits does: never a longer sequence than the live bytes alone would give, and a strictly larger peak."""
+    tracer = step_tracer(long_context_config, "paca", CONFIGS, torch.bfloat16)
+    live, on_cuda = ShapePeaks(tracer)(128, 1), ShapePeaks(tracer, device_type="cuda")(128, 1)
+    assert on_cuda > live + 256 * 2**20  # at least the CUDA context beyond the live bytes
+    assert ShapePeaks(tracer, device_type="hpu")(128, 1) > live
+    assert ShapePeaks(tracer, device_type="no-such-device")(128, 1) == live  # no profile: live bytes, as before
+    budget = on_cuda
+    assert choose_with_tracer(tracer, "auto", 1, budget, device_type="cuda").seq_len == 128
+    assert choose_with_tracer(tracer, "auto", 1, budget).seq_len > 128
+
+
+@pytest.mark.slow
 def test_checkpointing_and_chunked_loss_buy_a_longer_auto_seq_len(deep_long_context_config):
     """The levers the run uses are traced: under one budget, each gives a longer sequence than neither."""
     folder = deep_long_context_config

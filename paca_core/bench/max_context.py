@@ -24,7 +24,7 @@ import torch
 
 from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS
 from ..errors import PacaConfigError
-from ..plan.planner import SEQ_STEP, MethodTracer, PlanSettings, search_largest
+from ..plan.planner import SEQ_STEP, MethodTracer, PlanSettings, device_memory, per_rank_bytes, search_largest
 from ..plan.shapes import context_length
 from ..plan.trace import build, trace_step
 from ..workloads.plots import pyplot
@@ -62,11 +62,21 @@ def _settings(dtype: torch.dtype, rank: int, match_params: bool, options: dict) 
 def planned_longest(config, spec: MethodSpec, batch_size: int, budget: int, dtype: torch.dtype, rank: int,
                     match_params: bool = True, options: dict | None = None, profile=None) -> tuple[int, int]:
     """(longest planned sequence length under ``budget``, the model's context) by tracing fake tensors.
-    With a device ``profile`` the budget is what that profile can hold."""
-    tracer = MethodTracer(config, spec.name, _settings(dtype, rank, match_params, options or {}), profiles=())
+    With a device ``profile`` the step counts as ``paca plan``'s ``fits`` counts it there (``device_total``: the
+    allocator's reserved segments and the runtime's own memory), against ``budget``."""
+    settings = _settings(dtype, rank, match_params, options or {})
+    tracer = MethodTracer(config, spec.name, settings, profiles=())
     context = context_length(config)
     static = tracer.counts["weights"] + tracer.counts["optimizer"]
-    longest = search_largest(lambda s: tracer.measure(s, batch_size).bytes["peak"], budget, min(1024, context), context, SEQ_STEP, static)
+
+    def peak(seq_len: int) -> int:
+        measurement = tracer.measure(seq_len, batch_size)
+        if profile is None:
+            return measurement.bytes["peak"]
+        per_rank = per_rank_bytes(measurement, settings, tracer.layer_weight_bytes())
+        return device_memory(measurement, per_rank, profile, settings)["device_total"]
+
+    longest = search_largest(peak, budget, min(1024, context), context, SEQ_STEP, static)
     return longest, context
 
 

@@ -67,13 +67,14 @@ class ShapePeaks:
 
     A method or model the planner cannot trace raises :class:`PacaConfigError` asking for explicit numbers."""
 
-    def __init__(self, tracer, include_host: bool = False):
+    def __init__(self, tracer, include_host: bool = False, device_type: str | None = None):
         self.tracer = tracer
         self.include_host = include_host
+        self.device_type = device_type
 
     def __call__(self, seq_len: int, batch_size: int) -> int:
         try:
-            return traced_peak(self.tracer, seq_len, batch_size, self.include_host)
+            return traced_peak(self.tracer, seq_len, batch_size, self.include_host, self.device_type)
         except TRACE_ERRORS as error:
             raise self._untraceable(error) from None
 
@@ -131,7 +132,8 @@ def _nothing_fits(flag: str, seq_len: int, batch_size: int, peak: int, budget: i
     )
 
 
-def choose_with_tracer(tracer, seq_len: int | str, batch_size: int | str, budget: int, include_host: bool = False) -> ShapeChoice:
+def choose_with_tracer(tracer, seq_len: int | str, batch_size: int | str, budget: int, include_host: bool = False,
+                       device_type: str | None = None) -> ShapeChoice:
     """:func:`choose_shape` on ``tracer``'s step (:func:`.preflight.step_tracer`), capped by its model's context."""
-    peaks = ShapePeaks(tracer, include_host)
+    peaks = ShapePeaks(tracer, include_host, device_type)
     return choose_shape(peaks, seq_len, batch_size, budget, peaks.context(), peaks.static_bytes())

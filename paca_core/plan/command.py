@@ -12,14 +12,15 @@ import argparse
 import os
 from pathlib import Path
 
+from ..help_format import HelpFormatter
 from ..workloads.peers import PEERS, everyday_peers
 from .shapes import known_shapes
 
 DESCRIPTION = "``paca plan``: what fits and how fast on accelerators this machine does not have."
 #: What ``paca plan`` compares when --methods is not given.
 DEFAULT_METHODS = "paca,lora,lorafa,velora,peft-lora,full,floor"
-#: --dtype choices (the planned base's dtype).
-DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+#: --dtype choices (the planned base's dtype; auto: what paca train --dtype auto trains in on each profile's device).
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 
 def add_plan_parser(sub) -> None:
@@ -34,7 +35,7 @@ def add_plan_parser(sub) -> None:
     p = sub.add_parser(
         "plan",
         help="predict memory, the largest sequence/batch that fits and step time on A100/H100/H200/Gaudi2/Gaudi3 (no hardware needed)",
-        description=DESCRIPTION,
+        description=DESCRIPTION, formatter_class=HelpFormatter, allow_abbrev=False,
     )
     p.add_argument("--model", default="llama-3.1-8b",
                    help=f"a built-in shape ({', '.join(known_shapes())}), a local HF model folder, or a config.json")
@@ -42,7 +43,9 @@ def add_plan_parser(sub) -> None:
                    f"{', '.join(peft_peers)}; 4-bit bases: {', '.join(four_bit_entries())})")
     p.add_argument("--device-profile", default="h100-80g", help=f"comma-separated profiles: {', '.join(load_profiles())}")
     p.add_argument("--calibrate", action="store_true", help="with the cpu profile: measure this CPU's GEMM throughput and memory bandwidth first (saved for later plans)")
-    p.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="the planned base's dtype; auto = paca train's default on each profile's device: bf16 on GPU/HPU; "
+                   "the cpu profile (this machine) bf16 only with native bf16 matmul (AVX512-BF16/AMX), else fp32")
     p.add_argument("--seq-len", default="512,2048,8192", help="comma-separated sequence lengths")
     p.add_argument("--batch-size", default="1,8", help="comma-separated micro-batch sizes")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank; PaCA and LoRA-FA run at the rank with LoRA's trainable parameters (2x) unless --no-match-params")
@@ -61,12 +64,13 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--world-size", type=int, default=1,
                    help="processes; alone: N replicas (DDP, bytes per rank as one process); with --fsdp/--zero: sharded bytes per rank")
     p.add_argument("--memory-budget", default=None, metavar="BYTES",
-                   help="memory per process the step must fit (e.g. 24GiB, 40e9), for 'fits' and the searched maxima; "
-                   "default: each --device-profile's usable memory")
+                   help="device memory one process may use (e.g. 24GiB, 40e9), compared with its device total (the "
+                   "allocator's reserved peak + the runtime's own memory, as nvidia-smi shows it) for 'fits' and the searched "
+                   "maxima; default: each --device-profile's memory less its margin")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding over --world-size ranks")
     p.add_argument("--zero", type=int, choices=(1, 2, 3), default=0,
                    help="DeepSpeed ZeRO stage over --world-size ranks (paca train --deepspeed zeroN): 1 shards optimizer state, "
-                   "2 also gradients, 3 also the frozen base weights (bytes per rank as FSDP2's)")
+                   "2 also gradients, 3 also the frozen base weights (bytes per rank as FSDP2's); default: none (DDP or --fsdp)")
     p.add_argument("--no-search", dest="search", action="store_false", help="skip the max_seq_len / max_batch_size searches")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes tracing methods side by side (tracing is single-threaded)")

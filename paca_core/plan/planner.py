@@ -12,12 +12,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import PacaConfigError
 from ..workloads.specs import MethodSpec, parse_method_spec
+from .allocator import AllocatorPeaks, AllocatorRule, DepthExtensionError, extend_depth, replay_trace
+from .communication import step_communication
 from .estimate import estimate_time
 from .shapes import context_length
 from .trace import QUANTIZED_NOTE, TracedModel, build, trace_step
@@ -80,6 +83,48 @@ class Measurement:
     times: dict[str, dict] = field(default_factory=dict)
     #: The live-bytes high-water mark of each phase (forward, backward, optimizer, column_write).
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    #: Per profile: ``allocated_peak`` and ``reserved_peak`` of the step (one process, unsharded) through the
+    #: profile's allocator model, library workspaces included; filled on demand by :meth:`device_allocations`.
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: What the allocator model replays: the traced allocation events (:class:`AllocationEvents`), or None.
+    allocation_events: "AllocationEvents | None" = None
+
+    def device_allocations(self, profile) -> dict[str, Any]:
+        """``memory[profile.name]``, replayed the first time a profile asks (a search on one profile does not
+        pay for the others'); see :func:`allocator_memory`."""
+        if profile.name not in self.memory:
+            if self.allocation_events is None:
+                raise ValueError(f"no allocation events traced for {profile.name}: trace with the profile in MethodTracer")
+            self.memory.update(self.allocation_events.memory([profile], self.bytes["peak"]))
+        return self.memory[profile.name]
+
+
+class AllocationEvents:
+    """The allocation events of the traced depths, kept (without the op records) for the allocator model, with
+    the full-depth extension and the replays computed once and shared by the profiles that need them."""
+
+    def __init__(self, traces: Sequence, extra_layers: int):
+        self.traces = [SimpleNamespace(baseline_storages=t.baseline_storages, memory_events=t.memory_events,
+                                       evaluation_events=t.evaluation_events, peak_bytes=t.peak_bytes) for t in traces]
+        self.extra_layers = extra_layers
+        self._deep: tuple | None = None
+        self._replays: dict[tuple, AllocatorPeaks] = {}
+
+    def deep(self) -> tuple[Any, str]:
+        """The events at full depth and how they were had ("traced", "extended", or None and "deepest traced")."""
+        if self._deep is None:
+            deep, depth = self.traces[-1], "traced"
+            if len(self.traces) == 2 and self.extra_layers > 0:
+                try:
+                    deep, depth = extend_depth(self.traces[0], self.traces[1], self.extra_layers), "extended"
+                except DepthExtensionError as error:
+                    logger.warning("Allocator model: %s; using the larger overhead of the traced depths.", error)
+                    deep, depth = None, "deepest traced"
+            self._deep = (deep, depth)
+        return self._deep
+
+    def memory(self, profiles: Sequence, live_peak: int) -> dict[str, dict[str, Any]]:
+        return allocator_memory(self, profiles, live_peak)
 
 
 def _with_layers(config, layers: int):
@@ -162,6 +207,7 @@ class MethodTracer:
         if key in self._cache:
             return self._cache[key]
         parts = []
+        memory_traces = []  # kept for the allocator model, which needs the events of both depths (AllocationEvents)
         for model in self._build():
             trace, counts = trace_step(model, seq_len, batch_size)
             self.traces += 1
@@ -174,8 +220,11 @@ class MethodTracer:
             values.update({f"peak:{phase}": peak for phase, peak in trace.peak_by_phase.items()})
             for profile in self.profiles:
                 estimate = estimate_time(trace, profile).as_dict()
-                for name in ("step_seconds", "compute_seconds", "memory_seconds", "launch_seconds", "kernels"):
+                for name in ("step_seconds", "compute_seconds", "memory_seconds", "launch_seconds", "kernels", "charged_flops"):
                     values[f"{profile.name}:{name}"] = estimate[name]
+                for group in ("phase_seconds", "phase_kernels"):  # per phase, for communication overlap and sharding
+                    values.update({f"{profile.name}:{group}:{phase}": v for phase, v in estimate[group].items()})
+            memory_traces.append(trace)
             parts.append(values)
             del trace
         if len(parts) == 1:
@@ -188,9 +237,14 @@ class MethodTracer:
             flops=int(round(full["flops"])), bytes_moved=int(round(full["bytes_moved"])), kernels=int(round(full["kernels"])),
             phase_peaks={k.split(":", 1)[1]: int(round(v)) for k, v in full.items() if k.startswith("peak:")},
         )
+        measurement.allocation_events = AllocationEvents(memory_traces, self.layers - self.traced_layers[-1])
         for profile in self.profiles:
             t = {name: full[f"{profile.name}:{name}"] for name in ("step_seconds", "compute_seconds", "memory_seconds", "launch_seconds")}
             t["kernels"] = int(round(full[f"{profile.name}:kernels"]))
+            t["charged_flops"] = full[f"{profile.name}:charged_flops"]
+            for group in ("phase_seconds", "phase_kernels"):
+                prefix = f"{profile.name}:{group}:"
+                t[group] = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
             parts_t = {"compute": t["compute_seconds"], "memory bandwidth": t["memory_seconds"], "launch overhead": t["launch_seconds"]}
             t["bound"] = max(parts_t, key=parts_t.get)
             measurement.times[profile.name] = t
@@ -244,6 +298,79 @@ def per_rank_bytes(measurement: Measurement, settings: PlanSettings, layer_weigh
 
     out["peak"] = max(phase_peak(phase, peak) for phase, peak in phase_peaks.items()) + out["all_gather_buffers"]
     return out
+
+
+def allocator_memory(events: AllocationEvents, profiles: Sequence, live_peak: int) -> dict[str, dict[str, Any]]:
+    """Per profile: the step's ``allocated_peak`` and ``reserved_peak`` at full depth (one process, unsharded,
+    library workspaces included) and ``depth``, how the full-depth events were had.
+
+    ``events``: the step traced at the planner's depths (one trace when that is the model's depth, else two that
+    differ by one layer); ``live_peak``: the live bytes at full depth. Which cached block a request lands in
+    depends on the whole stack, so the allocator's overhead is not affine in the layer count like the other
+    figures: the deeper trace's events are extended to the model's depth (:func:`~.allocator.extend_depth`) and
+    replayed (``depth: "extended"``). Should the two traces not differ by one repeated layer, the larger of the
+    traced depths' overheads is added to ``live_peak`` (``depth: "deepest traced"``)."""
+    deep, depth = events.deep()
+    out: dict[str, dict[str, Any]] = {}
+    for profile in profiles:
+        if deep is not None:
+            peaks = allocator_peaks(deep, profile, events._replays)
+            out[profile.name] = {"allocated_peak": peaks.allocated_peak, "reserved_peak": peaks.reserved_peak, "depth": depth}
+            continue
+        shallow = [allocator_peaks(trace, profile) for trace in events.traces]
+        live = live_peak + sum(profile.workspace_allocations())
+        out[profile.name] = {kind: live + max(getattr(p, kind) - p.live_peak for p in shallow)
+                             for kind in ("allocated_peak", "reserved_peak")}
+        out[profile.name]["depth"] = depth
+    return out
+
+
+def allocator_peaks(trace, profile, cache: dict | None = None) -> AllocatorPeaks:
+    """``trace`` replayed through ``profile``'s allocator model with its library workspaces (cached by rule and
+    workspaces: the CUDA profiles share one rule)."""
+    rule = AllocatorRule.from_mapping(profile.allocator)
+    workspaces = tuple(profile.workspace_allocations())
+    key = (rule.key(), workspaces)
+    if cache is not None and key in cache:
+        return cache[key]
+    if rule.kind == "exact" and hasattr(trace, "peak_bytes"):  # nothing to replay: reserved == allocated == live
+        live = trace.peak_bytes + sum(workspaces)
+        peaks = AllocatorPeaks(live, live, live)
+    else:
+        peaks = replay_trace(trace, rule, workspaces)
+    if cache is not None:
+        cache[key] = peaks
+    return peaks
+
+
+def device_memory(measurement: Measurement, per_rank: dict[str, int], profile, settings: PlanSettings) -> dict[str, Any]:
+    """What one process holds on ``profile``'s device, in bytes (docs/plan.md, "Device memory"):
+
+    * ``allocated_peak``: blocks handed out (``torch.cuda.max_memory_allocated``);
+    * ``reserved_peak``: segments the allocator took (``torch.cuda.max_memory_reserved``);
+    * ``runtime_fixed``: what the runtime holds outside the allocator (CUDA context; collective buffers when
+      ``world_size`` > 1), named in ``runtime_parts``;
+    * ``device_total``: ``reserved_peak + runtime_fixed``, what ``nvidia-smi`` shows for the process. ``fits``
+      compares this figure with the limit.
+
+    Under sharding the allocator's overhead of the one-process replay is added to the per-rank live peak (an
+    approximation: the sharded weights' own rounding differs by at most a block per tensor)."""
+    memory = measurement.device_allocations(profile)
+    live = measurement.bytes["peak"]
+    allocated = per_rank["peak"] + memory["allocated_peak"] - live
+    reserved = per_rank["peak"] + memory["reserved_peak"] - live
+    runtime = profile.runtime_fixed_bytes(settings.world_size)
+    fixed = sum(runtime.values())
+    return {"allocated_peak": allocated, "reserved_peak": reserved, "runtime_fixed": fixed, "device_total": reserved + fixed,
+            "runtime_parts": runtime}
+
+
+def memory_limit(profile, settings: PlanSettings) -> tuple[int, str]:
+    """The bytes a process's device total may reach, and where the figure comes from: ``--memory-budget`` (what
+    the user says the process may use on the device, taken as given), else the profile's memory less its margin."""
+    if settings.memory_budget is not None:
+        return settings.memory_budget, "--memory-budget"
+    return profile.memory_limit(), f"{profile.name} memory less its {profile.memory_margin():.0%} margin"
 
 
 def search_largest(peak_at: Callable[[int], int], budget: int, start: int, limit: int, step: int, static: int = 0) -> int:
@@ -350,33 +477,50 @@ def _plan_method(config, model_name: str, method: str, profile_names, settings: 
     tracer = MethodTracer(config, method, settings, profiles)
     started = time.perf_counter()
     for profile in profiles:
-        budget = settings.memory_budget if settings.memory_budget is not None else profile.usable_bytes()
+        budget, budget_source = memory_limit(profile, settings)
         layer_bytes = tracer.layer_weight_bytes()
-        peak_of = lambda s, b: per_rank_bytes(tracer.measure(s, b), settings, layer_bytes)["peak"]  # noqa: E731
+
+        def peak_of(s: int, b: int, profile=profile) -> int:
+            """The figure 'fits' compares: the device total per rank (reserved segments + the runtime's own memory)."""
+            m = tracer.measure(s, b)
+            return device_memory(m, per_rank_bytes(m, settings, layer_bytes), profile, settings)["device_total"]
+
         max_seq: dict[int, int] = {}
         for batch in batch_sizes:
             for seq in seq_lens:
                 m = tracer.measure(seq, batch)
                 per_rank = per_rank_bytes(m, settings, layer_bytes)
-                fits = per_rank["peak"] <= budget
-                static = per_rank["weights"] + per_rank["optimizer"] + per_rank["all_gather_buffers"]
+                per_rank.update({k: v for k, v in device_memory(m, per_rank, profile, settings).items() if k != "runtime_parts"})
+                fits = per_rank["device_total"] <= budget
+                static = (per_rank["weights"] + per_rank["optimizer"] + per_rank["all_gather_buffers"] + per_rank["runtime_fixed"]
+                          + sum(profile.workspace_allocations()))
                 if search and batch not in max_seq:
                     max_seq[batch] = search_largest(lambda s: peak_of(s, batch), budget, max(seq_lens), context, SEQ_STEP, static)
                 max_batch = search_largest(lambda b: peak_of(seq, b), budget, batch, MAX_BATCH, 1, static) if search else None
                 timing = m.times[profile.name]
                 records.append(record(model_name, tracer, profile, settings, seq, batch, per_rank, fits,
-                                      max_seq.get(batch), max_batch, m, timing, budget=budget, context=context))
+                                      max_seq.get(batch), max_batch, m, timing, budget=budget, context=context,
+                                      budget_source=budget_source))
     logger.info("%s: %d traces in %.1f s", method, tracer.traces, time.perf_counter() - started)
     return records
 
 
 def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSettings, seq: int, batch: int, per_rank: dict,
            fits: bool, max_seq: int | None, max_batch: int | None, m: Measurement, timing: dict, budget: int | None = None,
-           context: int | None = None) -> dict:
-    """One row of the plan. Bytes are per rank; ``tokens_per_second`` counts every rank's tokens."""
+           context: int | None = None, budget_source: str | None = None) -> dict:
+    """One row of the plan. Bytes are per rank; ``tokens_per_second`` counts every rank's tokens. ``fits``:
+    ``bytes["device_total"]`` (reserved peak + the runtime's own memory) at or below ``usable_bytes``."""
     counts = tracer.counts
-    budget = profile.usable_bytes() if budget is None else budget
+    if budget is None:
+        budget, budget_source = memory_limit(profile, settings)
     tokens = seq * batch * max(1, settings.world_size)
+    # Per-rank time: the traced step (its sharded optimizer share) plus exposed communication (communication.py).
+    comm = step_communication(settings, profile, timing, m.bytes["gradients"], m.bytes["weights"], tracer.layer_weight_bytes(),
+                              tracer.layers, counts["trainable_params"])
+    step = comm["step_seconds"]
+    exposed = (comm["communication"] or {}).get("exposed_seconds") or 0.0
+    parts = {"compute": timing["compute_seconds"], "memory bandwidth": timing["memory_seconds"],
+             "launch overhead": timing["launch_seconds"], "communication": exposed}
     return {
         "model": model_name,
         "method": tracer.spec.name,
@@ -398,16 +542,22 @@ def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSetting
         "total_params": counts["total_params"],
         "bytes": per_rank,
         "usable_bytes": budget,
-        "budget_source": "--memory-budget" if settings.memory_budget is not None else f"{profile.name} usable memory",
+        "budget_source": budget_source or ("--memory-budget" if settings.memory_budget is not None else f"{profile.name} memory"),
+        "runtime_memory": profile.runtime_fixed_bytes(settings.world_size),
+        "allocator_rule": (profile.allocator or {}).get("rule", "exact"),
         "fits": fits,
         "max_seq_len": max_seq,
         "context": context,
         "max_seq_len_is_context": max_seq is not None and context is not None and max_seq >= context,
         "max_batch_size": max_batch,
-        "step_seconds": timing["step_seconds"],
-        "tokens_per_second": tokens / timing["step_seconds"] if timing["step_seconds"] else None,
-        "bound": timing["bound"],
-        "time_breakdown": {k: timing[k] for k in ("compute_seconds", "memory_seconds", "launch_seconds")},
+        "step_seconds": step,
+        "tokens_per_second": tokens / step if step else None,
+        "bound": max(parts, key=parts.get),
+        "time_breakdown": {**{k: timing[k] for k in ("compute_seconds", "memory_seconds", "launch_seconds")},
+                           "compute_seconds_per_rank": comm["compute_seconds_per_rank"],
+                           "communication_exposed_seconds": exposed, "charged_flops": timing.get("charged_flops"),
+                           "phase_seconds": timing.get("phase_seconds")},
+        "communication": comm["communication"],
         "kernels": timing["kernels"],
         "flops": m.flops,
         "bytes_moved": m.bytes_moved,

@@ -45,36 +45,57 @@ def step_tracer(model_path: Path, method: str, configs: list, dtype: torch.dtype
     return MethodTracer(load_config(str(model_path)), method, settings, profiles=(), configs=configs)
 
 
-def traced_peak(tracer, seq_len: int, batch_size: int, include_host: bool = False) -> int:
-    """Per-process peak bytes of ``tracer``'s step at one shape. ``include_host``: the device's memory is host
-    memory (CPU), so what the method keeps in host memory (MEFT's rows, offloaded activations) counts too."""
-    from .planner import per_rank_bytes
+def runtime_profiles(device_type: str | None) -> list:
+    """The device profiles of ``device_type`` (``cuda``, ``hpu``, a plug-in's): their allocator rule and the runtime's
+    own memory are what a step on such a device holds beyond its live bytes. Empty for None."""
+    if device_type is None:
+        return []
+    from devices.profiles import load_profiles
 
-    per_rank = per_rank_bytes(tracer.measure(seq_len, batch_size), tracer.settings, tracer.layer_weight_bytes())
-    return per_rank["peak"] + (per_rank["host"] if include_host else 0)
+    return [p for p in load_profiles().values() if p.device_type == device_type]
+
+
+def traced_peak(tracer, seq_len: int, batch_size: int, include_host: bool = False, device_type: str | None = None) -> int:
+    """Per-process peak bytes of ``tracer``'s step at one shape. ``include_host``: the device's memory is host
+    memory (CPU), so what the method keeps in host memory (MEFT's rows, offloaded activations) counts too.
+
+    ``device_type``: the peak as that device holds it, as ``paca plan``'s ``fits`` decides — the allocator's reserved
+    segments plus the runtime's own memory (``device_total``), the largest over that type's profiles (which GPU model
+    the run has is not known here; they differ by a workspace or two). None: the live bytes alone."""
+    from .planner import device_memory, per_rank_bytes
+
+    measurement = tracer.measure(seq_len, batch_size)
+    per_rank = per_rank_bytes(measurement, tracer.settings, tracer.layer_weight_bytes())
+    peak = per_rank["peak"]
+    profiles = runtime_profiles(device_type)
+    if profiles:
+        peak = max(device_memory(measurement, per_rank, p, tracer.settings)["device_total"] for p in profiles)
+    return peak + (per_rank["host"] if include_host else 0)
 
 
 def planned_peak(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype,
                  world_size: int = 1, fsdp: bool = False, loss_chunk_tokens: int | None = None,
                  gradient_checkpointing: bool = False, offload_activations: str | None = None,
-                 include_host: bool = False) -> int:
+                 include_host: bool = False, device_type: str | None = None) -> int:
     """Peak bytes per process of one ``paca train`` step, traced on fake tensors from ``model_path``'s
-    config.json (under FSDP: this rank's shards plus the all-gather buffers)."""
+    config.json (under FSDP: this rank's shards plus the all-gather buffers); on ``device_type`` as
+    :func:`traced_peak` counts it."""
     tracer = step_tracer(model_path, method, configs, dtype, world_size, fsdp, loss_chunk_tokens, gradient_checkpointing,
                          offload_activations)
-    return traced_peak(tracer, seq_len, batch_size, include_host)
+    return traced_peak(tracer, seq_len, batch_size, include_host, device_type)
 
 
 def check_before_loading(model_path: Path, method: str, configs: list, seq_len: int, batch_size: int, dtype: torch.dtype,
                          device_bytes: int | None, world_size: int = 1, fsdp: bool = False, loss_chunk_tokens: int | None = None,
                          gradient_checkpointing: bool = False, offload_activations: str | None = None,
-                         include_host: bool = False) -> PreflightResult | None:
-    """Warn when the planned peak exceeds ``device_bytes``; None when it cannot be planned (said at debug level)."""
+                         include_host: bool = False, device_type: str | None = None) -> PreflightResult | None:
+    """Warn when the planned peak (on ``device_type``: what the device holds, :func:`traced_peak`) exceeds
+    ``device_bytes``; None when it cannot be planned (said at debug level)."""
     if device_bytes is None:
         return None
     try:
         peak = planned_peak(model_path, method, configs, seq_len, batch_size, dtype, world_size, fsdp, loss_chunk_tokens,
-                            gradient_checkpointing, offload_activations, include_host)
+                            gradient_checkpointing, offload_activations, include_host, device_type)
     except (PacaConfigError, NotImplementedError, RuntimeError, TypeError, ValueError) as error:
         logger.debug("No memory plan before loading (%s)", error)
         return None

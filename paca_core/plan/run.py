@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+import devices
 from devices.profiles import UnknownProfileError, calibrate_cpu, get_profile, measures_this_machine, save_calibration
 
 from .. import extras
@@ -31,6 +32,23 @@ logger = logging.getLogger(__name__)
 
 #: --dtype (:data:`.command.DTYPE_CHOICES`) as a torch dtype.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def plan_dtype(name: str, profiles: list) -> tuple[str, str]:
+    """The planned base's ``--dtype`` and why. ``auto``: what ``paca train --dtype auto`` trains in on each profile's
+    device (its runtime's ``preferred_dtype``: bf16 on GPUs and Gaudi; the ``cpu`` profile is this machine, so bf16
+    only where it multiplies bf16 natively, else fp32). Profiles whose devices disagree are all planned in bf16,
+    the accelerators' default, with a warning."""
+    if name != "auto":
+        return name, f"--dtype {name}"
+    choices = {profile.name: devices.runtime_for(profile.device_type).preferred_dtype() for profile in profiles}
+    names = {choice.name for choice in choices.values()}
+    if len(names) == 1:
+        return names.pop(), "; ".join(f"{profile}: {choice.reason}" for profile, choice in choices.items())
+    told = "; ".join(f"{profile}: {choice.reason}" for profile, choice in choices.items())
+    logger.warning("--dtype auto: the profiles' devices train in different dtypes by default (%s); planning all in bf16. "
+                   "Plan them separately, or pass --dtype, for each one's own default.", told)
+    return "bf16", f"bf16: the profiles disagree ({told})"
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -144,6 +162,8 @@ def run_plan(args: argparse.Namespace) -> int:
     profiles = _profiles(args.device_profile, args.calibrate)
     kind = args.quantize or "nf4"
     _check_methods(methods, profiles, kind)
+    args.dtype, dtype_reason = plan_dtype(args.dtype, profiles)
+    logger.info("Planning a %s base: %s", args.dtype, dtype_reason)
     settings = PlanSettings(dtype=DTYPES[args.dtype], memory_budget=budget, rank=args.rank, match_params=args.match_params,
                             gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp, zero=args.zero,
                             options=(("target_modules", args.target_modules),) if args.target_modules else (),
@@ -156,7 +176,7 @@ def run_plan(args: argparse.Namespace) -> int:
     document = {
         "command": "paca " + " ".join(sys.argv[sys.argv.index("plan"):]) if "plan" in sys.argv else "paca plan (from Python)",
         "model": args.model,
-        "settings": {"offload_activations": args.offload_activations, "target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "quantize": args.quantize, "dtype": args.dtype, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
+        "settings": {"offload_activations": args.offload_activations, "target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "quantize": args.quantize, "dtype": args.dtype, "dtype_reason": dtype_reason, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
                      "world_size": args.world_size, "fsdp": args.fsdp, "zero": args.zero, "memory_budget": budget, "layout": settings.layout(), "seq_lens": seq_lens, "batch_sizes": batch_sizes},
         "profiles": {p.name: p.to_dict() for p in profiles},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, **library_versions(),
@@ -195,14 +215,22 @@ def is_legacy_plan_output(folder: Path, entries: set[str]) -> bool:
 
 NOTES = [
     "Simulated: one real training step traced on fake tensors (paca_core/plan), timed by a roofline per kernel on the "
-    "profile's cited peak throughput and bandwidth plus launch overhead; not a measurement on the device.",
-    "Bytes are what the step allocates through PyTorch (exact for the traced ops); allocator fragmentation and "
-    "communication buffers other than FSDP's all-gathers are not included.",
+    "profile's cited peak throughput (GEMMs at the share their shape reaches, the profile's efficiency curve) and "
+    "bandwidth plus launch overhead; not a measurement on the device.",
+    "bytes.peak is what the step's tensors hold (exact for the traced ops); allocated_peak / reserved_peak replay the "
+    "step's allocations through the profile's allocator model (paca_core/plan/allocator.py: PyTorch's CUDA caching "
+    "allocator, the Gaudi bridge's pool, or none on CPU); device_total adds what the runtime holds outside the allocator "
+    "(CUDA context, NCCL/HCCL buffers when --world-size > 1); 'fits' compares device_total with usable_bytes (the "
+    "profile's memory less its margin, or --memory-budget). Each figure's source is in the profile.",
     "Attention is traced through the CPU's fused SDPA kernel, which keeps what the flash/fused kernels on CUDA and Gaudi keep; "
-    "its FLOPs are counted as torch's FlopCounterMode counts flash attention (no causal halving).",
+    "'flops' counts it as torch's FlopCounterMode does, while the time charges what a fused causal kernel computes (the key "
+    "blocks on or below the diagonal, about half) at the profile's attention share of the peak.",
     "With --fsdp or --zero 3, bytes per rank shard weights, gradients and optimizer state by 1/N and add two decoder "
-    "layers of all-gather buffers (--zero 2: gradients and optimizer state; --zero 1: optimizer state); communication "
-    "time and DeepSpeed's fp32 master copies of trainable parameters under bf16 are not modelled.",
+    "layers of all-gather buffers (--zero 2: gradients and optimizer state; --zero 1: optimizer state); DeepSpeed's fp32 "
+    "master copies of trainable parameters under bf16 are not modelled.",
+    "With --world-size N, step_seconds is per rank and includes the communication left exposed by the overlap rule "
+    "(ring collectives over the profile's intra-node link, hierarchical across nodes of devices_per_node; "
+    "paca_core/plan/communication.py); each record's 'communication' gives bytes per rank, seconds and exposed seconds.",
 ]
 
 

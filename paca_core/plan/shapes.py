@@ -8,6 +8,8 @@ step, so all it needs from a model is its ``config.json``. ``load_config`` accep
 * a local folder holding ``config.json``,
 * a path to a ``config.json`` file,
 
+any of them followed by ``-layers:N`` (``llama-3.1-8b-layers:4``) for its first N decoder layers: the same
+shapes at reduced depth, which a real device can train in seconds (``scripts/validate_on_device.py``),
 and returns a ``transformers.PretrainedConfig``. Nothing is downloaded: a hub id such as
 ``meta-llama/Llama-3.1-8B`` that is not a local path is an error saying what to pass instead.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +32,8 @@ if TYPE_CHECKING:  # transformers is heavy; import it only where it is used.
     from transformers import PretrainedConfig
 
 SHAPES_FILE = Path(__file__).with_name("model_shapes.json")
+#: ``NAME-layers:N``: the model NAME cut to its first N decoder layers.
+LAYERS_SUFFIX = re.compile(r"^(?P<base>.+)-layers:(?P<layers>\d+)$")
 
 
 def _load_builtin_shapes() -> dict[str, dict[str, Any]]:
@@ -53,7 +58,8 @@ def _not_found_message(text: str) -> str:
     return (
         f"--model {text!r} is neither a built-in model shape nor a local path. "
         f"Built-in names: {', '.join(known_shapes())}. "
-        "Otherwise pass a local folder containing config.json, or the path of a config.json file: "
+        "Otherwise pass a local folder containing config.json, or the path of a config.json file (any of them may end in "
+        "-layers:N for its first N decoder layers): "
         "paca-hal downloads nothing from the Hugging Face hub (fetch config.json on a connected machine)."
     )
 
@@ -120,6 +126,9 @@ def load_config(text: str) -> PretrainedConfig:
     text = str(text).strip()
     if not text:
         raise PacaConfigError(_not_found_message(text))
+    reduced = LAYERS_SUFFIX.match(text)
+    if reduced and not Path(text).expanduser().exists():
+        return with_layers(load_config(reduced["base"]), int(reduced["layers"]), where=text)
     name = text.lower()
     if name in BUILTIN_SHAPES:
         return config_from_dict(BUILTIN_SHAPES[name]["config"], where=f"built-in shape {name!r}")
@@ -134,6 +143,18 @@ def load_config(text: str) -> PretrainedConfig:
     if path.is_file():
         return config_from_dict(_read_config_file(path), where=str(path))
     raise PacaConfigError(_not_found_message(text))
+
+
+def with_layers(config: PretrainedConfig, layers: int, where: str = "config") -> PretrainedConfig:
+    """``config`` with only its first ``layers`` decoder layers (1 to its own count; per-layer kinds cut to match)."""
+    total = int(_field(config, "num_hidden_layers"))
+    if not 1 <= layers <= total:
+        raise PacaConfigError(f"{where}: -layers:N keeps the first N of the model's {total} decoder layers; pass N from 1 to {total}.")
+    fields = config.to_dict()
+    fields["num_hidden_layers"] = layers
+    if isinstance(fields.get("layer_types"), list):
+        fields["layer_types"] = fields["layer_types"][:layers]
+    return type(config).from_dict(fields)
 
 
 def context_length(config: PretrainedConfig | str) -> int:

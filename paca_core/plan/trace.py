@@ -235,6 +235,7 @@ def trace_step(traced: TracedModel, seq_len: int, batch_size: int) -> tuple[Step
             _evaluate(prepared, ids)
     trace = tracker.trace
     trace.peak_by_phase["evaluate"] = evaluation.trace.peak_bytes
+    trace.evaluation_events = evaluation.trace.memory_events  # for the allocator model (allocator.py)
     trace.peak_bytes = max(trace.peak_bytes, evaluation.trace.peak_bytes)
     return trace, dict(traced.counts, gradients=counted.get("gradients", 0))
 

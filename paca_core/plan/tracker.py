@@ -14,6 +14,7 @@ baseline, given by the caller.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -74,6 +75,11 @@ class OpRecord:
     dtype: torch.dtype | None
     inputs: tuple[int, ...] = ()  # ids of input storages (for a profile's fusion rule)
     outputs: tuple[int, ...] = ()
+    #: A GEMM's (m, n, k, batch): output rows, output columns, reduction length, independent products (bmm).
+    #: None for every other op. The time model's efficiency curve reads it (:mod:`.efficiency`).
+    gemm: tuple[int, int, int, int] | None = None
+    #: A fused attention kernel's (batch x heads, query length, key length, head dim, causal). None otherwise.
+    attention: tuple[int, int, int, int, bool] | None = None
 
     @property
     def bytes_moved(self) -> int:
@@ -91,6 +97,14 @@ class StepTrace:
     saved_tensors: int = 0
     ops: list[OpRecord] = field(default_factory=list)
     end_bytes: int = 0
+    #: Storages live before the step, in the order they were counted: (serial, bytes). An allocator model
+    #: (:mod:`.allocator`) places them first.
+    baseline_storages: list[tuple[int, int]] = field(default_factory=list)
+    #: Every device allocation and free of the step in order: (serial, +bytes) when a storage is created,
+    #: (serial, -bytes) when Python frees it. Serials are unique across trackers; zero-byte storages are left out.
+    memory_events: list[tuple[int, int]] = field(default_factory=list)
+    #: The same for the held-out pass traced after the step (:func:`.trace.trace_step`), if any.
+    evaluation_events: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def kernels(self) -> int:
@@ -135,6 +149,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 _ACTIVE: list["StepTracker"] = []
+#: Serial numbers of counted storages, unique in the process (ids of freed storages are reused).
+_SERIALS = itertools.count(1)
 
 
 def active_tracker() -> "StepTracker | None":
@@ -168,6 +184,7 @@ class StepTracker(TorchDispatchMode):
         self._known: dict[int, Any] = {}  # id(storage) -> weakref of storages counted (baseline and new)
         self._excluded: set[int] = set()  # host storages (MEFT tables): not device memory
         self._host_depth = 0
+        self._recording = True  # allocation events, until the tracker exits
         self._saved_seen: set[int] = set()
         self._saved_kept: list = []
         for tensor in host:
@@ -181,6 +198,8 @@ class StepTracker(TorchDispatchMode):
                 self._weights.add(id(storage))
         self.trace.baseline_bytes = self._live
         self.trace.peak_bytes = self._live
+        # What was counted so far existed before the step: the baseline, not the step's allocations.
+        self.trace.baseline_storages, self.trace.memory_events = self.trace.memory_events, []
 
     def __enter__(self):
         _ACTIVE.append(self)
@@ -188,6 +207,7 @@ class StepTracker(TorchDispatchMode):
 
     def __exit__(self, *exc):
         _ACTIVE.remove(self)
+        self._recording = False  # later frees belong to whatever runs next, not to this step
         return super().__exit__(*exc)
 
     # -- memory --------------------------------------------------------------------------------
@@ -199,13 +219,18 @@ class StepTracker(TorchDispatchMode):
         size = storage.nbytes()
         self._known[key] = weakref.ref(storage)
         self._live += size
-        weakref.finalize(storage, self._free, key, size)
+        serial = next(_SERIALS)
+        if size and self._recording:
+            self.trace.memory_events.append((serial, size))
+        weakref.finalize(storage, self._free, key, size, serial)
         self._note_peak()
         return True
 
-    def _free(self, key: int, size: int) -> None:
+    def _free(self, key: int, size: int, serial: int = 0) -> None:
         self._live -= size
         self._known.pop(key, None)
+        if size and self._recording:
+            self.trace.memory_events.append((serial, -size))
 
     def _note_peak(self) -> None:
         trace = self.trace
@@ -279,6 +304,7 @@ class StepTracker(TorchDispatchMode):
             bytes_read=sum(_tensor_bytes(t) for t in inputs),
             bytes_written=sum(_tensor_bytes(t) for t in outputs) if outputs else 0,
             dtype=dtype, inputs=in_ids, outputs=out_ids,
+            **(_kernel_shape(func, name, args, kwargs) if flops else {}),
         ))
         del new
         return out
@@ -303,6 +329,50 @@ class StepTracker(TorchDispatchMode):
         if rule is None:
             return 0
         return int(rule(*args, **kwargs, out_val=out))
+
+
+def _bound_arguments(func, args, kwargs) -> dict[str, Any]:
+    """The op's arguments by their schema names (positional and keyword alike), defaults filled in."""
+    bound: dict[str, Any] = {}
+    for position, argument in enumerate(func._schema.arguments):
+        if position < len(args) and not argument.kwarg_only:
+            bound[argument.name] = args[position]
+        elif argument.name in kwargs:
+            bound[argument.name] = kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+    return bound
+
+
+#: GEMMs: the operands whose last two dims are (m, k) and (k, n); leading dims of a bmm are its batch.
+_GEMM_OPERANDS = {"aten.mm": ("self", "mat2"), "aten.addmm": ("mat1", "mat2"), "aten.bmm": ("self", "mat2"),
+                  "aten.baddbmm": ("batch1", "batch2"), "aten._scaled_mm": ("self", "mat2")}
+
+
+def _kernel_shape(func, name: str, args, kwargs) -> dict[str, Any]:
+    """What the time model needs beyond FLOPs: a GEMM's (m, n, k, batch), or a fused attention kernel's
+    (batch x heads, query length, key length, head dim, causal). Empty for other ops with FLOPs."""
+    if name in _GEMM_OPERANDS:
+        bound = _bound_arguments(func, args, kwargs)
+        a, b = (bound[key] for key in _GEMM_OPERANDS[name])
+        batch = a.shape[0] if a.dim() == 3 else 1
+        return {"gemm": (int(a.shape[-2]), int(b.shape[-1]), int(a.shape[-1]), int(batch))}
+    if name.startswith("bitsandbytes.gemm_4bit") or name.startswith("bitsandbytes.gemv_4bit"):
+        a, shape_b = args[0], args[2]  # A (..., K) @ W (N, K)ᵀ, W's logical shape given
+        k = int(a.shape[-1])
+        return {"gemm": (int(a.numel()) // max(1, k), int(shape_b[0]), k, 1)}
+    if "attention" in name and hasattr(func, "_schema"):
+        bound = _bound_arguments(func, args, kwargs)
+        query, key = bound.get("query"), bound.get("key")
+        if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or query.dim() != 4:
+            return {}
+        # SDPA's ops take (batch, heads, length, dim); the flash/efficient kernels' own ops (batch, length, heads, dim).
+        heads_first = name.startswith("aten._scaled_dot_product")
+        batch_heads = query.shape[0] * (query.shape[1] if heads_first else query.shape[2])
+        q_len, kv_len = (query.shape[2], key.shape[2]) if heads_first else (query.shape[1], key.shape[1])
+        causal = bool(bound.get("is_causal", False)) and bound.get("attn_mask") is None and bound.get("attn_bias") is None
+        return {"attention": (int(batch_heads), int(q_len), int(kv_len), int(query.shape[-1]), causal)}
+    return {}
 
 
 def _is_view(func) -> bool:
