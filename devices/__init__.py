@@ -38,6 +38,7 @@ from .registry import (
     clip_grad_norm,
     current_stream,
     default_dtype,
+    default_dtype_choice,
     device_choices,
     device_name,
     free_memory_bytes,
@@ -60,7 +61,7 @@ from .registry import (
     synchronize,
     unregister_runtime,
 )
-from .runtime import COMPILE, EAGER, DeviceRuntime, DeviceUnavailableError, GraphMode, InvalidDeviceError, MemoryStats
+from .runtime import COMPILE, EAGER, DeviceRuntime, DeviceUnavailableError, DtypeChoice, GraphMode, InvalidDeviceError, MemoryStats
 from .transfers import Transfer, copy_to_device, copy_to_host, host_tensor
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "DeviceProfile",
     "DeviceRuntime",
     "DeviceUnavailableError",
+    "DtypeChoice",
     "GraphMode",
     "InvalidDeviceError",
     "MemoryStats",
@@ -90,6 +92,7 @@ __all__ = [
     "copy_to_host",
     "current_stream",
     "default_dtype",
+    "default_dtype_choice",
     "device_choices",
     "device_mesh",
     "device_name",

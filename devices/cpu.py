@@ -1,4 +1,5 @@
-"""The CPU runtime: always available; memory is the process's resident set size."""
+"""The CPU runtime: always available; memory is the process's resident set size; bf16 by default only where the CPU
+multiplies bf16 natively."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,8 @@ import resource
 
 from ._torch import torch
 
-from .runtime import COMPILE, EAGER, DeviceRuntime, MemoryStats
+from .cpu_features import cpu_dtype_choice
+from .runtime import COMPILE, EAGER, DeviceRuntime, DtypeChoice, MemoryStats
 
 
 def _read_status_kib(field: str) -> int | None:
@@ -39,6 +41,11 @@ class CpuRuntime(DeviceRuntime):
     graph_modes = (EAGER, COMPILE)
 
     shares_host_memory = True
+
+    def preferred_dtype(self) -> DtypeChoice:
+        """bf16 where the CPU multiplies bf16 natively (AVX512-BF16 / AMX-BF16), fp32 elsewhere: emulated bf16 is
+        slower than fp32. Decided once per process from what torch reports (``devices/cpu_features.py``)."""
+        return cpu_dtype_choice()
 
     def device_name(self, device: torch.device) -> str:
         import platform

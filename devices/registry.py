@@ -17,7 +17,7 @@ from typing import Any, ContextManager, Iterable
 
 from ._torch import torch
 
-from .runtime import DeviceRuntime, DeviceUnavailableError, InvalidDeviceError, MemoryStats
+from .runtime import DeviceRuntime, DeviceUnavailableError, DtypeChoice, InvalidDeviceError, MemoryStats
 
 logger = logging.getLogger(__name__)
 
@@ -331,8 +331,14 @@ def available_device_types() -> list[str]:
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """The dtype to train in on ``device`` when the user does not choose (bf16 on accelerators, fp32 on CPU)."""
-    return runtime_for(torch.device(device)).default_dtype
+    """The dtype to train in on ``device`` when the user does not choose: bf16 on accelerators; on CPU bf16 where it
+    multiplies bf16 natively (AVX512-BF16/AMX), else fp32. :func:`default_dtype_choice` also says why."""
+    return default_dtype_choice(device).dtype
+
+
+def default_dtype_choice(device: torch.device | str) -> DtypeChoice:
+    """``--dtype auto`` on ``device``: the runtime's :meth:`~DeviceRuntime.preferred_dtype` (dtype and reason)."""
+    return runtime_for(torch.device(device)).preferred_dtype()
 
 
 def shares_host_memory(device: torch.device | str) -> bool:

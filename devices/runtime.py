@@ -63,6 +63,21 @@ class GraphMode:
     keeps_grad_buffers: bool = False
 
 
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a device trains in when the user does not choose (``--dtype auto``), and the sentence saying why
+    (logged, and written to metrics.json as ``dtype_reason``)."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """The ``--dtype`` spelling: ``bf16``, ``fp16``, ``fp32`` (else torch's name)."""
+        full = str(self.dtype).replace("torch.", "")
+        return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(full, full)
+
+
 EAGER = GraphMode("eager", "op by op")
 COMPILE = GraphMode("compile", "torch.compile", compiled=True)
 
@@ -88,7 +103,8 @@ class DeviceRuntime(ABC):
     graph_modes: tuple[GraphMode, ...] = (EAGER,)
     #: ``torch.compile`` backend for graph mode ``compile``.
     compile_backend: str = "inductor"
-    #: The dtype models train in by default here (``--dtype auto``).
+    #: The dtype models train in by default here (``--dtype auto``), where :meth:`preferred_dtype` is not overridden
+    #: to decide from what the hardware can do (the CPU runtime does: bf16 only with native bf16 matmul).
     default_dtype: torch.dtype = TorchDtype("float32")
     #: torch.distributed backend for collectives between processes on this device type.
     distributed_backend: str = "gloo"
@@ -99,6 +115,13 @@ class DeviceRuntime(ABC):
     #: or an ``importlib.resources`` file), whose profiles all have ``device_type == name``. None: the
     #: device has none beyond the shipped file's. Read only when profiles are asked for.
     profiles_file: Any = None
+
+    def preferred_dtype(self) -> DtypeChoice:
+        """What ``--dtype auto`` trains in on this device, and why. By default the declared :attr:`default_dtype`;
+        a runtime whose answer depends on the hardware (CPU: native bf16 matmul or not) overrides this and decides
+        once per process. Only the frozen base takes it: adapters and optimizer state stay fp32."""
+        dtype = self.default_dtype
+        return DtypeChoice(dtype, f"{DtypeChoice(dtype, '').name}: the {self.name} runtime's default")
 
     # --- graph modes --------------------------------------------------------------------------------
 

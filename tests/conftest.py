@@ -48,6 +48,21 @@ def make_tiny_llama():
     return tiny_llama
 
 
+@pytest.fixture(autouse=True)
+def cpu_auto_dtype_is_fp32(monkeypatch):
+    """``--dtype auto`` on CPU is bf16 where the CPU multiplies bf16 natively (AVX512-BF16/AMX), fp32 elsewhere; the
+    tests run it as on a CPU without (fp32), so they say the same on every CI machine. tests/test_cpu_dtype.py
+    checks the rule both ways; subprocesses a test starts still ask their real CPU."""
+    from devices import cpu_features
+
+    without = cpu_features.CpuBf16Support("x86_64", "AVX2", avx512_bf16=False, amx_bf16=False, onednn=True,
+                                          source="tests/conftest.py")
+    monkeypatch.setattr(cpu_features, "query_bf16_support", lambda: without)
+    cpu_features.cpu_dtype_choice.cache_clear()
+    yield
+    cpu_features.cpu_dtype_choice.cache_clear()
+
+
 PRIMITIVES = frozenset(Backend.__abstractmethods__)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..help_format import HelpFormatter
 from ..workloads.levers import LEVERS
 from ..workloads.models import MODEL_HELP
 from ..workloads.peers import everyday_peers
@@ -22,7 +23,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="measure every method (ours and PEFT's) on one model, shape and device: speed, memory, held-out loss",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter, allow_abbrev=False,
     )
     devices.add_device_argument(p)
     devices.add_graph_mode_argument(p)
@@ -37,7 +38,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         f"max-context: {DEFAULT_ENTRIES}",
     )
     p.add_argument("--model", default="smollm2-135m-shape", help=f"speed mode: {MODEL_HELP}")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto = fp32 on CPU, bf16 on GPU/HPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto = bf16 on GPU/HPU and on CPUs with native bf16 matmul (AVX512-BF16/AMX), else fp32")
     p.add_argument("--seq-len", default="256", help="tokens per example; comma-separated for several (512,2048,8192)")
     p.add_argument("--batch-size", default="4", help="examples per step; comma-separated for several")
     p.add_argument("--rank", default="8", help="LoRA rank r; comma-separated for several (8,64)")
@@ -58,13 +59,13 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--search-max", type=int, default=None, help="largest size tried (default 131072 tokens, or 4096 examples)")
     p.add_argument("--accuracy-model", default="default", help="accuracy mode: 'default' or a local model folder (real weights)")
     p.add_argument("--accuracy-steps", type=int, default=30, help="fine-tuning steps per method in accuracy mode")
-    p.add_argument("--accuracy-seq-len", type=int, default=128)
-    p.add_argument("--accuracy-batch-size", type=int, default=4)
+    p.add_argument("--accuracy-seq-len", type=int, default=128, help="tokens per example in accuracy mode")
+    p.add_argument("--accuracy-batch-size", type=int, default=4, help="examples per step in accuracy mode")
     p.add_argument("--accuracy-rank", type=int, default=8, help="LoRA rank in accuracy mode (PaCA / LoRA-FA: 2r unless --no-match-params)")
     p.add_argument("--data", default="default", help="accuracy mode: local .txt/.jsonl, or 'default' (Macbeth); 10%% held out")
     p.add_argument("--eval-every", type=int, default=10, help="accuracy mode: held-out evaluation every N steps")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: each method's paca train default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the models built from a shape, the synthetic batches, column choice and data order")
     p.add_argument("--worker-timeout", type=float, default=3600.0, help="seconds before a method's worker is stopped")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, the PNG plots and logs/ (a new or empty "
                    "folder, or an earlier paca bench output with --overwrite)")

@@ -81,7 +81,9 @@ def _environment(device_text: str | None) -> dict:
         except PackageNotFoundError:
             versions[package] = "not installed"
     device = devices.resolve_device(device_text)
-    return {"device": str(device), "device_name": devices.device_name(device), "versions": versions, "platform": platform.platform()}
+    auto = devices.default_dtype_choice(device)  # what --dtype auto trains in here, and why
+    return {"device": str(device), "device_name": devices.device_name(device), "versions": versions, "platform": platform.platform(),
+            "default_dtype": auto.name, "default_dtype_reason": auto.reason}
 
 
 def _job_base(args: argparse.Namespace) -> dict:
@@ -259,10 +261,10 @@ def _max_context_into(args: argparse.Namespace, out: Path, final: Path, specs, b
         big = load_config(args.plan_model)
         for spec in specs:
             bar.set_postfix_str(f"{spec.name} on {args.plan_model}")
-            longest, context = max_context.planned_longest(big, spec, batch, profile.usable_bytes(), DTYPES["bf16"], lora_rank,
-                                                           args.match_params, options)
+            longest, context = max_context.planned_longest(big, spec, batch, profile.memory_limit(), DTYPES["bf16"], lora_rank,
+                                                           args.match_params, options, profile=profile)
             planned_records.append({"method": spec.name, "levers": list(spec.levers), "batch_size": batch, "context": context,
-                                    "budget_bytes": profile.usable_bytes(), "planned_max_seq_len": longest, "capped": longest >= context})
+                                    "budget_bytes": profile.memory_limit(), "planned_max_seq_len": longest, "capped": longest >= context})
             bar.update(1)
     bar.close()
     max_context.add_context_ratios(records)
@@ -327,7 +329,7 @@ def _context_report(document: dict, budget: int, profile) -> str:
              "free on CPU, so its transfers run as the planner's stand-in: device bytes as on an accelerator, host copies "
              "counted apart.", "", max_context.context_markdown(document["max_context"]), ""]
     if document["planned_max_context"]:
-        lines += [f"## {s['plan_model']} on {s['plan_profile']} (simulated, {profile.usable_bytes() / 2**30:.1f} GiB usable, bf16)", "",
+        lines += [f"## {s['plan_model']} on {s['plan_profile']} (simulated, {profile.memory_limit() / 2**30:.1f} GiB device limit, bf16)", "",
                   max_context.context_markdown(document["planned_max_context"], measured=False), ""]
     return "\n".join(lines)
 

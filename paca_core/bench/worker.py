@@ -91,7 +91,8 @@ def _setup(job: dict) -> tuple[MethodSpec, ModelChoice, torch.device, Prepared, 
     spec = parse_method_spec(job["method"])
     choice = parse_model(job["model"])
     device = devices.resolve_device(job.get("device"))
-    dtype = DTYPES[job["dtype"]] if job.get("dtype") not in (None, "auto") else devices.default_dtype(device)
+    auto = devices.default_dtype_choice(device) if job.get("dtype") in (None, "auto") else None  # the CPU: bf16 only if native
+    dtype = auto.dtype if auto is not None else DTYPES[job["dtype"]]
     graph_mode = devices.resolve_graph_mode(device, job.get("graph_mode", "auto"))
     model, tokenizer = build_model(choice, dtype, device, seed=job.get("seed", 0))
     torch.manual_seed(job.get("seed", 0))
@@ -99,7 +100,8 @@ def _setup(job: dict) -> tuple[MethodSpec, ModelChoice, torch.device, Prepared, 
     apply_levers(prepared, model, spec.levers)
     devices.apply_graph_mode(prepared.module, device, graph_mode)
     prepared.set_to_none = grads_to_none(prepared.module)  # as the Trainer: captured graphs keep gradient buffers
-    job["resolved"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "graph_mode": graph_mode}
+    job["resolved"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "graph_mode": graph_mode,
+                       "dtype_reason": auto.reason if auto is not None else f"--dtype {job['dtype']}"}
     return spec, choice, device, prepared, tokenizer
 
 
