@@ -17,7 +17,8 @@ from ._version import __version__
 
 logger = logging.getLogger("paca_core")
 
-__all__ = ["DEFAULT_LR", "DEFAULT_RANK", "DTYPES", "METHOD_HELP", "build_configs", "build_parser", "default_lr", "main"]
+__all__ = ["DEFAULT_LR", "DEFAULT_RANK", "DTYPES", "METHOD_HELP", "apply_config", "build_configs", "build_parser", "default_lr", "main",
+           "parse_arguments"]
 
 #: Names this module re-exports from where they live (read on first use, so importing the CLI stays light).
 _FORWARDED = {
@@ -43,66 +44,48 @@ def default_lr(method: str, rank: int | None = None) -> float:
     return registry_default_lr(method, rank)
 
 
-def _add_train_parser(sub) -> None:
-    from .train_options import add_train_arguments
+def _add_train_parser(sub) -> argparse.ArgumentParser:
+    from .help_format import HelpFormatter
+    from .train_options import TRAIN_DESCRIPTION, TRAIN_EXAMPLES, TRAIN_USAGE, add_train_arguments
 
     p = sub.add_parser(
         "train",
         help="fine-tune a causal LM (defaults: SmolLM2-135M-Instruct on Shakespeare's Macbeth, offline)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION, epilog=TRAIN_EXAMPLES, formatter_class=HelpFormatter, allow_abbrev=False,
     )
     add_train_arguments(p)
-    p.add_argument("--out", default="runs/paca",
-                   help="output folder: adapter/, checkpoint/, metrics.json. Must be new, empty, or an earlier run's folder "
-                   "with --overwrite (replace it) or --resume (continue it); a folder holding anything else is refused")
-    p.add_argument("--overwrite", action="store_true", help="replace the earlier paca train run in --out (nothing else is ever replaced)")
-    p.add_argument("--resume", default=None, help="continue from a checkpoint folder (<out>/checkpoint or <out>)")
-    p.add_argument(
-        "--trust-checkpoint", action="store_true",
-        help="with --resume: you trust who made the checkpoint, so an old (0.1.0) trainer_state.pt that cannot be read "
-        "safely may be unpickled in full (which can run code from it). Never needed for checkpoints from this version",
-    )
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end / on Ctrl-C)")
-    p.add_argument("--log-every", type=int, default=5, help="steps per progress/metrics record")
-    p.add_argument("--no-eval", action="store_true", help="skip the held-out loss before and after training (as --eval-fraction 0)")
-    p.add_argument("--sample-tokens", type=int, default=40, help="tokens generated for the before/after sample (0: skip)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument(
-        "--on-nan", default="stop", choices=["stop", "skip"],
-        help="a NaN/inf loss or gradient norm: stop (save the last good state and exit) or skip that step",
-    )
-    p.add_argument(
-        "--fsdp", action="store_true",
-        help="under torchrun/accelerate launch: shard base weights and adapters across processes with FSDP2 "
-        "(default: DDP, a full copy per process)",
-    )
-    p.add_argument(
-        "--deepspeed", default=None, metavar="zero1|zero2|zero3|PATH.json",
-        help="train under DeepSpeed ZeRO (launch with torchrun, deepspeed or accelerate launch; needs paca-hal[deepspeed]). "
-        "A stage name expands to a config from these flags (micro-batch --batch-size, --grad-accum, --max-grad-norm, bf16 "
-        "when --dtype is bf16); in your JSON these flags fill only \"auto\" fields, and a value that contradicts them is an "
-        "error. zero3 partitions base weights too. `accelerate launch --use_deepspeed` sets it for you",
-    )
-    # The deepspeed launcher passes --local_rank=N to the script (it sets LOCAL_RANK too, which is what we read).
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(handler="paca_core.train_command:run_train")
+    return p
 
 
-def _add_adapter_command(sub, name: str, help_text: str, out_help: str, handler: str) -> None:
+def _add_adapter_command(sub, name: str, help_text: str, out_help: str, handler: str) -> argparse.ArgumentParser:
     """A subcommand that reads a trained adapter and its base model and writes something to --out."""
-    p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .help_format import HelpFormatter
+
+    p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--adapter", required=True, help="adapter folder (from paca train: <out>/adapter)")
-    p.add_argument("--model", default="default", help="base model folder the adapter was trained on ('default': the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="base model folder the adapter was trained on, or 'default' (the embedded SmolLM2-135M-Instruct). "
+                   "Left out: the base model the adapter records (its adapter_config.json's base_model); a model whose "
+                   "fingerprint differs from the recorded one is refused")
     p.add_argument("--out", required=True, help=out_help + "; a new or empty folder, or an earlier output of this command with --overwrite")
     p.add_argument("--overwrite", action="store_true", help=f"replace an earlier `paca {name}` output in --out (nothing else is ever replaced)")
     p.set_defaults(handler=handler)
+    return p
+
+
+class _Parser(argparse.ArgumentParser):
+    """The ``paca`` parser, which knows its subcommands' parsers (an unknown flag is reported with its
+    subcommand's usage; ``--config`` files set ``train``'s defaults)."""
+
+    subcommands: dict[str, argparse.ArgumentParser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench.command import add_bench_parser
     from .plan.command import add_plan_parser
 
-    parser = argparse.ArgumentParser(prog="paca", description="Memory-efficient fine-tuning on CPU, CUDA and Intel Gaudi.")
+    parser = _Parser(prog="paca", description="Memory-efficient fine-tuning on CPU, CUDA and Intel Gaudi.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"paca-hal {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # The deepspeed launcher puts --local_rank=N before the subcommand (it sets LOCAL_RANK too, which is what we read).
@@ -115,7 +98,43 @@ def build_parser() -> argparse.ArgumentParser:
                          "paca_core.adapter_commands:run_export")
     add_bench_parser(sub)  # `paca bench`: every method measured side by side
     add_plan_parser(sub)  # `paca plan`: what fits and how fast on accelerators, simulated
+    parser.subcommands = dict(sub.choices)
     return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unknown flag is refused with its subcommand's usage (argparse's subparsers hand unknown
+    flags up to the top-level parser, whose usage says nothing about them)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subcommand = getattr(parser, "subcommands", {}).get(getattr(args, "command", None), parser)
+        subcommand.error(f"unrecognized arguments: {' '.join(unknown)}{_closest_flag(subcommand, unknown)}")
+    return args
+
+
+def _closest_flag(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """`` (did you mean --seq-len?)`` for the first unknown flag that is close to one (abbreviations are refused)."""
+    import difflib
+
+    flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]  # no public list
+    for text in unknown:
+        if text.startswith("--"):
+            name = text.split("=", 1)[0]
+            close = [flag for flag in flags if flag.startswith(name)] or difflib.get_close_matches(name, flags, n=1)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
+
+
+def apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> argparse.Namespace:
+    """``paca train --config FILE``: the file's values become ``train``'s defaults and ``argv`` is parsed again, so the
+    flags on the command line win. Other commands, and train without --config, are returned as parsed."""
+    if getattr(args, "config", None) is None or args.command != "train":
+        return args
+    from .run_config import apply_config_file
+
+    apply_config_file(parser.subcommands["train"], args.config)
+    return parse_arguments(parser, argv)
 
 
 def _handler(args: argparse.Namespace):
@@ -164,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -172,6 +191,7 @@ def _main(argv: list[str] | None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     expected = _expected_errors()
     try:
+        args = apply_config(parser, argv, args)
         return _handler(args)(args)
     except expected as error:
         _report(error, args.verbose)

@@ -1,34 +1,53 @@
-"""Training data: local ``.txt`` (packed into fixed-length blocks) or ``.jsonl`` (``text`` or
-``prompt``/``response`` records). Every example has the same length, so step shapes are static —
-what graph-compiled devices (HPU lazy mode, CUDA graphs, torch.compile) need.
+"""Training data as fixed-length token rows, from the forms users keep it in:
+
+* ``.txt`` — plain text, cut into blocks of ``--seq-len`` tokens;
+* ``.jsonl`` with ``text``; ``prompt``/``response`` (or TRL's ``prompt``/``completion``); or ``messages``
+  (OpenAI/TRL conversations, rendered with the tokenizer's chat template, loss on every assistant turn only);
+* datasets on disk with the same fields: a ``save_to_disk`` folder (a DatasetDict's split by ``--data-split``),
+  ``.parquet``, ``.arrow``, ``.csv`` (optional ``datasets`` library); other column names through ``--text-field`` /
+  ``--field-map``.
+
+Every row has the same length, so step shapes are static — what graph-compiled devices (HPU lazy mode, CUDA graphs,
+torch.compile) need. Examples shorter than a row are padded, or with ``packing`` placed several to a row, kept apart
+by per-example position ids (:mod:`paca_core.data_formats.packing`). The readers live in
+:mod:`paca_core.data_formats`; this module is the entry point the trainer and ``paca train`` use.
 """
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
+from .data_formats.base import IGNORE_INDEX, DataError
+from .data_formats.fields import FieldMap, parse_field_map
+from .data_formats.records import (
+    SUPPORTED_SUFFIXES, ChatRecord, PairRecord, RecordSet, TextRecord, data_kind, read_records,
+)
+
+__all__ = [
+    "IGNORE_INDEX", "DataError", "FieldMap", "SUPPORTED_SUFFIXES", "TokenizedData", "check_data_file", "inspect_data",
+    "load_dataset", "parse_field_map", "prompt_response_ids", "split_held_out",
+]
+
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """The data file is missing, empty or malformed; the message names the file and line."""
 
 
 @dataclass
 class TokenizedData:
-    """Fixed-length examples: ``input_ids``, ``labels`` (-100 where no loss) and ``attention_mask``, each (N, seq_len)."""
+    """Fixed-length rows: ``input_ids``, ``labels`` (-100 where no loss) and ``attention_mask`` (1 on data, 0 on
+    padding), each (N, seq_len). Packed rows also carry ``position_ids`` (restarting at 0 for each example): the
+    model is then given those instead of the attention mask, which would let the examples of a row see each other."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
     source: str
+    position_ids: torch.Tensor | None = None
+    #: How the rows were made, for the log and metrics.json: the record forms, the examples, the padding before packing.
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -37,14 +56,33 @@ class TokenizedData:
     def target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+    @property
+    def padding_share(self) -> float:
+        """The share of the rows' tokens that are padding (what a step spends on no data)."""
+        return 1.0 - float(self.attention_mask.sum()) / max(1, self.attention_mask.numel())
+
+    def layout(self) -> dict[str, Any]:
+        """What metrics.json records about the rows."""
+        return {**self.info, "rows": len(self), "seq_len": int(self.input_ids.shape[1]), "packed": self.packed,
+                "padding_share": round(self.padding_share, 6)}
+
     def subset(self, rows: torch.Tensor | slice) -> "TokenizedData":
-        return TokenizedData(self.input_ids[rows], self.labels[rows], self.attention_mask[rows], self.source)
+        positions = self.position_ids[rows] if self.position_ids is not None else None
+        return TokenizedData(self.input_ids[rows], self.labels[rows], self.attention_mask[rows], self.source, positions)
 
     def batches(self, batch_size: int, order: torch.Tensor, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Full batches in ``order`` from batch number ``start`` (a partial last batch is dropped: static shapes)."""
+        """Full batches in ``order`` from batch number ``start`` (a partial last batch is dropped: static shapes).
+        Packed rows give ``position_ids`` and no ``attention_mask``."""
         for first in range(start * batch_size, len(order) - batch_size + 1, batch_size):
             rows = order[first : first + batch_size]
-            yield {"input_ids": self.input_ids[rows], "labels": self.labels[rows], "attention_mask": self.attention_mask[rows]}
+            if self.position_ids is not None:
+                yield {"input_ids": self.input_ids[rows], "labels": self.labels[rows], "position_ids": self.position_ids[rows]}
+            else:
+                yield {"input_ids": self.input_ids[rows], "labels": self.labels[rows], "attention_mask": self.attention_mask[rows]}
 
 
 def _eos_id(tokenizer) -> int:
@@ -54,12 +92,16 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def _pack_blocks(token_ids: list[int], seq_len: int, source: str) -> TokenizedData:
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
+
+
+def _pack_blocks(token_ids: list[int], seq_len: int, source: str, info: dict[str, Any]) -> TokenizedData:
     blocks = len(token_ids) // seq_len
     if blocks == 0:
         raise DataError(f"{source} has {len(token_ids)} tokens, fewer than one block of --seq-len {seq_len}; use more text or a shorter --seq-len.")
     ids = torch.tensor(token_ids[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
-    return TokenizedData(ids, ids.clone(), torch.ones_like(ids), source)
+    return TokenizedData(ids, ids.clone(), torch.ones_like(ids), source, info=info)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -76,48 +118,6 @@ def prompt_response_ids(tokenizer, prompt: str, response: str) -> tuple[list[int
     return _encode(tokenizer, prompt + "\n"), _encode(tokenizer, response) + [_eos_id(tokenizer)]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records: list[dict] = []
-    try:
-        _parse_jsonl_lines(path, records)
-    except UnicodeDecodeError:
-        number = len(records) + 1
-        for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                break
-        raise DataError(f"{path}:{number} is not UTF-8 text; save the file as UTF-8.") from None
-    except OSError as error:
-        raise DataError(f"{path} cannot be read ({error.strerror}).") from None
-    if not records:
-        raise DataError(f"{path} has no records.")
-    return records
-
-
-def _parse_jsonl_lines(path: Path, records: list[dict]) -> None:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number} is not valid JSON ({error.msg}).") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number} must be a JSON object with 'text' or 'prompt'/'response'.")
-            has_text = isinstance(record.get("text"), str)
-            has_pair = isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str)
-            if not (has_text or has_pair):
-                raise DataError(
-                    f"{path}:{number} has neither a 'text' string nor 'prompt' and 'response' strings (keys: {sorted(record)})."
-                )
-            records.append(record)
-
-
-SUPPORTED_SUFFIXES = (".txt", ".jsonl")
-
-
 def _read_text(path: Path, flag: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -128,74 +128,131 @@ def _read_text(path: Path, flag: str) -> str:
         raise DataError(f"{flag} {path} cannot be read ({error.strerror}).") from None
 
 
-def check_data_file(path: str | Path, flag: str = "--data") -> int:
-    """Everything about a data file that needs no tokenizer: it exists, is readable, is not empty, is a format we
-    read, and (``.jsonl``) every line parses into a record we can use. Returns its record count (``.txt``: 1).
-    The message names the file and the line, and runs before any model loads."""
+@dataclass
+class DataSummary:
+    """What preflight learnt about a data file or split without a tokenizer."""
+
+    kind: str  # "txt", "jsonl" or "dataset"
+    records: int
+    forms: dict[str, int]
+
+
+def inspect_data(path: str | Path, flag: str = "--data", *, split: str | None = "train", fields: FieldMap | None = None) -> DataSummary:
+    """Everything about the data that needs no tokenizer: it exists, is readable, is not empty, is a format we read,
+    and every line or row holds a record we can use (the columns the run names exist). The message names the file and
+    the line, row or column, and this runs before any model loads. ``split``: as :func:`read_records`."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{flag} {path} does not exist; pass a local .txt or .jsonl file.")
-    if not path.is_file():
-        raise DataError(f"{flag} {path} is a folder, not a data file; pass a local .txt or .jsonl file.")
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(f"{flag} {path}: unsupported data format {suffix or '(no extension)'!r}; use .txt (plain text) or .jsonl.")
-    if suffix == ".txt":
+    kind = data_kind(path, flag)
+    if kind == "txt":
         if not _read_text(path, flag).strip():
             raise DataError(f"{flag} {path} is empty.")
-        return 1
-    return len(_read_jsonl(path))
+        return DataSummary(kind, 1, {"text": 1})
+    records = read_records(path, flag, split=split, fields=fields)
+    return DataSummary(kind, len(records), records.forms())
 
 
-def load_dataset(path: str | Path, tokenizer, seq_len: int) -> TokenizedData:
-    """Tokenize a local data file into fixed-length examples."""
+def check_data_file(path: str | Path, flag: str = "--data", *, split: str | None = "train", fields: FieldMap | None = None) -> int:
+    """:func:`inspect_data`'s checks; returns the record count (``.txt``: 1)."""
+    return inspect_data(path, flag, split=split, fields=fields).records
+
+
+def load_dataset(path: str | Path, tokenizer, seq_len: int, *, split: str | None = "train", fields: FieldMap | None = None,
+                 packing: bool = False) -> TokenizedData:
+    """Tokenize local data into rows of ``seq_len`` tokens.
+
+    ``split``: a DatasetDict folder's split (None: its held-out split). ``fields``: other column names.
+    ``packing``: put several examples in a row, kept apart by position ids (plain text is already cut into full
+    blocks; ``text`` records become examples of their own, cut at ``seq_len``, instead of one running text)."""
     path = Path(path)
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}.")
-    if not path.is_file() or path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        check_data_file(path, "data file")  # raises the reason
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return _pack_blocks(_encode(tokenizer, _read_text(path, "data file")), seq_len, str(path))
-    records = _read_jsonl(path)
-    if all("text" in r and "prompt" not in r for r in records):
+    kind = data_kind(path, "data file")
+    if kind == "txt":
+        return _pack_blocks(_encode(tokenizer, _read_text(path, "data file")), seq_len, str(path), {"records": {"text": 1}})
+    records = read_records(path, "data file", split=split, fields=fields)
+    info: dict[str, Any] = {"records": records.forms()}
+    if not packing and all(isinstance(r, TextRecord) for r in records.records):
         eos = _eos_id(tokenizer)
         ids: list[int] = []
-        for record in records:
-            ids += _encode(tokenizer, record["text"]) + [eos]
-        return _pack_blocks(ids, seq_len, str(path))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
-    rows, labels, masks, truncated = [], [], [], 0
-    for number, record in enumerate(records, 1):
-        if "prompt" in record:
-            prompt_ids, response_ids = prompt_response_ids(tokenizer, record["prompt"], record["response"])
+        for record in records.records:
+            ids += _encode(tokenizer, record.text) + [eos]
+        return _pack_blocks(ids, seq_len, records.source, info)
+    examples = _examples(records, tokenizer, seq_len, packing)
+    info["examples"] = len(examples)
+    if packing:
+        return _packed(examples, seq_len, _pad_id(tokenizer), records.source, info)
+    return _padded(examples, seq_len, _pad_id(tokenizer), records.source, info)
+
+
+def _examples(records: RecordSet, tokenizer, seq_len: int, packing: bool) -> list[tuple[list[int], list[int]]]:
+    """``(ids, labels)`` per example, at most ``seq_len`` long; labels are IGNORE_INDEX where no loss."""
+    from .data_formats.chat import ChatTemplateError, ChatTokenizer
+
+    chat = None
+    examples: list[tuple[list[int], list[int]]] = []
+    truncated = 0
+    for index, record in enumerate(records.records):
+        if isinstance(record, TextRecord) and packing:  # an example of its own; a long one in pieces, all trained
+            ids = _encode(tokenizer, record.text) + [_eos_id(tokenizer)]
+            examples += [(ids[i : i + seq_len], ids[i : i + seq_len]) for i in range(0, len(ids), seq_len) if len(ids[i : i + seq_len]) > 1]
+            continue
+        if isinstance(record, ChatRecord):
+            chat = chat or ChatTokenizer(tokenizer)
+            try:
+                ids, labels = chat.tokens(record.messages, record.trained_from)
+            except ChatTemplateError as error:
+                raise DataError(f"{records.where(index)}: {error}.") from None
+        elif isinstance(record, PairRecord):
+            prompt_ids, response_ids = prompt_response_ids(tokenizer, record.prompt, record.response)
+            ids, labels = prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
         else:
-            prompt_ids, response_ids = [], _encode(tokenizer, record["text"]) + [_eos_id(tokenizer)]
-        ids = (prompt_ids + response_ids)[:seq_len]
-        label = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:seq_len]
-        truncated += len(prompt_ids) + len(response_ids) > seq_len
-        if all(t == IGNORE_INDEX for t in label):
-            raise DataError(f"{path} record {number}: the prompt alone fills --seq-len {seq_len}; raise --seq-len.")
-        padding = seq_len - len(ids)
-        rows.append(ids + [pad] * padding)
-        labels.append(label + [IGNORE_INDEX] * padding)
-        masks.append([1] * len(ids) + [0] * padding)
+            ids = _encode(tokenizer, record.text) + [_eos_id(tokenizer)]
+            labels = list(ids)
+        truncated += len(ids) > seq_len
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        # Position 0 is never a target (nothing before it predicts it), so an example needs a label after it.
+        if not isinstance(record, TextRecord) and all(label == IGNORE_INDEX for label in labels[1:]):
+            raise DataError(f"{records.where(index)}: the prompt alone fills --seq-len {seq_len} (nothing left to train on); "
+                            "raise --seq-len.")
+        examples.append((ids, labels))
     if truncated:
-        logger.warning("%d of %d records of %s were truncated to --seq-len %d", truncated, len(records), path, seq_len)
-    return TokenizedData(torch.tensor(rows), torch.tensor(labels), torch.tensor(masks), str(path))
+        logger.warning("%d of %d records of %s were truncated to --seq-len %d", truncated, len(records), records.source, seq_len)
+    return examples
+
+
+def _padded(examples, seq_len: int, pad: int, source: str, info: dict[str, Any]) -> TokenizedData:
+    rows = [ids + [pad] * (seq_len - len(ids)) for ids, _ in examples]
+    labels = [label + [IGNORE_INDEX] * (seq_len - len(label)) for _, label in examples]
+    masks = [[1] * len(ids) + [0] * (seq_len - len(ids)) for ids, _ in examples]
+    return TokenizedData(torch.tensor(rows), torch.tensor(labels), torch.tensor(masks), source, info=info)
+
+
+def _packed(examples, seq_len: int, pad: int, source: str, info: dict[str, Any]) -> TokenizedData:
+    from .data_formats.packing import pack_examples
+
+    input_ids, labels, attention_mask, position_ids = pack_examples(examples, seq_len, pad)
+    data_tokens = sum(len(ids) for ids, _ in examples)
+    info["padding_share_before_packing"] = round(1.0 - data_tokens / max(1, len(examples) * seq_len), 6)
+    data = TokenizedData(input_ids, labels, attention_mask, source, position_ids, info)
+    logger.info("Packing: %d examples of %s into %d rows of %d tokens; padding %.1f%% of the tokens before packing, %.1f%% after",
+                len(examples), source, len(data), seq_len, 100 * info["padding_share_before_packing"], 100 * data.padding_share)
+    return data
 
 
 def split_held_out(data: TokenizedData, fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
     """Hold out examples for evaluation. Packed text keeps its tail (text the model never saw nearby);
-    record data takes a seeded random subset. At least one example goes to each side."""
+    record data takes a seeded random subset (packed rows: whole rows, so every example stays on one side).
+    At least one row goes to each side."""
     if not 0 < fraction < 1:
         raise DataError(f"--eval-fraction must be between 0 and 1, got {fraction}.")
     if len(data) < 2:
         raise DataError(f"{data.source} gives {len(data)} example(s); need at least 2 to hold one out. Use more data or a shorter --seq-len.")
     n_eval = min(len(data) - 1, max(1, round(len(data) * fraction)))
-    packed = bool((data.attention_mask == 1).all())
-    if packed:
+    running_text = data.position_ids is None and bool((data.attention_mask == 1).all())
+    if running_text:
         order = torch.arange(len(data))
     else:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    return data.subset(order[:-n_eval]), data.subset(order[-n_eval:])
+    train, held_out = data.subset(order[:-n_eval]), data.subset(order[-n_eval:])
+    train.info = dict(data.info)
+    return train, held_out

@@ -1,6 +1,6 @@
 """Which optional extra brings which package, so a missing one is named before any work starts.
 
-paca-hal's core needs only torch, transformers, safetensors, tqdm and numpy. Everything else is an
+paca-hal's core needs only torch, transformers, safetensors, tqdm, numpy and PyYAML. Everything else is an
 extra (pyproject.toml); this module answers "is it there?" without importing it (``find_spec``)
 and turns "it is not" into one clear error that says what to install.
 """
@@ -19,6 +19,11 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "optimum": ("gaudi", "optimum-habana"),
     "gguf": ("default-model", "gguf"),
     "accelerate": ("default-model", "accelerate"),
+    "datasets": ("data", "datasets"),  # paca train --data on .parquet/.arrow/.csv and save_to_disk folders
+    # paca train --report-to (paca_core/tracking.py)
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
 }
 
 

@@ -98,27 +98,32 @@ def evaluate(model: nn.Module, data, device: torch.device, batch_size: int = 8, 
     for first in tqdm(starts, desc="held-out loss", unit="batch", disable=not progress or len(starts) < 2, dynamic_ncols=True, leave=False):
         subset = data.subset(slice(first, first + batch_size))
         total_tokens += int((subset.labels[:, 1:] != -100).sum())  # counted on the host copy: no device read
-        total_loss += summed_loss(model, subset.input_ids.to(device), subset.labels.to(device), subset.attention_mask.to(device),
-                                  chunk).double()
+        # Packed rows: the per-example position ids keep the examples apart, and an attention mask would join them.
+        positions = subset.position_ids.to(device) if getattr(subset, "position_ids", None) is not None else None
+        total_loss += summed_loss(model, subset.input_ids.to(device), subset.labels.to(device),
+                                  None if positions is not None else subset.attention_mask.to(device), chunk,
+                                  position_ids=positions).double()
         devices.step_boundary(device)  # HPU lazy mode: one graph per eval batch
     model.train(was_training)
     return float(total_loss) / max(1, total_tokens)
 
 
 def summed_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
-                chunk_tokens: int | None) -> torch.Tensor:
+                chunk_tokens: int | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The summed next-token loss of one batch (what :func:`evaluate` adds up, and what ``paca plan`` traces of it):
     through the chunked head where the model allows it, else from the full logits (in fp32, as the training loss
-    computes them)."""
+    computes them). ``position_ids``: packed rows (no attention mask, and no KV cache, so transformers reads the
+    example boundaries from the positions)."""
+    extra = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
     base = getattr(model, "base_model", None)
     if chunk_tokens is not None and base is not None:
         from .chunked_loss import chunked_causal_lm_forward
 
         output = chunked_causal_lm_forward(base, chunk_tokens, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                           num_items_in_batch=1)
+                                           num_items_in_batch=1, **extra)
         if output is not None:
             return output.loss
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
     )

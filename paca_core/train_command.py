@@ -27,8 +27,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger("paca_core")
 
 
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    return DTYPES[name] or devices.default_dtype(device)
+def _resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The base's dtype and why: ``--dtype`` as given, or for ``auto`` the device's choice (on CPU: bf16 only where it
+    multiplies bf16 natively). Logged, and recorded in metrics.json as ``dtype``/``dtype_reason``."""
+    if DTYPES[name] is not None:
+        return DTYPES[name], f"{name}: --dtype {name}"
+    choice = devices.default_dtype_choice(device)
+    logger.info("--dtype auto on %s: %s", device, choice.reason)
+    return choice.dtype, choice.reason
 
 
 @torch.no_grad()
@@ -59,6 +65,7 @@ class _Run:
     dtype: torch.dtype
     model_path: str
     fingerprint: str | None
+    dtype_reason: str = ""
     shape: Any = None  # plan.auto_shape.ShapeChoice when --seq-len/--batch-size auto chose
     started: float = field(default_factory=time.perf_counter)
     evaluation_seconds: float = 0.0
@@ -66,9 +73,27 @@ class _Run:
 
 def run_train(args: argparse.Namespace) -> int:
     """``paca train`` in stages, each with one job: set up (preflight, no weights; device; shape; announce), load,
-    evaluate before, train, and finish (evaluate after, save, report)."""
+    evaluate before, train, and finish (evaluate after, save, report). The run's flags go to <out>/config.yaml with its
+    first write, and to the trackers ``--report-to`` names, which are closed however the run ends."""
+    flags = _requested_flags(args)  # before set-up resolves auto shapes and launcher settings: what was asked for
     run = _set_up(args)
     paca_model, tokenizer, trainer, train_data, eval_data = _load(run)
+    _record_and_track(run, trainer, eval_data, flags)
+    try:
+        return _train_and_finish(run, paca_model, tokenizer, trainer, train_data, eval_data)
+    except BaseException as error:
+        if trainer.tracker is not None:
+            tracker, trainer.tracker = trainer.tracker, None
+            tracker.finish(failed=not isinstance(error, KeyboardInterrupt))
+        raise
+    finally:
+        if trainer.tracker is not None:
+            trainer.tracker.finish()
+
+
+def _train_and_finish(run: _Run, paca_model, tokenizer, trainer, train_data, eval_data) -> int:
+    """Evaluate before, train, and finish (evaluate after, save, report)."""
+    args = run.args
     prompt_ids = _sample_prompt(eval_data if eval_data is not None else train_data, args.seq_len).to(run.device)
     before, sample_before = _evaluate_and_sample(run, trainer, paca_model, tokenizer, eval_data, prompt_ids, "before")
     train_start = time.perf_counter()
@@ -117,7 +142,7 @@ def _set_up(args: argparse.Namespace) -> _Run:
     plan = preflight_train(args)  # every check that needs no weights; nothing written, nothing loaded
     device, rank, world_size = devices.init_distributed(args.device)  # torchrun: one process per device
     graph_mode = devices.resolve_graph_mode(device, args.graph_mode)
-    dtype = _resolve_dtype(args.dtype, device)
+    dtype, dtype_reason = _resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     model_path = assets.resolve_model_path(args.model)  # the default model is converted here, once
@@ -125,7 +150,8 @@ def _set_up(args: argparse.Namespace) -> _Run:
     fingerprint = assets.model_fingerprint(model_path)
     if plan.resume_dir is not None:
         check_base_model(plan.resume_summary, fingerprint, args.model)
-    run = _Run(args, plan, device, rank, world_size, graph_mode, dtype, str(model_path), fingerprint, started=started)
+    run = _Run(args, plan, device, rank, world_size, graph_mode, dtype, str(model_path), fingerprint, dtype_reason,
+               started=started)
     train_args = plan.train_args
     # The planner's sharded layout (base weights and adapters split over the processes) is also ZeRO-3's.
     shards_weights = train_args.fsdp or (train_args.deepspeed is not None and requested_stage(train_args.deepspeed) == 3)
@@ -159,9 +185,14 @@ def _load(run: _Run):
 
 
 def _evaluate_and_sample(run: _Run, trainer, paca_model, tokenizer, eval_data, prompt_ids, when: str):
-    """The held-out loss (None without held-out data) and the greedy sample, timed into ``run.evaluation_seconds``."""
+    """The held-out loss (None without held-out data) and the greedy sample, timed into ``run.evaluation_seconds``.
+    After training, an ``--eval-every`` evaluation at the last step is that loss already (and reported already)."""
     started = time.perf_counter()
-    loss = trainer.evaluate(eval_data) if eval_data is not None else None
+    evaluations = trainer.state.evaluations
+    measured = when == "after" and bool(evaluations) and evaluations[-1]["step"] == trainer.state.step
+    loss = evaluations[-1]["held_out_loss"] if measured else trainer.evaluate(eval_data) if eval_data is not None else None
+    if loss is not None and not measured and trainer.tracker is not None:
+        trainer.tracker.log_eval(loss, trainer.state.step)
     seconds = time.perf_counter() - started
     run.evaluation_seconds += seconds
     sample = _sample(paca_model, tokenizer, prompt_ids, run.args.sample_tokens) if run.args.sample_tokens else None
@@ -195,6 +226,7 @@ def _metrics(run: _Run, paca_model, trainer, train_seconds: float, before: float
         "device": str(run.device),
         "graph_mode": run.graph_mode,
         "dtype": str(run.dtype).replace("torch.", ""),
+        "dtype_reason": run.dtype_reason,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": _version_of("transformers")},
         "configs": [c.to_dict() for c in plan.configs],
         "seq_len": args.seq_len,
@@ -208,6 +240,8 @@ def _metrics(run: _Run, paca_model, trainer, train_seconds: float, before: float
         "train_seconds": train_seconds,
         "eval_seconds": run.evaluation_seconds,
         "history": trainer.state.history,
+        "data_layout": trainer.train_data.layout(),  # record forms, rows, packing and the padding share
+        "evaluations": trainer.state.evaluations,
         "held_out_loss_before": before,
         "interrupted": interrupted,
         "checkpoint": str(trainer.checkpoint_dir) if trainer.last_saved_step is not None else None,
@@ -232,7 +266,8 @@ def _choose_shape(args, plan, model_path, device, dtype, world_size: int, shards
             budget = _default_budget(device, world_size)
         tracer = step_tracer(model_path, args.method, plan.configs, dtype, world_size, shards_weights, plan.loss_chunk_tokens,
                              args.gradient_checkpointing, planned_offload)
-        shape = choose_with_tracer(tracer, args.seq_len, args.batch_size, budget, include_host=host_memory)
+        shape = choose_with_tracer(tracer, args.seq_len, args.batch_size, budget, include_host=host_memory,
+                                   device_type=None if host_memory else device.type)
         args.seq_len, args.batch_size = shape.seq_len, shape.batch_size
         logger.info("%s", _describe_choice(shape))
         return shape
@@ -243,7 +278,7 @@ def _choose_shape(args, plan, model_path, device, dtype, world_size: int, shards
                              budget if budget is not None else devices.memory_stats(device).total_bytes,
                              world_size=world_size, fsdp=shards_weights, loss_chunk_tokens=plan.loss_chunk_tokens,
                              gradient_checkpointing=args.gradient_checkpointing, offload_activations=planned_offload,
-                             include_host=host_memory)
+                             include_host=host_memory, device_type=None if host_memory else device.type)
     return None
 
 
@@ -251,15 +286,18 @@ def _load_data(args, plan, tokenizer):
     """Training and held-out examples (None held out with --no-eval / --eval-fraction 0)."""
     from .dataset import load_dataset, split_held_out
 
-    data = load_dataset(plan.data_path, tokenizer, args.seq_len)
+    fields = plan.data.fields if plan.data is not None else None
+    data = load_dataset(plan.data_path, tokenizer, args.seq_len, split=args.data_split, fields=fields, packing=args.packing)
     if plan.eval_data_path is not None:
-        train_data, eval_data = data, load_dataset(plan.eval_data_path, tokenizer, args.seq_len)
+        eval_data = load_dataset(plan.eval_data_path, tokenizer, args.seq_len, split=None, fields=fields, packing=args.packing)
+        train_data = data
     elif plan.evaluate:
         train_data, eval_data = split_held_out(data, args.eval_fraction, args.seed)
     else:
         train_data, eval_data = data, None
-    logger.info("Data: %d training and %d held-out examples of %d tokens from %s", len(train_data),
-                0 if eval_data is None else len(eval_data), args.seq_len, plan.data_path)
+    logger.info("Data: %d training and %d held-out %s of %d tokens from %s (padding: %.1f%% of the training tokens)", len(train_data),
+                0 if eval_data is None else len(eval_data), "packed rows" if train_data.packed else "examples", args.seq_len,
+                plan.data_path, 100 * train_data.padding_share)
     return train_data, eval_data
 
 
@@ -278,6 +316,37 @@ def _prepare(args, model, plan, device, graph_mode: str):
         offload_activations(paca_model.base_model, modules if modules == "decoder-layers" else parse_targets(modules))
     devices.apply_graph_mode(paca_model.base_model, device, graph_mode)
     return paca_model
+
+
+def _requested_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Every flag a config file may set, as this run was asked (local paths absolute): config.yaml's and the trackers'."""
+    from .run_config import resolved_config
+    from .train_options import train_parser
+
+    return resolved_config(args, train_parser())
+
+
+def _record_and_track(run: _Run, trainer, eval_data, flags: dict[str, Any]) -> None:
+    """config.yaml written with the run folder's first entry; on rank 0 the trackers started (their folders claimed in
+    the run folder) and told the flags; held-out data handed to the loop for ``--eval-every``."""
+    from .run_config import RecordingRunFolder, config_text
+    from .tracking import start_tracking
+    from .train_options import option_groups, train_parser
+
+    args = run.args
+    trainer.eval_data = eval_data
+    trainer.run_folder = RecordingRunFolder(run.plan.output, config_text(flags, option_groups(train_parser())))
+    if run.rank != 0:
+        return
+
+    def claim(folder: Path) -> None:
+        inside = Path(os.path.abspath(folder))
+        out = trainer.run_folder.path
+        if out in inside.parents:
+            trainer.run_folder.claim_fresh(inside.relative_to(out).parts[0])
+
+    trainer.tracker = start_tracking(getattr(args, "report_to", "none"), run.plan.output.path, run_name=getattr(args, "run_name", None),
+                                     logging_dir=getattr(args, "logging_dir", None), config=flags, claim=claim)
 
 
 def _sample_prompt(data, seq_len: int) -> torch.Tensor:

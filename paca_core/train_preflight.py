@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 #: An AdamW learning rate above this is a typo (1e38, 3 instead of 3e-4), not a choice.
 MAX_LEARNING_RATE = 1.0
-TRAIN_ENTRIES = ("adapter", "checkpoint", "metrics.json")
+TRAIN_ENTRIES = ("adapter", "checkpoint", "metrics.json", "config.yaml")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class TrainPlan:
     resume_summary: dict[str, Any] = field(default_factory=dict)
     recorded_shape: dict[str, int] | None = None
     warnings: list[str] = field(default_factory=list)
+    data: Any = None  # data_formats.preflight.DataPlan: the field map and what --data holds
 
 
 def _defaults() -> dict[str, Any]:
@@ -121,6 +122,24 @@ def check_flag_use(args: argparse.Namespace, defaults: dict[str, Any]) -> list[s
     return warnings
 
 
+def check_tracking(args: argparse.Namespace) -> list[str]:
+    """``--report-to``'s libraries installed (one line naming the pip install when not), ``--eval-every`` with held-out
+    data to evaluate, ``--logging-dir`` with TensorBoard. Returns the warnings."""
+    from .tracking import check_report_to
+
+    names = check_report_to(getattr(args, "report_to", "none"))
+    warnings = []
+    evaluating = not args.no_eval and (args.eval_data is not None or args.eval_fraction > 0)
+    if getattr(args, "eval_every", 0) and not evaluating:
+        raise PacaConfigError("--eval-every evaluates the held-out data, and this run holds none out (--no-eval or --eval-fraction 0): "
+                              "drop --eval-every, or keep a held-out share.")
+    if getattr(args, "logging_dir", None) and "tensorboard" not in names:
+        warnings.append("--logging-dir is where TensorBoard's event files go, and --report-to does not name tensorboard")
+    if getattr(args, "run_name", None) and not {"wandb", "mlflow"} & set(names):
+        warnings.append("--run-name names the run in W&B and MLflow, and --report-to names neither")
+    return warnings
+
+
 def check_resume(resume: str, configs: list[MethodConfig]) -> tuple[Path, dict[str, Any]]:
     """The checkpoint folder ``--resume`` names, checked against this run's method configs (method, rank,
     targets, every option). Returns the folder and its summary (step, shape, data, base-model fingerprint)."""
@@ -184,7 +203,7 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
     failing group with one line. Nothing is written and nothing heavy is loaded."""
     from . import assets
     from .chunked_loss import parse_loss_chunk_tokens
-    from .dataset import check_data_file
+    from .data_formats.preflight import check_data_for_model, check_training_data
     from .plan.auto_shape import parse_budget
     from .train_options import build_configs, default_lr_for, is_auto
     from .trainer import TrainingArguments
@@ -202,14 +221,16 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
         grad_accum=args.grad_accum, lr=lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm, seed=args.seed, log_every=args.log_every, save_every=args.save_every,
         progress=not args.no_progress, on_nan=args.on_nan, fsdp=args.fsdp, deepspeed=args.deepspeed,
+        eval_every=getattr(args, "eval_every", 0),
     )
     train_args.validate()
+    warnings += check_tracking(args)
 
     data_path = assets.default_dataset_path() if args.data == "default" else Path(args.data).expanduser()
-    check_data_file(data_path, "--data")
     eval_data_path = Path(args.eval_data).expanduser() if args.eval_data else None
-    if eval_data_path is not None:
-        check_data_file(eval_data_path, "--eval-data")
+    data = check_training_data(data_path, eval_data_path, split=args.data_split, split_given=_given(args, defaults, "data_split"),
+                               text_field=args.text_field, field_map=args.field_map, packing=args.packing)
+    warnings += data.warnings
     evaluate = not args.no_eval and (eval_data_path is not None or args.eval_fraction > 0)
 
     resume_dir, summary, recorded = None, {}, None
@@ -235,13 +256,15 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
                               "run folder, or pass an empty --out.")
     if model_input is not None and os.path.isdir(os.path.expanduser(model_input)):
         check_context(os.path.expanduser(model_input), args.seq_len)
+        check_data_for_model(data, os.path.expanduser(model_input), args.packing)
     elif model_input is None and assets.default_model_ready():
         check_context(assets.default_model_folder(), args.seq_len)
+        check_data_for_model(data, assets.default_model_folder(), args.packing)
     for warning in warnings:
         logger.warning("%s.", warning[0].upper() + warning[1:])
     return TrainPlan(configs=configs, lr=lr, train_args=train_args, loss_chunk_tokens=loss_chunk_tokens, budget=budget,
                      output=output, data_path=data_path, eval_data_path=eval_data_path, evaluate=evaluate,
-                     resume_dir=resume_dir, resume_summary=summary, recorded_shape=recorded, warnings=warnings)
+                     resume_dir=resume_dir, resume_summary=summary, recorded_shape=recorded, warnings=warnings, data=data)
 
 
 def _inside(inner: Path, outer: Path) -> bool:
@@ -275,12 +298,14 @@ def describe(plan: TrainPlan, args: argparse.Namespace, device: Any, model: str)
     schedule = f"{t.scheduler} with {t.warmup_steps} warm-up steps"
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
     shape = f"{args.batch_size} x {args.seq_len} tokens" + (f" x {t.grad_accum} accumulated" if t.grad_accum > 1 else "")
-    evaluation = ("held-out loss before and after on " + (str(plan.eval_data_path) if plan.eval_data_path else
-                  f"{args.eval_fraction:g} of --data")) if plan.evaluate else "no held-out evaluation (--no-eval)"
+    evaluation = ("held-out loss before and after" + (f" (and every {t.eval_every} steps)" if t.eval_every else "") + " on "
+                  + (str(plan.eval_data_path) if plan.eval_data_path else f"{args.eval_fraction:g} of --data")
+                  ) if plan.evaluate else "no held-out evaluation (--no-eval)"
     resume = f"\n  resume    {plan.resume_dir} (step {plan.resume_summary.get('step', '?')})" if plan.resume_dir else ""
     replace = " (replacing the previous run there)" if plan.output.previous and plan.output.overwrite else ""
     return (f"paca train: {args.method}{rank} on {model}\n"
-            f"  data      {plan.data_path}; {evaluation}\n"
+            f"  data      {plan.data_path}{plan.data.note(args.packing) if plan.data else ''}; {evaluation}\n"
             f"  schedule  {length} of {shape}, AdamW lr {plan.lr:g} ({schedule}), weight decay {t.weight_decay:g}\n"
             f"  device    {device}{resume}\n"
-            f"  output    {plan.output.path}{replace}")
+            f"  output    {plan.output.path}{replace}"
+            + (f"; tracked with {args.report_to.replace(',', ', ')}" if getattr(args, "report_to", "none") != "none" else ""))

@@ -57,6 +57,8 @@ class TrainingArguments:
     seed: int = 0
     log_every: int = 5
     save_every: int = 0
+    #: Also evaluate the held-out data (``Trainer.eval_data``) every N optimizer steps; 0: never during training.
+    eval_every: int = 0
     #: Examples per held-out batch; None: the training micro-batch, so evaluation stays inside the memory the
     #: run was sized for (``--batch-size auto`` plans the training step).
     eval_batch_size: int | None = None
@@ -86,6 +88,8 @@ class TrainingArguments:
             problems.append(f"--log-every must be at least 1 (got {self.log_every})")
         if self.save_every < 0:
             problems.append(f"--save-every must be 0 (save at the end only) or more (got {self.save_every})")
+        if self.eval_every < 0:
+            problems.append(f"--eval-every must be 0 (before and after training only) or more (got {self.eval_every})")
         if self.warmup_steps < 0:
             problems.append(f"--warmup-steps must be 0 or more (got {self.warmup_steps})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -114,6 +118,8 @@ class TrainerState:
     tokens_seen: int = 0
     skipped_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    #: Held-out losses measured during training (``eval_every``): ``{"step", "held_out_loss"}``.
+    evaluations: list[dict[str, float]] = field(default_factory=list)
 
 
 def _lr_lambda(args: TrainingArguments, total_steps: int) -> Callable[[int], float]:
@@ -137,6 +143,10 @@ class Trainer:
     def __init__(self, model, args: TrainingArguments, train_data: TokenizedData, device: torch.device):
         args.validate()
         self.model, self.args, self.train_data, self.device = model, args, train_data, device
+        if getattr(train_data, "position_ids", None) is not None:  # packed rows: attention must stay inside each example
+            from .data_formats.packing import prepare_packed_attention
+
+            prepare_packed_attention(model, args.batch_size)
         # Under torchrun/accelerate (torch.distributed initialised): DDP, and each rank takes its
         # share of every global batch of world × batch_size examples.
         self.rank, self.world_size = _process_group()
@@ -191,6 +201,10 @@ class Trainer:
         self.checkpoint_metadata: dict[str, Any] = {}
         #: The step of the last checkpoint this run wrote (None: nothing saved yet).
         self.last_saved_step: int | None = None
+        #: Held-out data for ``eval_every`` (None: no evaluation during training).
+        self.eval_data: TokenizedData | None = None
+        #: Where rank 0 reports each log window and evaluation (:class:`paca_core.tracking.Tracker`; None: nowhere).
+        self.tracker = None
 
     # --- data order: a pure function of (seed, epoch), so resuming needs only the position ---------
     def _epoch_order(self, epoch: int) -> torch.Tensor:
@@ -333,6 +347,7 @@ class Trainer:
         previous_handlers = self._install_stop_handlers()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
         window_loss = torch.zeros((), device=self.device)
+        window_grad_norm = torch.zeros((), device=self.device)  # summed like the loss: no host read until the log
         window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
         devices.reset_peak_memory_stats(self.device)
         try:
@@ -365,13 +380,19 @@ class Trainer:
                     continue
                 skipped_in_a_row = 0
                 window_loss += result.loss
+                if result.grad_norm is not None:
+                    window_grad_norm += full_tensor(result.grad_norm).detach().float()
                 self.state.step += 1
                 window_steps += 1
                 bar.update(1)
                 if self.state.step % args.log_every == 0 or self.state.step == self.total_steps:
-                    self._log_window(bar, window_loss, window_steps, window_tokens, time.perf_counter() - window_start)
+                    self._log_window(bar, window_loss, window_steps, window_tokens, time.perf_counter() - window_start,
+                                     window_grad_norm if result.grad_norm is not None else None)
                     window_loss.zero_()
+                    window_grad_norm.zero_()
                     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+                if args.eval_every and self.eval_data is not None and self.state.step % args.eval_every == 0:
+                    window_start += self._evaluate_during_training()  # the window's tokens/s leaves evaluation out
                 if args.save_every and self.state.step % args.save_every == 0 and self.state.step < self.total_steps:
                     self.save_checkpoint()
         except Exception as error:
@@ -401,7 +422,7 @@ class Trainer:
         """The next micro-batches, moved to the device; counts their tokens into ``tokens``."""
         while True:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(micro_batches).items()}
-            tokens.append(int(batch["attention_mask"].numel()))
+            tokens.append(int(batch["input_ids"].numel()))  # packed rows carry no attention_mask
             yield batch
 
     def _drop_step(self, step_loss: torch.Tensor, in_a_row: int) -> None:
@@ -426,7 +447,8 @@ class Trainer:
                 "Lower --lr or check the data."
             )
 
-    def _log_window(self, bar, window_loss: torch.Tensor, steps: int, tokens: int, elapsed: float) -> None:
+    def _log_window(self, bar, window_loss: torch.Tensor, steps: int, tokens: int, elapsed: float,
+                    window_grad_norm: torch.Tensor | None = None) -> None:
         mean_loss = float(window_loss) / steps  # the only host read, once per log window
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"Training loss became {mean_loss} at step {self.state.step}; lower --lr or check the data.")
@@ -437,10 +459,25 @@ class Trainer:
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "peak_memory_mb": devices.memory_stats(self.device).peak_bytes / 2**20,
         }
+        if window_grad_norm is not None:  # clipping computes it (--max-grad-norm > 0); the mean over the window
+            record["grad_norm"] = float(window_grad_norm) / steps
         self.state.history.append(record)
         self.state.tokens_seen += tokens
+        if self.tracker is not None and self.rank == 0:
+            self.tracker.log_train(record, self.state.step)
         bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_memory_mb']:.0f}MB")
         logger.debug("step %d: %s", self.state.step, record)
+
+    def _evaluate_during_training(self) -> float:
+        """``eval_every``: the held-out loss now (every rank, so FSDP's collectives match), recorded and reported;
+        returns the seconds it took."""
+        started = time.perf_counter()
+        loss = self.evaluate(self.eval_data)
+        self.state.evaluations.append({"step": self.state.step, "held_out_loss": loss})
+        logger.info("Step %d: held-out loss %.4f", self.state.step, loss)
+        if self.tracker is not None and self.rank == 0:
+            self.tracker.log_eval(loss, self.state.step)
+        return time.perf_counter() - started
 
 
 def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:

@@ -179,7 +179,7 @@ def test_train_refuses_an_earlier_run_without_overwrite_and_replaces_it_with(tin
     out = tmp_path / "run"
     assert _run(_train(tiny_model_dir, sample_text_file, out, "--method", "lora"), caplog) == 0
     earlier = snapshot(out)
-    assert set(json.loads((out / MARKER_NAME).read_text())["entries"]) == {"adapter", "checkpoint", "metrics.json"}
+    assert set(json.loads((out / MARKER_NAME).read_text())["entries"]) == {"adapter", "checkpoint", "metrics.json", "config.yaml"}
     assert _run(_train(tiny_model_dir, sample_text_file, out), caplog) == 2
     assert "--overwrite" in _error_lines(caplog)[0] and "--resume" in _error_lines(caplog)[0]
     assert snapshot(out) == earlier
@@ -267,7 +267,7 @@ def test_a_relative_out_is_recognised_as_this_commands_output_next_time(tiny_mod
     monkeypatch.chdir(work)
     assert _run(_train(tiny_model_dir, sample_text_file, "runs/x"), caplog) == 0
     marker = json.loads((work / "runs" / "x" / MARKER_NAME).read_text())
-    assert set(marker["entries"]) == {"adapter", "checkpoint", "metrics.json"}
+    assert set(marker["entries"]) == {"adapter", "checkpoint", "metrics.json", "config.yaml"}
     assert _run(_train(tiny_model_dir, sample_text_file, "runs/x"), caplog) == 2
     assert "holds a previous `paca train` output" in _error_lines(caplog)[0]
     assert _run(_train(tiny_model_dir, sample_text_file, "runs/x", "--resume", "runs/x", "--steps", "3"), caplog) == 0

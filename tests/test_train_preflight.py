@@ -54,7 +54,7 @@ def test_bad_arguments_are_refused_before_loading(flags, message, tiny_model_dir
     ("bad.jsonl", '{"text": "fine"}\n{"text": \n', "bad.jsonl:2 is not valid JSON"),
     ("keys.jsonl", '{"text": "fine"}\n{"question": "q"}\n', "keys.jsonl:2 has neither"),
     ("latin1.txt", b"caf\xe9 au lait", "is not UTF-8"),
-    ("data.csv", "a,b\n", "unsupported data format"),
+    ("data.xml", "<a/>", "unsupported data format"),
 ])
 def test_bad_data_files_are_named_before_loading(name, content, message, tiny_model_dir, tmp_path, no_load, caplog):
     data = tmp_path / name

@@ -73,7 +73,7 @@ def test_jsonl_prompt_response_masks_prompt(tiny_model_dir, tmp_path):
     [
         ('{"text": "ok"}\nnot json\n', ".jsonl", r":2 is not valid JSON"),
         ('{"question": "x"}\n', ".jsonl", r"neither a 'text'"),
-        ("a,b\n", ".csv", "unsupported data format"),
+        ("<a/>", ".xml", "unsupported data format"),
         ("short", ".txt", "fewer than one block"),
     ],
 )
