@@ -1,10 +1,17 @@
 """Shared fixtures: tiny random LLaMA models and the backends available on this machine."""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import pytest
 import torch
+
+# Processes the tests start (torchrun, bench workers, `python -m paca_core train`) pick their own `--dtype auto`; on a
+# CPU with AVX512-BF16/AMX that is bf16, which would compare a bf16 subprocess with an fp32 reference. oneDNN's own cap
+# below AVX512_CORE_BF16 (a documented oneDNN setting, honoured by devices.cpu_features) makes them choose fp32 as on
+# CPUs without native bf16; it changes no fp32 kernel, and a CPU without AVX-512 is below the cap anyway.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
 
 from backends import BACKEND_CLASSES, Backend, get_backend, overridden_primitives
 from devices import available_device_types, registered_runtimes

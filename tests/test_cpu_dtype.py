@@ -79,6 +79,8 @@ def test_query_reads_torch_capabilities_then_the_older_helpers(monkeypatch):
     """torch >= 2.10: torch.cpu.get_capabilities(); torch 2.3-2.9 (Gaudi images): torch.cpu._is_*_supported();
     neither: unknown (fp32)."""
     monkeypatch.setattr(cpu_features.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # conftest caps it for the tests' subprocesses
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     fake_cpu = SimpleNamespace(get_capabilities=lambda: {"avx512_bf16": False, "amx_bf16": True, "amx_tile": True})
     monkeypatch.setattr(torch, "cpu", fake_cpu)
     support = query_bf16_support()
