@@ -168,3 +168,15 @@ def no_load(monkeypatch):
         raise AssertionError("the model was loaded before the refusal")
 
     monkeypatch.setattr(assets, "load_model_and_tokenizer", refuse)
+
+
+def refused_in_one_line(argv, caplog) -> str:
+    """``paca`` with ``argv`` exits 2 with exactly one error line (no traceback, no second line); that line."""
+    from paca_core.cli import main
+
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        assert main(argv) == 2
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    return lines[0]

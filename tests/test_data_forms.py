@@ -16,7 +16,7 @@ from paca_core.cli import main
 from paca_core.dataset import IGNORE_INDEX, DataError, load_dataset, parse_field_map, split_held_out
 from paca_core.errors import PacaConfigError
 
-from .conftest import tiny_llama
+from .conftest import refused_in_one_line as _refused, tiny_llama
 
 datasets = pytest.importorskip("datasets")
 
@@ -216,15 +216,6 @@ def _argv(model, data, out, *extra):
     return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu", "--steps", "2",
             "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--warmup-steps", "0", "--sample-tokens", "0",
             "--no-progress", *extra]
-
-
-def _refused(argv, caplog) -> str:
-    caplog.clear()
-    with caplog.at_level("ERROR"):
-        assert main(argv) == 2
-    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(lines) == 1 and "\n" not in lines[0], lines
-    return lines[0]
 
 
 @pytest.mark.parametrize("kind, flags, message", [

@@ -9,21 +9,12 @@ import pytest
 
 from paca_core.cli import main
 
-
+from .conftest import refused_in_one_line as _refused
 
 
 def _argv(model, data, out, *extra):
     return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu", "--steps", "2",
             "--seq-len", "16", "--batch-size", "2", "--sample-tokens", "0", "--no-progress", *extra]
-
-
-def _refused(argv, caplog) -> str:
-    caplog.clear()
-    with caplog.at_level("ERROR"):
-        assert main(argv) == 2
-    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(lines) == 1 and "\n" not in lines[0], lines
-    return lines[0]
 
 
 @pytest.mark.parametrize("flags, message", [
