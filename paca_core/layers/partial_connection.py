@@ -49,15 +49,20 @@ def check_rank_fits(r: int | None, in_features: int, module_name: str) -> None:
         raise ValueError(f"r={r} exceeds in_features={in_features} of {module_name}: choose r <= {in_features}.")
 
 
-def init_partial_connection(layer: LinearAdapterLayer, r: int, alpha: float | None, indices: torch.Tensor) -> None:
+def init_partial_connection(
+    layer: LinearAdapterLayer, r: int, alpha: float | None, indices: torch.Tensor, scaling: float | None = None
+) -> None:
     """The state PaCA and QPaCA share: ``r``, ``alpha``, ``scaling``, and the declared adapter tensors ``paca_delta``
-    (out, r, fp32, zero; trained) and ``paca_indices`` (saved), beside the base weight."""
+    (out, r, fp32, zero; trained) and ``paca_indices`` (saved), beside the base weight.
+
+    ``scaling`` defaults to ``alpha / r``; a layer given its own columns (``PaCAConfig.columns``, PEFT's
+    ``paca_indices_pattern``) keeps the config's ``alpha / r`` whatever its number of columns, as PEFT does."""
     check_rank_fits(r, layer.in_features, layer.module_name)
     if indices.shape != (r,):
         raise ValueError(f"{layer.module_name}: expected {r} column indices, got shape {tuple(indices.shape)}.")
     layer.r = r
     layer.alpha = float(alpha if alpha is not None else r)
-    layer.scaling = layer.alpha / r
+    layer.scaling = float(scaling) if scaling is not None else layer.alpha / r
     device = layer.adapter_device
     layer.add_adapter_parameter("paca_delta", torch.zeros(layer.out_features, r, dtype=torch.float32, device=device))
     layer.add_adapter_buffer("paca_indices", indices.to(device=device, dtype=torch.long).clone())  # a copy of the caller's
@@ -110,11 +115,14 @@ class _PartialConnectionLinear(torch.autograd.Function):
 class PaCALinear(LinearAdapterLayer):
     """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) with a trainable ``paca_delta`` of shape (out, r)."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float | None, indices: torch.Tensor, module_name: str = ""):
+    def __init__(
+        self, base_layer: nn.Linear, r: int, alpha: float | None, indices: torch.Tensor, module_name: str = "",
+        scaling: float | None = None,
+    ):
         super().__init__(base_layer, module_name)
         weight = base_layer.weight
         weight.requires_grad_(False)
-        init_partial_connection(self, r, alpha, indices)
+        init_partial_connection(self, r, alpha, indices, scaling)
         self.register_buffer(
             "paca_original_columns", weight.detach().index_select(1, self.paca_indices).clone(), persistent=False
         )

@@ -80,7 +80,10 @@ class QuantizedPaCALinear(LinearAdapterLayer):
     shardable = False  # bitsandbytes 4-bit weights are not FSDP2 parameters
     quantized_base = True
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float | None, indices: torch.Tensor, module_name: str = ""):
+    def __init__(
+        self, base_layer: nn.Module, r: int, alpha: float | None, indices: torch.Tensor, module_name: str = "",
+        scaling: float | None = None,
+    ):
         if not is_quantized_linear(base_layer):
             raise TypeError(f"QuantizedPaCALinear wraps a bitsandbytes Linear4bit; {module_name or 'module'} is {type(base_layer).__name__}.")
         super().__init__(base_layer, module_name)
@@ -89,7 +92,7 @@ class QuantizedPaCALinear(LinearAdapterLayer):
         base_layer.weight.requires_grad_(False)
         bitsandbytes_compat.restore_standard_layout(base_layer, module_name)
         bitsandbytes_compat.keep_standard_layout(base_layer)  # its eval forward is ours; a repacked weight has no backward
-        init_partial_connection(self, r, alpha, indices)
+        init_partial_connection(self, r, alpha, indices, scaling)
 
     # --- checkpoint state (declared: paca_delta, paca_indices) -------------------------------------
     @torch.no_grad()

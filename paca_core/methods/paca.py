@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from ..base_config import MethodConfig, check_rank, field_default
@@ -35,6 +36,11 @@ class PaCAConfig(MethodConfig):
             this field existed read as ``"targets"``, which is what they trained on. Unlike PEFT's
             ``prepare_model_for_kbit_training``, the layers left in 16 bits (norms, embeddings, head) are not
             upcast to fp32: they are frozen, and the trained columns and optimizer state are fp32 already.
+        columns: the input columns some layers train instead of ``r`` drawn ones, as PEFT's
+            ``paca_indices_pattern``: ``{name or regex: [column, ...]}``, a key matching a module whose name ends
+            with it (``"layers.0.self_attn.q_proj"``, or ``r"layers\.\d+\.mlp\.down_proj"``). Such a layer may
+            train another number of columns; its scaling stays ``alpha / r`` with this config's ``r``, as in PEFT,
+            so an adapter read from PEFT gives PEFT's outputs.
     """
 
     method: ClassVar[str] = "paca"
@@ -42,9 +48,11 @@ class PaCAConfig(MethodConfig):
     alpha: float | None = None
     quantize: str | None = None
     quantize_scope: str = "base"
+    columns: dict[str, list[int]] = field(default_factory=dict)
 
     def check(self) -> None:
         check_rank(self)
+        self.columns = check_given_columns(self.columns)
         if self.quantize is not None:
             from ..quantization import check_kind
 
@@ -77,16 +85,24 @@ class PaCAConfig(MethodConfig):
         return float(self.alpha if self.alpha is not None else self.r) / self.r
 
     def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
-        from ..indices import select_columns
+        import torch
+
+        from ..indices import check_columns, select_columns
         from ..layers.partial_connection import PaCALinear
         from ..layers.quantized_partial_connection import QuantizedPaCALinear
         from ..quantization import is_quantized_linear, prepare_quantized_target
 
-        indices = select_columns(linear.in_features, self.r, self.seed, module_name)
+        given = given_columns(self.columns, module_name)
+        if given is None:
+            indices = select_columns(linear.in_features, self.r, self.seed, module_name)
+        else:
+            indices = torch.tensor(sorted(given), dtype=torch.long)
+            check_columns(indices, linear.in_features, module_name)
+        r = int(indices.numel())
         if self.quantize is not None or is_quantized_linear(linear):
             linear = prepare_quantized_target(self, linear, module_name)
-            return QuantizedPaCALinear(linear, self.r, self.alpha, indices, module_name=module_name)
-        return PaCALinear(linear, self.r, self.alpha, indices, module_name=module_name)
+            return QuantizedPaCALinear(linear, r, self.alpha, indices, module_name=module_name, scaling=self.scaling)
+        return PaCALinear(linear, r, self.alpha, indices, module_name=module_name, scaling=self.scaling)
 
     def offloaded_weight_problem(self, module: nn.Module) -> str | None:
         from ..quantization import is_quantized_linear
@@ -97,6 +113,38 @@ class PaCAConfig(MethodConfig):
             "PaCA writes its trained columns into the weight in place, but accelerate reloads an offloaded weight "
             "from its offload copy for every forward, so the training would be lost."
         )
+
+
+def check_given_columns(columns: object) -> dict[str, list[int]]:
+    """``PaCAConfig.columns`` checked as far as it can be without the model: names to unique non-negative ints
+    (each key a valid regex); the upper bound (a layer's ``in_features``) is checked as the layer is made."""
+    if columns is None:
+        return {}
+    if not isinstance(columns, dict):
+        raise PacaConfigError(f"columns must map module names (or regexes) to lists of column indices, got {type(columns).__name__}.")
+    checked = {}
+    for key, given in columns.items():
+        if not isinstance(key, str) or not key:
+            raise PacaConfigError(f"columns: every key must be a module name or a regex, got {key!r}.")
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise PacaConfigError(f"columns: {key!r} is not a valid regex ({error}).") from None
+        if not isinstance(given, (list, tuple)) or not given or not all(isinstance(i, int) and not isinstance(i, bool) for i in given):
+            raise PacaConfigError(f"columns[{key!r}] must be a non-empty list of column indices (ints), got {given!r}.")
+        if min(given) < 0 or len(set(given)) != len(given):
+            raise PacaConfigError(f"columns[{key!r}] must hold distinct non-negative column indices, got {list(given)[:8]}.")
+        checked[key] = [int(i) for i in given]
+    return checked
+
+
+def given_columns(columns: dict[str, list[int]], module_name: str) -> list[int] | None:
+    """The columns ``columns`` gives ``module_name`` (the first key matching the end of its name, as PEFT's
+    ``paca_indices_pattern`` matches), or None: the layer draws ``r`` from the seed."""
+    for key, given in columns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return given
+    return None
 
 
 def export_lora(layer) -> tuple[torch.Tensor, torch.Tensor]:
