@@ -52,6 +52,15 @@ class CpuRuntime(DeviceRuntime):
 
         return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
 
+    def describe(self, device: torch.device) -> dict:
+        """Name, threads, memory and the instructions ``--dtype auto`` decides from (``paca doctor``)."""
+        from .cpu_features import query_bf16_support
+
+        info = super().describe(device)
+        info.update(threads=torch.get_num_threads(), total_memory_bytes=self.memory_stats(device).total_bytes,
+                    bf16=query_bf16_support().describe())
+        return info
+
     def is_available(self) -> bool:
         return True
 

@@ -36,6 +36,19 @@ class CudaRuntime(DeviceRuntime):
     def ddp_device_ids(self, device: torch.device) -> list[int] | None:
         return [device.index] if device.index is not None else None
 
+    def describe(self, device: torch.device) -> dict:
+        """Name, memory, compute capability, CUDA toolkit/driver, cuDNN and NCCL versions (``paca doctor``)."""
+        info = super().describe(device)
+        properties = torch.cuda.get_device_properties(device)
+        info.update(total_memory_bytes=int(properties.total_memory), compute_capability=f"{properties.major}.{properties.minor}",
+                    multiprocessors=int(properties.multi_processor_count), cuda_toolkit=torch.version.cuda,
+                    cudnn=_read(torch.backends.cudnn.version), nccl=_read(lambda: ".".join(map(str, torch.cuda.nccl.version()))),
+                    driver=_nvidia_smi_driver(), bf16_supported=_read(torch.cuda.is_bf16_supported))
+        return info
+
+    def reserved_peak_bytes(self, device: torch.device) -> int | None:
+        return int(torch.cuda.max_memory_reserved(device))
+
     def is_available(self) -> bool:
         try:
             return torch.cuda.is_available()
@@ -102,3 +115,27 @@ class CudaRuntime(DeviceRuntime):
         options = {"fused": True} if fused else {"foreach": True}
         logger.info("Optimizer: torch.optim.AdamW(%s)", ", ".join(f"{k}=True" for k in options))
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
+
+
+def _read(reader):
+    """``reader()``, or None when this build or driver cannot answer (a report field, never an error)."""
+    try:
+        return reader()
+    except Exception:  # noqa: BLE001 - any failure means "unknown" in a report
+        return None
+
+
+def _nvidia_smi_driver() -> str | None:
+    """The driver version as ``nvidia-smi`` reports it (torch exposes only the CUDA version it was built with)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=15, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return lines[0].strip() if done.returncode == 0 and lines else None

@@ -138,6 +138,28 @@ class HpuRuntime(DeviceRuntime):
             str(device), int(stats.get("InUse", 0)), int(stats.get("MaxInUse", 0)), stats.get("Limit"), "torch.hpu memory_stats"
         )
 
+    def describe(self, device: torch.device) -> dict:
+        """Name, generation, memory limit, the Gaudi software stack's versions (``habana-torch-plugin``,
+        ``habana_frameworks``), the driver (``hl-smi``) and the lazy-mode setting (``paca doctor``)."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        info = super().describe(device)
+        try:
+            info["habana_torch_plugin"] = version("habana-torch-plugin")
+        except PackageNotFoundError:
+            info["habana_torch_plugin"] = None
+        try:
+            info["habana_frameworks"] = getattr(importlib.import_module("habana_frameworks.torch"), "__version__", None)
+        except ImportError:
+            info["habana_frameworks"] = None
+        try:
+            info["total_memory_bytes"] = self._torch_hpu().memory_stats(device).get("Limit")
+        except Exception:  # noqa: BLE001 - a report field: unknown rather than an error
+            info["total_memory_bytes"] = None
+        info["lazy_mode"] = self.lazy_mode()
+        info["driver"] = _hl_smi_driver()
+        return info
+
     def free_bytes(self, device: torch.device) -> int | None:
         """``Limit - InUse`` of ``torch.hpu.memory_stats``: the bridge's allocator owns the card's memory."""
         stats = self._torch_hpu().memory_stats(device)
@@ -232,3 +254,19 @@ class HpuRuntime(DeviceRuntime):
         if training:
             return hthpu.ModuleCacher(**limit)(model=module, inplace=True)
         return hthpu.wrap_in_hpu_graph(module, **limit)
+
+
+def _hl_smi_driver() -> str | None:
+    """The Gaudi driver version as ``hl-smi`` reports it (the bridge does not expose it)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("hl-smi") is None:
+        return None
+    try:
+        done = subprocess.run(["hl-smi", "-Q", "driver_version", "-f", "csv,noheader"], capture_output=True, text=True, timeout=15,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return lines[0].strip() if done.returncode == 0 and lines else None

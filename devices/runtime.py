@@ -152,6 +152,17 @@ class DeviceRuntime(ABC):
         """A human-readable name of the device for reports."""
         return str(device)
 
+    def describe(self, device: torch.device) -> dict[str, Any]:
+        """What ``paca doctor`` reports about the device and the software that decides which kernels run: its
+        name and torch's version here; a runtime adds its driver, toolkit and memory (CUDA, the Gaudi stack).
+        Every value is plain JSON; a figure the runtime cannot read is None rather than an error."""
+        return {"name": self.device_name(device), "torch": torch.__version__}
+
+    def reserved_peak_bytes(self, device: torch.device) -> int | None:
+        """The caching allocator's peak reserved bytes since the last :meth:`reset_peak_memory_stats` (what
+        the driver sees taken, above the allocated peak); None where the device has no such figure."""
+        return None
+
     def ddp_device_ids(self, device: torch.device) -> list[int] | None:
         """``device_ids`` for DistributedDataParallel (None: the module's own device)."""
         return None

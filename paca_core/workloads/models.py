@@ -34,6 +34,19 @@ SYNTHETIC_SHAPES: dict[str, tuple[dict[str, Any], int]] = {
         ),
         30,
     ),
+    # Llama-3.2-1B's layer shapes (its config.json; rope scaling left out: it changes no tensor shape or FLOP count).
+    "llama-3.2-1b-shape": (
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+        ),
+        16,
+    ),
     "llama-3-8b-layers": (
         dict(
             hidden_size=4096,
