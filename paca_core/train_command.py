@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
@@ -89,6 +90,7 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         if trainer.tracker is not None:
             trainer.tracker.finish()
+        _record_written(run, trainer)
 
 
 def _train_and_finish(run: _Run, paca_model, tokenizer, trainer, train_data, eval_data) -> int:
@@ -150,6 +152,10 @@ def _set_up(args: argparse.Namespace) -> _Run:
     fingerprint = assets.model_fingerprint(model_path)
     if plan.resume_dir is not None:
         check_base_model(plan.resume_summary, fingerprint, args.model)
+    if plan.init_adapter is not None:
+        from .adapter_commands import check_recorded_fingerprint
+
+        check_recorded_fingerprint(plan.init_adapter_document, str(model_path))
     run = _Run(args, plan, device, rank, world_size, graph_mode, dtype, str(model_path), fingerprint, dtype_reason,
                started=started)
     train_args = plan.train_args
@@ -208,7 +214,22 @@ def _save_adapter(run: _Run, paca_model, trainer) -> Path:
     # Every rank takes part (FSDP gathers the shards); rank 0 writes.
     paca_model.save_pretrained(adapter_dir, is_main_process=run.rank == 0, base_model=run.model_path,
                                base_model_fingerprint=run.fingerprint)
+    if run.rank == 0:
+        trainer.run_folder.refresh()
     return adapter_dir
+
+
+def _record_written(run: _Run, trainer) -> None:
+    """However the run ends, the output folders' markers list every file it wrote (trackers' event files included),
+    so the next --overwrite or --resume knows them from a user's."""
+    if run.rank != 0:
+        return
+    for folder in (trainer.run_folder, getattr(trainer, "logging_folder", None)):
+        if folder is not None and folder.path.is_dir():
+            try:
+                folder.refresh()
+            except OSError as error:
+                logger.warning("Could not update %s's marker (%s).", folder.path, error)
 
 
 def _metrics(run: _Run, paca_model, trainer, train_seconds: float, before: float | None, interrupted: bool) -> dict:
@@ -264,18 +285,24 @@ def _choose_shape(args, plan, model_path, device, dtype, world_size: int, shards
 
         if budget is None:
             budget = _default_budget(device, world_size)
+        margin = _fit_margin(args, plan, host_memory, shards_weights)
         tracer = step_tracer(model_path, args.method, plan.configs, dtype, world_size, shards_weights, plan.loss_chunk_tokens,
                              args.gradient_checkpointing, planned_offload)
-        shape = choose_with_tracer(tracer, args.seq_len, args.batch_size, budget, include_host=host_memory,
+        shape = choose_with_tracer(tracer, args.seq_len, args.batch_size, margin.apply(budget), include_host=host_memory,
                                    device_type=None if host_memory else device.type)
+        shape = dataclasses.replace(shape, budget_bytes=budget, margin=margin.as_dict())
         args.seq_len, args.batch_size = shape.seq_len, shape.batch_size
-        logger.info("%s", _describe_choice(shape))
+        logger.info("%s", _describe_choice(shape, margin))
         return shape
     if args.plan_check == "on" or (args.plan_check == "auto" and not host_memory):
         from .plan.preflight import check_before_loading
 
+        margin = _fit_margin(args, plan, host_memory, shards_weights)
+        limit = budget if budget is not None else devices.memory_stats(device).total_bytes
+        logger.info("--plan-check keeps %s: the planned step must fit %.2f GiB of %.2f GiB.", margin.phrase(),
+                    margin.apply(limit) / 2**30, limit / 2**30)
         check_before_loading(model_path, args.method, plan.configs, args.seq_len, args.batch_size, dtype,
-                             budget if budget is not None else devices.memory_stats(device).total_bytes,
+                             margin.apply(limit),
                              world_size=world_size, fsdp=shards_weights, loss_chunk_tokens=plan.loss_chunk_tokens,
                              gradient_checkpointing=args.gradient_checkpointing, offload_activations=planned_offload,
                              include_host=host_memory, device_type=None if host_memory else device.type)
@@ -303,9 +330,12 @@ def _load_data(args, plan, tokenizer):
 
 def _prepare(args, model, plan, device, graph_mode: str):
     """The model with its adapters and the run's memory levers, on ``device``."""
-    from .model import prepare_model
+    from .model import load_adapter, prepare_model
 
-    paca_model = prepare_model(model, plan.configs, device=device)
+    if plan.init_adapter is not None:  # --adapter: its layers, columns and weights, trainable
+        paca_model = load_adapter(model, plan.init_adapter, device=device, is_trainable=True)
+    else:
+        paca_model = prepare_model(model, plan.configs, device=device)
     paca_model.set_loss_chunk_tokens(plan.loss_chunk_tokens)
     if args.gradient_checkpointing:
         paca_model.gradient_checkpointing_enable()
@@ -395,15 +425,28 @@ def _default_budget(device: torch.device, world_size: int) -> int:
     return free
 
 
-def _describe_choice(shape: "ShapeChoice") -> str:
-    """The INFO line of an auto choice: the shape, its planned peak, the budget, and where the figure comes from."""
+def _fit_margin(args, plan, host_memory: bool, shards_weights: bool):
+    """The margin auto and --plan-check keep below the budget (paca_core/plan/margin.py): ``--margin``, none where
+    device memory is host memory (the plan is exact there), else the measured margin of the run's regime."""
+    from .plan.margin import margin_for, parse_margin, regime
+
+    four_bit = any(getattr(c, "quantize", None) for c in plan.configs)
+    sharded = shards_weights or bool(getattr(args, "deepspeed", None))
+    override = parse_margin(getattr(args, "margin", None))
+    return margin_for(regime(four_bit, args.gradient_checkpointing, sharded), override, host_memory=host_memory)
+
+
+def _describe_choice(shape: "ShapeChoice", margin=None) -> str:
+    """The INFO line of an auto choice: the shape, its planned peak, the budget and the margin kept below it, and
+    where the figure comes from."""
     from .plan.auto_shape import format_bytes
 
     def flag(name: str, value: int) -> str:
         return f"--{name.replace('_', '-')} {value}" + (" (auto)" if name in shape.chosen else "")
 
+    kept = f", keeping {margin.phrase()}" if margin is not None and margin.fraction > 0 else ""
     return (f"{flag('seq_len', shape.seq_len)} at {flag('batch_size', shape.batch_size)}: planned peak "
-            f"{format_bytes(shape.peak_bytes)} per process of a {format_bytes(shape.budget_bytes)} memory budget "
+            f"{format_bytes(shape.peak_bytes)} per process of a {format_bytes(shape.budget_bytes)} memory budget{kept} "
             "(paca plan's trace, before loading weights).")
 
 

@@ -186,6 +186,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-budget", default=None, metavar="BYTES",
         help="memory per process that --seq-len/--batch-size auto must fit (e.g. 24GiB, 512MiB, 16GB, 80e9); also what "
         "--plan-check compares against. Default: the device's free memory (host memory shared by the processes on a machine)")
+    g.add_argument("--margin", default=None, metavar="SHARE",
+        help="share of --memory-budget (or the device's memory) that auto and --plan-check keep free for what tracing cannot "
+        "see (e.g. 12%%); default: the worst optimism measured on published rows of the run's regime (none on cpu, where "
+        "the plan is exact)")
     g.add_argument("--plan-check", default="auto", choices=("auto", "on", "off"),
         help="before loading weights, trace one step on fake tensors (as paca plan does) and warn if its peak exceeds the device's "
         "memory; auto = on devices with their own memory (GPU/HPU), off on cpu")
@@ -210,6 +214,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "folder with --overwrite (replace it) or --resume (continue it); a folder holding anything else is refused")
     g.add_argument("--overwrite", action="store_true", help="replace the earlier paca train run in --out (nothing else is ever replaced)")
     g.add_argument("--resume", default=None, metavar="FOLDER", help="continue from a checkpoint folder (<out>/checkpoint or <out>)")
+    g.add_argument("--adapter", default=None, metavar="FOLDER",
+                   help="start from a trained adapter's weights: a paca-hal adapter (<out>/adapter) or a PEFT PaCA adapter "
+                   "(peft >= 0.22). Its method, r, alpha, columns and targets are used (leave out --method, --rank, --alpha, "
+                   "--target-modules); the optimizer, schedule and step count start fresh (--resume continues a run exactly)")
     g.add_argument("--trust-checkpoint", action="store_true",
         help="with --resume: you trust who made the checkpoint, so an old (0.1.0) trainer_state.pt that cannot be read "
         "safely may be unpickled in full (which can run code from it). Never needed for checkpoints from this version")

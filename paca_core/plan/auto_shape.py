@@ -56,10 +56,13 @@ class ShapeChoice:
     budget_bytes: int
     #: Which of "seq_len" / "batch_size" were chosen here (the others were given).
     chosen: tuple[str, ...]
+    #: The margin for untraced overhead kept below the budget (:class:`~.margin.Margin` as a dict), if any.
+    margin: dict | None = None
 
     def as_dict(self) -> dict:
         return {"seq_len": self.seq_len, "batch_size": self.batch_size, "planned_peak_bytes": self.peak_bytes,
-                "memory_budget_bytes": self.budget_bytes, "chosen": list(self.chosen), "source": "paca plan trace"}
+                "memory_budget_bytes": self.budget_bytes, "margin": self.margin, "chosen": list(self.chosen),
+                "source": "paca plan trace"}
 
 
 class ShapePeaks:

@@ -66,7 +66,11 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--memory-budget", default=None, metavar="BYTES",
                    help="device memory one process may use (e.g. 24GiB, 40e9), compared with its device total (the "
                    "allocator's reserved peak + the runtime's own memory, as nvidia-smi shows it) for 'fits' and the searched "
-                   "maxima; default: each --device-profile's memory less its margin")
+                   "maxima, less the margin (--margin); default: each --device-profile's memory")
+    p.add_argument("--margin", default=None, metavar="SHARE",
+                   help="share of the memory limit 'fits' and the searched maxima keep free for what tracing cannot see "
+                   "(e.g. 12%% or 0.12); default: the worst optimism measured on published rows of the plan's regime "
+                   "(paca_core/plan/margins.json; none on CPU, where the plan is exact)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding over --world-size ranks")
     p.add_argument("--zero", type=int, choices=(1, 2, 3), default=0,
                    help="DeepSpeed ZeRO stage over --world-size ranks (paca train --deepspeed zeroN): 1 shards optimizer state, "

@@ -22,6 +22,7 @@ from ..workloads.specs import MethodSpec, parse_method_spec
 from .allocator import AllocatorPeaks, AllocatorRule, DepthExtensionError, extend_depth, replay_trace
 from .communication import step_communication
 from .estimate import estimate_time
+from .margin import Margin, margin_for, regime
 from .shapes import context_length
 from .trace import QUANTIZED_NOTE, TracedModel, build, trace_step
 
@@ -57,8 +58,10 @@ class PlanSettings:
     offload_activations: str | None = None
     #: The 4-bit type of entries on a 4-bit base (a method's ``four_bit_form``, peft-qlora): nf4 or fp4.
     quantize: str = "nf4"
-    #: Bytes per process that must hold the step (``paca plan --memory-budget``); None: each profile's usable memory.
+    #: Bytes per process that must hold the step (``paca plan --memory-budget``); None: each profile's memory.
     memory_budget: int | None = None
+    #: ``--margin``: the share of the limit fit decisions keep free; None: the regime's measured margin (:mod:`.margin`).
+    margin: float | None = None
 
     def layout(self) -> str:
         """How the processes share the model, as the table says it."""
@@ -366,11 +369,26 @@ def device_memory(measurement: Measurement, per_rank: dict[str, int], profile, s
 
 
 def memory_limit(profile, settings: PlanSettings) -> tuple[int, str]:
-    """The bytes a process's device total may reach, and where the figure comes from: ``--memory-budget`` (what
-    the user says the process may use on the device, taken as given), else the profile's memory less its margin."""
+    """The bytes a process's device total may reach before any margin, and where the figure comes from:
+    ``--memory-budget`` (what the user says the process may use on the device, taken as given), else the device's
+    memory (on CPU less the share the profile leaves to the OS)."""
     if settings.memory_budget is not None:
         return settings.memory_budget, "--memory-budget"
-    return profile.memory_limit(), f"{profile.name} memory less its {profile.memory_margin():.0%} margin"
+    if _host_memory(profile):
+        return profile.memory_limit(), f"{profile.name} memory less its {profile.memory_margin():.0%} share for the OS"
+    return profile.memory_bytes, f"{profile.name} memory"
+
+
+def _host_memory(profile) -> bool:
+    return getattr(profile, "device_type", None) == "cpu"
+
+
+def fit_margin(profile, settings: PlanSettings, four_bit: bool) -> Margin:
+    """The margin fit decisions on ``profile`` keep (:mod:`.margin`): ``--margin``, none on CPU (exact), else the
+    measured margin of the plan's regime."""
+    sharded = settings.world_size > 1 and bool(settings.fsdp or settings.zero)
+    return margin_for(regime(four_bit, settings.gradient_checkpointing, sharded), settings.margin,
+                      host_memory=_host_memory(profile) and settings.margin is None)
 
 
 def search_largest(peak_at: Callable[[int], int], budget: int, start: int, limit: int, step: int, static: int = 0) -> int:
@@ -477,7 +495,9 @@ def _plan_method(config, model_name: str, method: str, profile_names, settings: 
     tracer = MethodTracer(config, method, settings, profiles)
     started = time.perf_counter()
     for profile in profiles:
-        budget, budget_source = memory_limit(profile, settings)
+        limit, limit_source = memory_limit(profile, settings)
+        margin = fit_margin(profile, settings, tracer.quantize is not None)
+        budget, budget_source = margin.apply(limit), f"{limit_source} less {margin.phrase()}"
         layer_bytes = tracer.layer_weight_bytes()
 
         def peak_of(s: int, b: int, profile=profile) -> int:
@@ -500,19 +520,23 @@ def _plan_method(config, model_name: str, method: str, profile_names, settings: 
                 timing = m.times[profile.name]
                 records.append(record(model_name, tracer, profile, settings, seq, batch, per_rank, fits,
                                       max_seq.get(batch), max_batch, m, timing, budget=budget, context=context,
-                                      budget_source=budget_source))
+                                      budget_source=budget_source, margin=margin, limit=limit))
     logger.info("%s: %d traces in %.1f s", method, tracer.traces, time.perf_counter() - started)
     return records
 
 
 def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSettings, seq: int, batch: int, per_rank: dict,
            fits: bool, max_seq: int | None, max_batch: int | None, m: Measurement, timing: dict, budget: int | None = None,
-           context: int | None = None, budget_source: str | None = None) -> dict:
+           context: int | None = None, budget_source: str | None = None, margin: Margin | None = None,
+           limit: int | None = None) -> dict:
     """One row of the plan. Bytes are per rank; ``tokens_per_second`` counts every rank's tokens. ``fits``:
-    ``bytes["device_total"]`` (reserved peak + the runtime's own memory) at or below ``usable_bytes``."""
+    ``bytes["device_total"]`` (reserved peak + the runtime's own memory) at or below ``usable_bytes``, the
+    ``limit_bytes`` less the ``margin`` for untraced overhead."""
     counts = tracer.counts
     if budget is None:
-        budget, budget_source = memory_limit(profile, settings)
+        limit, limit_source = memory_limit(profile, settings)
+        margin = fit_margin(profile, settings, tracer.quantize is not None)
+        budget, budget_source = margin.apply(limit), f"{limit_source} less {margin.phrase()}"
     tokens = seq * batch * max(1, settings.world_size)
     # Per-rank time: the traced step (its sharded optimizer share) plus exposed communication (communication.py).
     comm = step_communication(settings, profile, timing, m.bytes["gradients"], m.bytes["weights"], tracer.layer_weight_bytes(),
@@ -542,6 +566,8 @@ def record(model_name: str, tracer: MethodTracer, profile, settings: PlanSetting
         "total_params": counts["total_params"],
         "bytes": per_rank,
         "usable_bytes": budget,
+        "limit_bytes": limit,
+        "margin": margin.as_dict() if margin is not None else None,
         "budget_source": budget_source or ("--memory-budget" if settings.memory_budget is not None else f"{profile.name} memory"),
         "runtime_memory": profile.runtime_fixed_bytes(settings.world_size),
         "allocator_rule": (profile.allocator or {}).get("rule", "exact"),

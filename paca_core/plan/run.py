@@ -23,6 +23,7 @@ from ..chunked_loss import parse_loss_chunk_tokens
 from ..errors import PacaConfigError
 from ..workloads.four_bit import four_bit_entries, four_bit_form
 from ..workloads.specs import parse_method_spec
+from .margin import parse_margin
 from .planner import PlanSettings, plan_records
 from .report import markdown_table, plot_plan
 from .shapes import load_config
@@ -168,7 +169,8 @@ def run_plan(args: argparse.Namespace) -> int:
                             gradient_checkpointing=args.gradient_checkpointing, world_size=args.world_size, fsdp=args.fsdp, zero=args.zero,
                             options=(("target_modules", args.target_modules),) if args.target_modules else (),
                             loss_chunk_tokens=parse_loss_chunk_tokens(args.loss_chunk_tokens),
-                            offload_activations=args.offload_activations, quantize=kind)
+                            offload_activations=args.offload_activations, quantize=kind,
+                            margin=parse_margin(getattr(args, "margin", None)))
     records = plan_records(config, args.model, methods, profiles, settings, seq_lens, batch_sizes,
                            progress=lambda m: logger.info("Tracing %s on %s (fake tensors, no weights)", m, args.model),
                            search=args.search, workers=args.workers)
@@ -177,7 +179,7 @@ def run_plan(args: argparse.Namespace) -> int:
         "command": "paca " + " ".join(sys.argv[sys.argv.index("plan"):]) if "plan" in sys.argv else "paca plan (from Python)",
         "model": args.model,
         "settings": {"offload_activations": args.offload_activations, "target_modules": args.target_modules, "loss_chunk_tokens": args.loss_chunk_tokens, "quantize": args.quantize, "dtype": args.dtype, "dtype_reason": dtype_reason, "rank": args.rank, "match_params": args.match_params, "gradient_checkpointing": args.gradient_checkpointing,
-                     "world_size": args.world_size, "fsdp": args.fsdp, "zero": args.zero, "memory_budget": budget, "layout": settings.layout(), "seq_lens": seq_lens, "batch_sizes": batch_sizes},
+                     "world_size": args.world_size, "fsdp": args.fsdp, "zero": args.zero, "memory_budget": budget, "margin": getattr(args, "margin", None), "layout": settings.layout(), "seq_lens": seq_lens, "batch_sizes": batch_sizes},
         "profiles": {p.name: p.to_dict() for p in profiles},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, **library_versions(),
                         "planner_seconds": round(elapsed, 1)},
@@ -220,8 +222,9 @@ NOTES = [
     "bytes.peak is what the step's tensors hold (exact for the traced ops); allocated_peak / reserved_peak replay the "
     "step's allocations through the profile's allocator model (paca_core/plan/allocator.py: PyTorch's CUDA caching "
     "allocator, the Gaudi bridge's pool, or none on CPU); device_total adds what the runtime holds outside the allocator "
-    "(CUDA context, NCCL/HCCL buffers when --world-size > 1); 'fits' compares device_total with usable_bytes (the "
-    "profile's memory less its margin, or --memory-budget). Each figure's source is in the profile.",
+    "(CUDA context, NCCL/HCCL buffers when --world-size > 1); 'fits' compares device_total with usable_bytes: the "
+    "profile's memory (or --memory-budget) less a margin for untraced overhead, sized per regime from the worst optimism "
+    "measured on published rows (record 'margin'; --margin overrides it); the bytes themselves stay unpadded. Each figure's source is in the profile.",
     "Attention is traced through the CPU's fused SDPA kernel, which keeps what the flash/fused kernels on CUDA and Gaudi keep; "
     "'flops' counts it as torch's FlopCounterMode does, while the time charges what a fused causal kernel computes (the key "
     "blocks on or below the diagonal, about half) at the profile's attention share of the peak.",
