@@ -96,13 +96,21 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .export import peft_lora_adapter, write_peft_lora
+    from .checkpoint import read_adapter_config, saved_module_methods
+    from .export import check_exportable, check_methods_exportable, peft_adapter, write_peft_adapter
+    from .extras import require_peft_paca
     from .outputs import publish_directory
 
+    if args.format == "paca":
+        require_peft_paca("export-peft --format paca")  # before the model loads
+    document = read_adapter_config(args.adapter)
+    check_methods_exportable(saved_module_methods(document), args.format)  # from the config alone, before any weights
     target, model_path = _adapter_output(args, "export-peft")
     paca_model, _ = _load_for_adapter(args, model_path)
-    tensors, config = peft_lora_adapter(paca_model)
+    check_exportable(paca_model, args.format)
+    tensors, config = peft_adapter(paca_model, args.format)
     with publish_directory(target, needed_bytes=sum(t.numel() * t.element_size() for t in tensors.values())) as staging:
-        write_peft_lora(staging, tensors, config)
-    print(f"PEFT LoRA adapter written to {target.path} (load with peft.PeftModel.from_pretrained)")
+        write_peft_adapter(staging, tensors, config)
+    kind = "PaCA (peft >= 0.22)" if args.format == "paca" else "LoRA"
+    print(f"PEFT {kind} adapter written to {target.path} (load with peft.PeftModel.from_pretrained)")
     return 0

@@ -12,6 +12,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import peft_paca
 from ._version import __version__
 from .atomic import staging_for
 from .base_config import MethodConfig, method_name
@@ -107,10 +108,26 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         document = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt.") from None
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(document).__name__}, not an adapter config; the checkpoint is corrupt.")
+    if peft_paca.is_peft_document(document):  # PEFT's own PaCA format, read as ours
+        return peft_paca.translate_config(directory, document)
     for key in ("method", "configs", "modules"):
         if key not in document:
             raise CheckpointError(f"{path} has no '{key}' entry; the checkpoint is corrupt or not from paca-hal.")
     return document
+
+
+def saved_module_methods(document: dict[str, Any]) -> dict[str, str]:
+    """``{module: method}`` of a checkpoint's layers, from its config alone (modules whose config entry is unreadable
+    say ``"?"``)."""
+    configs = document.get("configs") or []
+    methods = {}
+    for name, entry in document.get("modules", {}).items():
+        index = entry.get("config", 0) if isinstance(entry, dict) else None
+        config = configs[index] if isinstance(index, int) and 0 <= index < len(configs) and isinstance(configs[index], dict) else {}
+        methods[name] = str(config.get("method", "?"))
+    return methods
 
 
 def config_differences(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[str]:
@@ -139,14 +156,19 @@ def read_configs(document: dict[str, Any], directory) -> list[MethodConfig]:
         raise CheckpointError(f"Checkpoint {directory} has an invalid config: {error}") from None
 
 
-def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+def read_adapter_tensors(directory: str | Path, document: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed as :func:`adapter_state` keys them (``document``: its config as
+    :func:`read_adapter_config` read it; a PEFT PaCA folder's keys are translated)."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the adapter weights were not saved or were deleted.")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} cannot be read ({error}); the checkpoint is corrupt or truncated.") from None
+    if document is not None and document.get("format") == "peft":
+        return peft_paca.translate_tensors(tensors)
+    return tensors
 
 
 def plan_loading(model: nn.Module, directory: str | Path, method: str | None = None):
@@ -166,7 +188,7 @@ def plan_loading(model: nn.Module, directory: str | Path, method: str | None = N
         raise CheckpointError(
             f"Checkpoint {directory} says method {document['method']!r} but its configs are {method_name(configs)!r}; the file is corrupt."
         )
-    tensors = read_adapter_tensors(directory)
+    tensors = read_adapter_tensors(directory, document)
     expected = document["modules"]
     check_model_fits(model, expected, directory)
     saved_targets = [config.target_modules for config in configs]
@@ -203,6 +225,13 @@ def check_model_fits(model: nn.Module, expected: dict[str, dict[str, int]], dire
         )
     for name, shape in expected.items():
         actual = module_io(modules[name])
+        if "in_features" not in shape:  # a PEFT PaCA adapter records only what its tensors' shapes say
+            if actual[1] != shape["out_features"]:
+                raise CheckpointError(
+                    f"Checkpoint {directory}: module {name} has {shape['out_features']} outputs in the adapter but "
+                    f"{actual[1]} in this model; it was trained on a different base model."
+                )
+            continue
         if actual != (shape["in_features"], shape["out_features"]):
             raise CheckpointError(
                 f"Checkpoint {directory}: module {name} is {shape['in_features']}→{shape['out_features']} in the "

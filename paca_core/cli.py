@@ -63,7 +63,7 @@ def _add_adapter_command(sub, name: str, help_text: str, out_help: str, handler:
     from .help_format import HelpFormatter
 
     p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter, allow_abbrev=False)
-    p.add_argument("--adapter", required=True, help="adapter folder (from paca train: <out>/adapter)")
+    p.add_argument("--adapter", required=True, help="adapter folder: from paca train (<out>/adapter), or a PEFT PaCA adapter (peft >= 0.22)")
     p.add_argument("--model", default=None,
                    help="base model folder the adapter was trained on, or 'default' (the embedded SmolLM2-135M-Instruct). "
                    "Left out: the base model the adapter records (its adapter_config.json's base_model); a model whose "
@@ -94,11 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_adapter_command(sub, "merge", "fold an adapter into its base model and save a plain HF model", "where to write the merged model",
                          "paca_core.adapter_commands:run_merge")
-    _add_adapter_command(sub, "export-peft", "write a PaCA/LoRA adapter as a standard PEFT LoRA adapter", "where to write the PEFT adapter",
-                         "paca_core.adapter_commands:run_export")
+    export = _add_adapter_command(sub, "export-peft", "write an adapter as a standard PEFT adapter: PEFT's PaCA or an exact LoRA",
+                                  "where to write the PEFT adapter", "paca_core.adapter_commands:run_export")
+    export.add_argument("--format", default="lora", choices=("lora", "paca"),
+                        help="lora (default): an exact rank-r LoRA adapter, for servers and tools that read LoRA but not PaCA "
+                        "(vLLM, TGI, any peft); paca: PEFT's own PaCA format (peft >= 0.22), the same columns and deltas, to "
+                        "keep training or merging with PEFT")
     add_bench_parser(sub)  # `paca bench`: every method measured side by side
     add_plan_parser(sub)  # `paca plan`: what fits and how fast on accelerators, simulated
     parser.subcommands = dict(sub.choices)
+    from .input_checks import accept_negative_numbers
+
+    for subcommand in parser.subcommands.values():
+        accept_negative_numbers(subcommand)  # --lr -1e-3 is a value (refused by its range check), not a missing one
     return parser
 
 
@@ -191,7 +199,9 @@ def _main(argv: list[str] | None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     expected = _expected_errors()
     try:
-        args = apply_config(parser, argv, args)
+        from .input_checks import expand_user_paths
+
+        args = expand_user_paths(apply_config(parser, argv, args))  # '~/x' quoted or from a --config file: once, here
         return _handler(args)(args)
     except expected as error:
         _report(error, args.verbose)

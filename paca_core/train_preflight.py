@@ -46,6 +46,9 @@ class TrainPlan:
     recorded_shape: dict[str, int] | None = None
     warnings: list[str] = field(default_factory=list)
     data: Any = None  # data_formats.preflight.DataPlan: the field map and what --data holds
+    #: ``--adapter``: the trained adapter the run starts from (ours or PEFT's PaCA), and its config as read.
+    init_adapter: Path | None = None
+    init_adapter_document: dict[str, Any] = field(default_factory=dict)
 
 
 def _defaults() -> dict[str, Any]:
@@ -140,6 +143,24 @@ def check_tracking(args: argparse.Namespace) -> list[str]:
     return warnings
 
 
+#: What ``--adapter`` decides for a run (the adapter's own method, rank, scaling and targets).
+ADAPTER_DECIDES = ("method", "rank", "alpha", "target_modules", "quantize")
+
+
+def adapter_configs(args: argparse.Namespace, defaults: dict[str, Any]) -> tuple[Path, dict[str, Any], list[MethodConfig]]:
+    """``--adapter``: its folder, its config document and the method configs it was trained with (a PEFT PaCA
+    adapter read as ours), refused in one line when unreadable or when flags it decides were given too."""
+    from .checkpoint import read_adapter_config, read_configs
+
+    given = [f"--{name.replace('_', '-')}" for name in ADAPTER_DECIDES if _given(args, defaults, name)]
+    if given:
+        raise PacaConfigError(f"--adapter {args.adapter} decides the method, rank, alpha and targets it was trained with: "
+                              f"drop {', '.join(given)} (or leave out --adapter to start a new adapter).")
+    directory = Path(args.adapter).expanduser()
+    document = read_adapter_config(directory)
+    return directory, document, read_configs(document, directory)
+
+
 def check_resume(resume: str, configs: list[MethodConfig]) -> tuple[Path, dict[str, Any]]:
     """The checkpoint folder ``--resume`` names, checked against this run's method configs (method, rank,
     targets, every option). Returns the folder and its summary (step, shape, data, base-model fingerprint)."""
@@ -210,7 +231,11 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
 
     defaults = _defaults()
     check_ranges(args)
-    configs = build_configs(args)
+    init_adapter, adapter_document = None, {}
+    if args.adapter:
+        init_adapter, adapter_document, configs = adapter_configs(args, defaults)
+    else:
+        configs = build_configs(args)
     warnings = check_flag_use(args, defaults)
     loss_chunk_tokens = parse_loss_chunk_tokens(args.loss_chunk_tokens)
     budget = parse_budget(args.memory_budget) if args.memory_budget is not None else None
@@ -249,7 +274,8 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
     model_input = None if args.model == "default" else args.model
     output = check_output(
         args.out, "train", overwrite=args.overwrite, resume=resume_dir, legacy=is_legacy_train_output,
-        inputs={"--model": model_input, "--data": None if args.data == "default" else data_path, "--eval-data": eval_data_path},
+        inputs={"--model": model_input, "--data": None if args.data == "default" else data_path, "--eval-data": eval_data_path,
+                "--adapter": init_adapter},
     )
     if resume_dir is not None and not _inside(resume_dir, output.path) and output.previous:
         raise PacaConfigError(f"--out {args.out} holds another run than --resume {args.resume}: resume into the checkpoint's own "
@@ -264,7 +290,8 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
         logger.warning("%s.", warning[0].upper() + warning[1:])
     return TrainPlan(configs=configs, lr=lr, train_args=train_args, loss_chunk_tokens=loss_chunk_tokens, budget=budget,
                      output=output, data_path=data_path, eval_data_path=eval_data_path, evaluate=evaluate,
-                     resume_dir=resume_dir, resume_summary=summary, recorded_shape=recorded, warnings=warnings, data=data)
+                     resume_dir=resume_dir, resume_summary=summary, recorded_shape=recorded, warnings=warnings, data=data,
+                     init_adapter=init_adapter, init_adapter_document=adapter_document)
 
 
 def _inside(inner: Path, outer: Path) -> bool:

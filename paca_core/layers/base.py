@@ -61,6 +61,9 @@ class AdapterLayer(nn.Module):
     config_index: int | None = None
     #: Host-memory row table of layers that train rows outside autograd and the optimizer (MEFT), else None.
     table = None
+    #: True for layers that keep their update inside the base weight's storage (PaCA's adapted columns): a weight
+    #: tied to another module (a head tied to the embeddings) then changes that module too.
+    writes_base_weight: bool = False
 
     def __init__(self, module_name: str, in_features: int, out_features: int, adapted: nn.Module | None = None):
         """``adapted``: the module whose weights this layer's tensors live beside (an attaching layer's target;

@@ -115,6 +115,8 @@ class _PartialConnectionLinear(torch.autograd.Function):
 class PaCALinear(LinearAdapterLayer):
     """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) with a trainable ``paca_delta`` of shape (out, r)."""
 
+    writes_base_weight = True
+
     def __init__(
         self, base_layer: nn.Linear, r: int, alpha: float | None, indices: torch.Tensor, module_name: str = "",
         scaling: float | None = None,

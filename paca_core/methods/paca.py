@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class PaCAConfig(MethodConfig):
-    """Partial connection adaptation: train ``r`` fixed, randomly chosen input columns of each target linear.
+    r"""Partial connection adaptation: train ``r`` fixed, randomly chosen input columns of each target linear.
 
     Args:
         r: columns trained per layer (the delta is ``(out_features, r)``).
@@ -214,6 +214,8 @@ METHOD = register_method(
         exclusive=True,
         match_factor=2,
         export_lora=export_lora,
+        #: PEFT's own PaCA (peft >= 0.22), on the model dtype and on the same 4-bit base as qpaca.
+        bench_peers=("peft-paca", "peft-qpaca"),
         four_bit_form="qpaca",
         summary="r fixed random input columns of each frozen linear",
     )
