@@ -22,6 +22,7 @@ _LAZY = {
     "layer_seed": "paca_core.indices",
     **dict.fromkeys(("CommonOptions", "Method", "get_method", "register_method", "registered_methods"), "paca_core.methods"),
     **dict.fromkeys(("AdaptedModel", "PacaModel", "prepare_model"), "paca_core.model"),
+    "export_peft": "paca_core.export",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         CommonOptions, FullConfig, LoRAConfig, LoRAFAConfig, MEFTConfig, Method, PaCAConfig, VeLoRAConfig, get_method, register_method,
         registered_methods,
     )
+    from .export import export_peft
     from .model import AdaptedModel, PacaModel, prepare_model
 
 
