@@ -78,8 +78,9 @@ class Verdict:
     reason: str
 
 
-def judge(kind: str, predicted, published) -> Verdict:
-    """Issue 32's rule for one comparison (see the module docstring). ``predicted`` None: the plan gave no figure."""
+def judge(kind: str, predicted, published, precision: float = 0.0) -> Verdict:
+    """Issue 32's rule for one comparison (see the module docstring). ``predicted`` None: the plan gave no figure.
+    ``precision``: half the last published digit (a step time of '1.5 s/it' stands for 1.45-1.55)."""
     if predicted is None:
         return Verdict("not compared", None, "the plan gave no figure for this comparison")
     if kind == "fits":
@@ -101,7 +102,9 @@ def judge(kind: str, predicted, published) -> Verdict:
         if not published:
             return Verdict("not compared", None, "no published figure")
         ratio = predicted / published
-        ok = abs(ratio - 1) <= tolerance + 1e-12
+        # A figure published to a few digits stands for every value it rounds from: the band is around that interval.
+        low, high = published - precision, published + precision
+        ok = low * (1 - tolerance) - 1e-12 <= predicted <= high * (1 + tolerance) + 1e-12
         word = "high" if ratio > 1 else "low"
         return Verdict("pass" if ok else "fail", ratio,
                        f"{abs(ratio - 1) * 100:.0f} % {word}" + ("" if ok else f" (target ±{tolerance * 100:.0f} %)"))
@@ -117,10 +120,82 @@ def published_value(row: dict):
     if kind == "step_time":
         if "seconds" in pub:
             return float(pub["seconds"])
+        if pub.get("throughput_unit") == "s/it":  # seconds per optimizer step of micro_steps micro-batches
+            return pub["throughput"] / pub["micro_steps"]
         if pub.get("throughput_unit") != "samples/s":
             raise ValueError(f"{row['id']}: step_time needs seconds or a samples/s throughput")
         return pub["samples_per_step"] / pub["throughput"]  # every rank's samples of one micro-step / all ranks' rate
     return pub["value"]
+
+
+def published_precision(row: dict) -> float:
+    """Half the last published digit, in the planner's units (0 where the figure is exact or not rounded)."""
+    pub = row["published"]
+    if pub["kind"] == "step_time" and pub.get("throughput_unit") == "s/it":
+        return pub.get("rounding", 0.0) / 2 / pub["micro_steps"]
+    return 0.0
+
+
+def row_regime(row: dict) -> str:
+    """The margin regime of a row's plan command (paca_core/plan/margin.py)."""
+    from paca_core.plan.margin import regime
+
+    argv = row["plan"]
+    methods = argv[argv.index("--methods") + 1] if "--methods" in argv else ""
+    four_bit = "--quantize" in argv or any(m.split("@")[0] in ("peft-qlora", "qpaca") for m in methods.split(","))
+    return regime(four_bit, "--gradient-checkpointing" in argv, "--fsdp" in argv or "--zero" in argv)
+
+
+def boundary_argv(row: dict) -> list[str] | None:
+    """For a published capacity (longest sequence, largest batch): the row's command at the published value, unsearched,
+    so the planned device total there can be set against the limit (how much the plan left free where the run had none)."""
+    pub = row["published"]
+    flag = {"max_seq_len": "--seq-len", "max_batch_size": "--batch-size"}.get(pub["kind"])
+    if flag is None or not pub["value"]:
+        return None
+    argv = list(row["plan"])
+    argv[argv.index(flag) + 1] = str(pub["value"])
+    return argv if "--no-search" in argv else argv + ["--no-search"]
+
+
+def optimism(row: dict, record: dict | None, boundary: dict | None) -> float | None:
+    """The share of the memory limit the plan missed on this row: what a fit decision's margin must cover for the row's
+    published outcome to be predicted (0 where the plan is cautious; None where the row says nothing about memory).
+
+    * peak memory: 1 - planned / published, where planned is below;
+    * a capacity (longest sequence, largest batch): 1 - planned device total at the published value / the limit (the run
+      had no room left there; the plan thought it had);
+    * a published OOM the plan fits: 1 - planned device total / the limit."""
+    pub = row["published"]
+    kind = pub["kind"]
+    if record is None:
+        return None
+    if kind == "peak_memory":
+        planned, _, _ = predicted_value(row, record)
+        return max(0.0, 1 - planned / published_value(row)) if planned else None
+    if kind in ("max_seq_len", "max_batch_size") and boundary is not None:
+        return max(0.0, 1 - boundary["bytes"]["device_total"] / boundary["limit_bytes"])
+    if kind == "fits" and pub["value"] is False:
+        return max(0.0, 1 - record["bytes"]["device_total"] / record["limit_bytes"])
+    if kind in ("max_seq_len", "max_batch_size") and pub["value"] == 0:
+        return max(0.0, 1 - record["bytes"]["device_total"] / record["limit_bytes"])
+    return 0.0 if kind in ("fits", "max_seq_len", "max_batch_size") else None
+
+
+def regime_margins(results: list[dict]) -> dict:
+    """Per regime: the worst optimism of its compared rows (contradictory rows left out), and the row it came from."""
+    regimes: dict[str, dict] = {}
+    for r in results:
+        if r.get("optimism") is None or r["status"] in ("not compared", "contradictory"):
+            continue
+        entry = regimes.setdefault(r["regime"], {"fraction": 0.0, "row": None, "rows": []})
+        entry["rows"].append(r["id"])
+        if r["optimism"] > entry["fraction"] or entry["row"] is None:
+            entry["fraction"], entry["row"] = round(r["optimism"], 4), r["id"]
+    for name, entry in regimes.items():
+        entry["reason"] = (f"worst optimism measured on published rows of this regime: {entry['row']}" if entry["fraction"] > 0
+                           else "no published row of this regime is optimistic")
+    return regimes
 
 
 def predicted_value(row: dict, record: dict) -> tuple[object, str, list[str]]:
@@ -220,6 +295,8 @@ def compare(rows: list[dict], workers: int = 2, timeout: float = 900.0, runner=r
     commands: dict[tuple, list[dict]] = {}
     for row in rows:
         commands.setdefault(tuple(plan_argv(row)), []).append(row)
+        if boundary_argv(row) is not None:
+            commands.setdefault(tuple(boundary_argv(row)), []).append({**row, "id": row["id"] + " (at the published value)"})
     plans: dict[tuple, tuple[dict | None, str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="plan-vs-published-") as tmp:
         def job(index_argv):
@@ -238,12 +315,15 @@ def compare(rows: list[dict], workers: int = 2, timeout: float = 900.0, runner=r
     results = []
     for row in rows:
         document, tail, seconds = plans[tuple(plan_argv(row))]
-        results.append(result_for(row, document, tail, seconds))
+        boundary = plans.get(tuple(boundary_argv(row) or ()), (None,))[0]
+        results.append(result_for(row, document, tail, seconds, boundary))
     return results
 
 
-def result_for(row: dict, document: dict | None, tail: str, seconds: float) -> dict:
-    """One row's comparison from its plan.json (None: the plan failed)."""
+def result_for(row: dict, document: dict | None, tail: str, seconds: float, boundary: dict | None = None) -> dict:
+    """One row's comparison from its plan.json (None: the plan failed); ``boundary``: the plan.json of the row's command
+    at its published capacity (:func:`boundary_argv`), for its optimism. A row marked ``contradictory`` in rows.json is
+    judged but counted apart, with the reason."""
     pub = row["published"]
     kind = pub["kind"]
     published = published_value(row)
@@ -252,6 +332,7 @@ def result_for(row: dict, document: dict | None, tail: str, seconds: float) -> d
         "published": published, "published_display": display(kind, published, pub.get("unit")),
         "published_figure": pub.get("figure"), "command": plan_command(row), "planner_seconds": round(seconds, 1),
         "unconfirmed": row.get("unconfirmed", []), "differences": row.get("differences", []),
+        "regime": row_regime(row), "contradictory": row.get("contradictory"),
     }
     if document is None:
         verdict = Verdict("not compared", None, f"the plan failed: {tail}")
@@ -261,7 +342,11 @@ def result_for(row: dict, document: dict | None, tail: str, seconds: float) -> d
         raise ValueError(f"{row['id']}: expected one plan record, got {len(records)}")
     record = records[0]
     predicted, field, notes = predicted_value(row, record)
-    verdict = judge(kind, predicted, published)
+    verdict = judge(kind, predicted, published, published_precision(row))
+    boundary_record = boundary["records"][0] if boundary and boundary.get("records") else None
+    out["optimism"] = optimism(row, record, boundary_record)
+    if row.get("contradictory"):
+        verdict = Verdict("contradictory", verdict.ratio, f"{verdict.status} ({verdict.reason}); left out of the count: {row['contradictory']}")
     context = {
         "peak_bytes": record["bytes"].get("peak"), "reserved_peak_bytes": record["bytes"].get("reserved_peak"),
         "fits": record.get("fits"), "usable_bytes": record.get("usable_bytes"), "step_seconds": record.get("step_seconds"),
@@ -289,7 +374,7 @@ def planner_identity() -> dict:
 
 
 def summary(results: list[dict]) -> dict:
-    counts = {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "not compared")}
+    counts = {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "not compared", "contradictory")}
     sources = sorted({r["source"] for r in results if r["status"] != "not compared"})
     return {**counts, "rows": len(results), "sources_compared": sources}
 
@@ -300,7 +385,8 @@ def results_markdown(results: list[dict], identity: dict) -> str:
     lines = [
         f"Planner as of `{commit}`{' with local changes' if identity.get('local_changes') else ''}, run {identity['run_at']} "
         f"on this machine's CPU (simulated, not measured): **{s['pass']} pass, {s['fail']} fail, {s['not compared']} not compared** "
-        f"of {s['rows']} rows from {len(s['sources_compared'])} sources.",
+        f"of {s['rows'] - s['contradictory']} rows from {len(s['sources_compared'])} sources"
+        + (f" ({s['contradictory']} contradictory rows shown apart, not counted)." if s["contradictory"] else "."),
         "",
         "| # | published setup | published | planned | planned / published | target | verdict |",
         "|---|---|---|---|---|---|---|",
@@ -315,6 +401,23 @@ def results_markdown(results: list[dict], identity: dict) -> str:
     notes = [f"- {r['id']}: {n}" for r in results for n in r.get("notes", [])]
     if notes:
         lines += ["", "Notes:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def margins_markdown(results: list[dict], margins: dict) -> str:
+    """The margin each regime's fit decisions keep, the row it comes from, and the rows still optimistic after it."""
+    lines = ["| regime | margin kept by fit decisions | sized by | rows compared |", "|---|---|---|---|"]
+    for name, entry in sorted(margins.items()):
+        lines.append(f"| {name} | {entry['fraction']:.1%} | {entry['reason']} | {', '.join(entry['rows'])} |")
+    still = [r for r in results if r.get("optimism") and r["optimism"] > margins.get(r["regime"], {}).get("fraction", 0) + 1e-9]
+    lines += ["", "Optimism per row (share of the limit the plan missed; 0: cautious): "
+              + ", ".join(f"{r['id']} {r['optimism']:.1%}" for r in results if r.get("optimism") is not None) + "."]
+    if still:
+        lines += ["", "Still optimistic after the margin (the first things the device proof measures): "
+                  + "; ".join(f"{r['id']} ({r['optimism']:.1%} of the limit missed, margin "
+                              f"{margins.get(r['regime'], {}).get('fraction', 0):.1%}; {r['status']})" for r in still) + "."]
+    else:
+        lines += ["", "No compared row is optimistic beyond its regime's margin."]
     return "\n".join(lines) + "\n"
 
 
@@ -391,8 +494,21 @@ def main(argv: list[str] | None = None) -> int:
     table = results_markdown(results, identity)
     write_bytes_atomic(args.out / "results.json", (json.dumps(document, indent=1, default=str) + "\n").encode())
     write_bytes_atomic(args.out / "results.md", table.encode())
+    margins = regime_margins(results)
+    document["margins"] = margins
+    write_bytes_atomic(args.out / "results.json", (json.dumps(document, indent=1, default=str) + "\n").encode())
     if args.update_doc:
+        from paca_core.plan.margin import MARGINS_FILE
+
+        if args.only:
+            parser.error("--update-doc needs every row (the margins are sized from all of them)")
+        write_bytes_atomic(MARGINS_FILE, (json.dumps({
+            "_about": "Generated by scripts/plan_vs_published.py --update-doc: per regime, the share of the memory limit fit "
+                      "decisions keep free (paca_core/plan/margin.py): the worst optimism measured on the published rows of that "
+                      "regime (docs/plan-published.md). Sized from unpadded plans, so rerunning does not feed on itself.",
+            "planner": identity, "regimes": margins}, indent=1) + "\n").encode())
         text = DOC_FILE.read_text(encoding="utf-8")
+        text = replace_section(text, "margins", margins_markdown(results, margins))
         every_row = load_rows(args.rows)
         text = replace_section(text, "rows", rows_markdown(every_row))
         text = replace_section(text, "commands", commands_markdown(every_row))

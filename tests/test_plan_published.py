@@ -188,3 +188,66 @@ def test_the_script_replays_a_published_row(tmp_path):
     assert result["status"] in ("pass", "fail")
     assert document["planner"]["commit"]
     assert (tmp_path / "results.md").read_text().count("| G1 |") == 1
+
+
+# --- issue 40: margins, contradictory rows, rounded step times ------------------------------------------
+
+
+def test_a_rounded_step_time_is_judged_around_the_interval_it_rounds_from():
+    row = {"id": "q", "published": {"kind": "step_time", "throughput": 1.5, "throughput_unit": "s/it", "micro_steps": 8,
+                                    "rounding": 0.1}}
+    published, precision = pvp.published_value(row), pvp.published_precision(row)
+    assert published == pytest.approx(0.1875) and precision == pytest.approx(0.00625)
+    assert pvp.judge("step_time", 0.219, published, precision).status == "pass"  # 1.55 / 8 x 1.15 = 0.2228
+    assert pvp.judge("step_time", 0.224, published, precision).status == "fail"
+    assert pvp.judge("step_time", 0.219, published).status == "fail"  # the same figure read as exact
+
+
+def test_margins_come_from_the_worst_optimism_of_each_regime_and_skip_contradictory_rows():
+    results = [
+        {"id": "a", "regime": "4-bit base", "optimism": 0.05, "status": "pass"},
+        {"id": "b", "regime": "4-bit base", "optimism": 0.12, "status": "fail"},
+        {"id": "c", "regime": "16-bit, no checkpointing", "optimism": 0.0, "status": "pass"},
+        {"id": "d", "regime": "16-bit, no checkpointing", "optimism": 0.31, "status": "contradictory"},
+    ]
+    margins = pvp.regime_margins(results)
+    assert margins["4-bit base"]["fraction"] == pytest.approx(0.12) and margins["4-bit base"]["row"] == "b"
+    assert margins["16-bit, no checkpointing"]["fraction"] == 0.0 and margins["16-bit, no checkpointing"]["rows"] == ["c"]
+
+
+def test_optimism_is_the_share_of_the_limit_the_plan_missed():
+    limit = 80 * GIB
+    capacity = {"id": "u", "published": {"kind": "max_seq_len", "value": 932}, "plan": ["--seq-len", "8192"]}
+    boundary = {"bytes": {"device_total": 72 * GIB}, "limit_bytes": limit}  # the run had no room left at 932 tokens
+    assert pvp.optimism(capacity, {"bytes": {}}, boundary) == pytest.approx(0.1)
+    assert pvp.optimism(capacity, {"bytes": {}}, {"bytes": {"device_total": 90 * GIB}, "limit_bytes": limit}) == 0.0
+    oom = {"id": "o", "published": {"kind": "fits", "value": False}}
+    assert pvp.optimism(oom, {"bytes": {"device_total": 60 * GIB}, "limit_bytes": limit}, None) == pytest.approx(0.25)
+    peak = {"id": "p", "published": {"kind": "peak_memory", "value": 20, "unit": "GiB", "figure": "allocated"}}
+    assert pvp.optimism(peak, {"bytes": {"allocated_peak": 18 * GIB}}, None) == pytest.approx(0.1)
+    assert pvp.boundary_argv({"published": {"kind": "max_seq_len", "value": 932}, "plan": ["--seq-len", "8192"]}) == \
+        ["--seq-len", "932", "--no-search"]
+
+
+def test_the_contradictory_torchtune_pair_is_marked_with_its_reason():
+    rows = {r["id"]: r for r in pvp.load_rows()}
+    for row_id in ("T1", "T2"):
+        assert "same setup" in rows[row_id]["contradictory"]
+    assert not any(r.get("contradictory") for i, r in rows.items() if i not in ("T1", "T2"))
+
+
+#: Time rows whose failure is explained in docs/plan-published.md and not yet fixed: Gaudi 3's profile figures (A2) and a
+#: torch.compile FSDP run whose pairing with its command is unconfirmed (I2). Every other time row must hold the band.
+TIME_ROWS_KNOWN_OUT_OF_BAND = {"A2": "Gaudi 3 profile", "I2": "FSDP + torch.compile, pairing unconfirmed"}
+
+
+@pytest.mark.slow
+def test_time_rows_replayed_through_paca_plan_hold_the_fifteen_percent_band(tmp_path):
+    """Every single-device step-time row on an A100 profile (short to long sequences) replayed through paca plan in
+    this process: within ±15 % of the published time (around the interval a rounded figure stands for)."""
+    rows = [r for r in pvp.load_rows() if r["published"]["kind"] == "step_time" and r["id"] not in TIME_ROWS_KNOWN_OUT_OF_BAND
+            and "a100-80g" in r["plan"] and "--world-size" not in r["plan"]]
+    assert {r["id"] for r in rows} >= {"P2", "Q1", "Q6"}
+    results = pvp.compare(rows, runner=pvp.run_plan_in_process, progress=lambda line: None)
+    ratios = {r["id"]: round(r["ratio"], 3) for r in results}
+    assert all(r["status"] == "pass" for r in results), ratios
