@@ -65,3 +65,46 @@ def missing_optional_module(error: BaseException) -> str | None:
             return name
         error = error.__cause__
     return None
+
+
+#: The first PEFT release with PaCA (``peft.tuners.paca``, ``peft.PacaConfig``).
+PEFT_PACA_VERSION = "0.22"
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution`` from its metadata (no import), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def peft_has_paca() -> bool:
+    """True when the installed peft ships PaCA (``peft/tuners/paca``), checked without importing peft.
+
+    Looks for the subpackage rather than comparing version numbers, so a source build of PEFT's main branch from
+    before the 0.22 release counts too; a test (or a user) that blocks it in ``sys.modules`` makes it absent."""
+    import sys
+    from pathlib import Path
+
+    if "peft.tuners.paca" in sys.modules:
+        return sys.modules["peft.tuners.paca"] is not None
+    try:
+        spec = importlib.util.find_spec("peft")
+    except (ImportError, ValueError):
+        return False
+    locations = (spec.submodule_search_locations or ()) if spec is not None else ()
+    return any((Path(location) / "tuners" / "paca" / "__init__.py").is_file() for location in locations)
+
+
+def require_peft_paca(what: str = "peft-paca") -> None:
+    """Refuse, in one line before any work, a feature built on PEFT's PaCA when the installed peft has none.
+
+    ``what`` names the feature in the message (``peft-paca``, ``export-peft --format paca``)."""
+    if peft_has_paca():
+        return
+    have = installed_version("peft")
+    here = f"this machine has peft {have}" if have else "peft is not installed here"
+    raise MissingExtraError(f"{what} needs peft >= {PEFT_PACA_VERSION} (PaCA); {here}: pip install -U 'peft>={PEFT_PACA_VERSION}'")

@@ -28,7 +28,7 @@ from ..plan.planner import MethodTracer, PlanSettings, search_largest
 from ..plan.shapes import load_config
 from ..workloads.byte_sizes import parse_bytes
 from ..workloads.models import parse_model, synthetic_config
-from ..workloads.specs import MethodSpec, parse_method_list, required_packages
+from ..workloads.specs import MethodSpec, parse_method_list, require_peer_versions, required_packages
 from . import max_context, report
 from .defaults import DEFAULT_ENTRIES, DEFAULT_METHODS
 from .search import search_max
@@ -106,6 +106,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_max_context(args)
     specs = parse_method_list(args.methods or ",".join(DEFAULT_METHODS))
     extras.require(required_packages(specs))  # before any work: a missing extra is named, nothing is run
+    require_peer_versions(specs)  # peft-paca: peft >= 0.22, said in one line
     plots = extras.installed("matplotlib")
     seq_lens, batches = _int_list(args.seq_len, "--seq-len"), _int_list(args.batch_size, "--batch-size")
     ranks = _int_list(args.rank, "--rank")
@@ -224,6 +225,7 @@ def run_max_context(args: argparse.Namespace) -> int:
     specs = parse_method_list(args.methods or DEFAULT_ENTRIES)
     max_context.check_entries(specs)
     extras.require(required_packages(specs))
+    require_peer_versions(specs)
     if not args.memory_budget:
         raise PacaConfigError("--mode max-context needs --memory-budget (e.g. 1.25GiB): the budget each entry's step must fit.")
     budget = parse_bytes(args.memory_budget)

@@ -22,7 +22,7 @@ from ..workloads.byte_sizes import parse_bytes
 from ..chunked_loss import parse_loss_chunk_tokens
 from ..errors import PacaConfigError
 from ..workloads.four_bit import four_bit_entries, four_bit_form
-from ..workloads.specs import parse_method_spec
+from ..workloads.specs import parse_method_spec, require_peer_versions
 from .margin import parse_margin
 from .planner import PlanSettings, plan_records
 from .report import markdown_table, plot_plan
@@ -139,8 +139,7 @@ def run_plan(args: argparse.Namespace) -> int:
     """``paca plan``: trace each method, write the table (and with --out plan.json, plan.md and plots)."""
     started = time.perf_counter()
     methods = _quantized_methods([m.strip().lower() for m in args.methods.split(",") if m.strip()], args.quantize)
-    for method in methods:
-        parse_method_spec(method)  # unknown names fail before any work
+    require_peer_versions([parse_method_spec(method) for method in methods])  # unknown names, peft-paca on peft < 0.22: before any work
     seq_lens, batch_sizes = _ints(args.seq_len, "--seq-len"), _ints(args.batch_size, "--batch-size")
     if args.world_size < 1:
         raise PacaConfigError("--world-size must be at least 1.")

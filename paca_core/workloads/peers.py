@@ -15,6 +15,8 @@ class Peer:
 
     name: str
     kind: str
+    #: The PEFT tuner a ``peft`` peer builds: ``lora`` (``LoraConfig``) or ``paca`` (``PacaConfig``, peft >= 0.22).
+    tuner: str = "lora"
     #: PEFT's VeLoRA on the LoRA inputs (it reads our velora method's options: ``velora_groups``, ``velora_init``).
     velora: bool = False
     #: PEFT's LoRA-FA optimizer (A frozen).
@@ -34,6 +36,8 @@ PEERS: dict[str, Peer] = {
         Peer("peft-lora+velora", "peft", velora=True),
         Peer("peft-lorafa", "peft", lorafa=True),
         Peer("peft-qlora", "peft", four_bit=True),
+        Peer("peft-paca", "peft", tuner="paca", four_bit_form="peft-qpaca"),
+        Peer("peft-qpaca", "peft", tuner="paca", four_bit=True),
     )
 }
 
@@ -41,6 +45,18 @@ PEERS: dict[str, Peer] = {
 def everyday_peers() -> tuple[str, ...]:
     """Peers that run by default (every one not on a 4-bit base), in listing order."""
     return tuple(name for name, peer in PEERS.items() if not peer.four_bit)
+
+
+def default_peers() -> tuple[str, ...]:
+    """The everyday peers ``paca bench`` runs without ``--methods``: not PEFT's PaCA, which needs peft >= 0.22
+    (a default run must not depend on the installed peft's release; list ``peft-paca`` to compare with it)."""
+    return tuple(name for name in everyday_peers() if PEERS[name].tuner != "paca")
+
+
+def needs_peft_paca(name: str) -> bool:
+    """Whether the entry ``name`` (levers after ``@`` allowed) is a peer built on PEFT's PaCA."""
+    peer = PEERS.get(name.strip().lower().split("@", 1)[0])
+    return peer is not None and peer.kind == "peft" and peer.tuner == "paca"
 
 
 def four_bit_peers() -> tuple[str, ...]:

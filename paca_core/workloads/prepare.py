@@ -3,8 +3,9 @@
 The one place an entry becomes a trainable model, so ``paca bench`` (real tensors, in a worker
 process) and ``paca plan`` (fake tensors) step exactly the same thing. Our methods go through
 :func:`paca_core.model.prepare_model` with the configs ``paca train`` would build; the PEFT peers
-through ``peft.get_peft_model``; 4-bit entries hold the base in 4 bits as their users do (PEFT QLoRA: every
-linear but the head, then ``prepare_model_for_kbit_training``; QPaCA: ``PaCAConfig.quantize_scope``).
+through ``peft.get_peft_model`` (PEFT's PaCA on our columns: :func:`peft_paca_config`); 4-bit entries hold
+the base in 4 bits as their users do (PEFT QLoRA and PEFT PaCA on 4 bits: every linear but the head, then
+``prepare_model_for_kbit_training``; QPaCA: ``PaCAConfig.quantize_scope``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import devices
 from ..base_config import ALL_LINEAR, LLAMA_PROJECTIONS, field_default, parse_targets
 from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, chunked_causal_lm_forward
 from ..errors import PacaConfigError
+from ..extras import MissingExtraError, require_peft_paca
 from ..methods.velora import VeLoRAConfig
 from ..model import prepare_model
 from ..offload import ActivationOffload
@@ -74,6 +76,35 @@ def _peft_lora_config(rank: int, options: dict, velora: bool):
                            velora_config=velora_config)
 
 
+def peft_paca_config(model: nn.Module, rank: int | None, options: dict):
+    """PEFT's ``PacaConfig`` for the modules, columns and scaling our ``paca`` takes on ``model`` with the same
+    options: the targets :func:`paca_core.surgery.find_targets` picks, each layer's columns from
+    :func:`paca_core.indices.select_columns` given to PEFT as ``paca_indices_pattern`` (one exact name per layer), and
+    ``paca_alpha`` our alpha (``r`` by default, scaling 1). So ``peft-paca`` and ``paca`` train the same connections
+    and any difference between them is the implementation."""
+    import re
+
+    import peft
+
+    from ..indices import select_columns
+    from ..methods.paca import given_columns
+    from ..surgery import find_targets
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    ours = build_our_configs("paca", rank or 8, options)[0]
+    targets = find_targets(model, ours.target_modules, ours.exclude_modules)
+    columns = {}
+    with unset_fake_temporarily():  # the planner's fake mode: the columns are numbers PEFT's config holds, drawn for real
+        for name, linear in targets:
+            given = given_columns(ours.columns, name)
+            indices = sorted(given) if given is not None else select_columns(linear.in_features, ours.r, ours.seed, name).tolist()
+            columns[re.escape(name)] = [int(i) for i in indices]
+    alpha = ours.alpha if ours.alpha is not None else ours.r
+    return peft.PacaConfig(r=ours.r, paca_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+                           target_modules=[name for name, _ in targets], paca_indices_pattern=columns)
+
+
 def _import_peft() -> None:
     try:
         import peft  # noqa: F401
@@ -81,19 +112,42 @@ def _import_peft() -> None:
         raise Unavailable(f"HF PEFT is not installed ({error}); pip install 'paca-hal[peft]'") from None
 
 
-def quantize_for_qlora(model: nn.Module, options: dict) -> nn.Module:
+def quantize_for_qlora(model: nn.Module, options: dict, upcast: bool = True) -> nn.Module:
     """PEFT QLoRA as its users run it: every linear layer but the output head in 4 bits (what transformers'
     ``BitsAndBytesConfig(load_in_4bit=True)`` loads, whatever the LoRA targets), then PEFT's
     ``prepare_model_for_kbit_training``, which upcasts the parameters left in 16 bits (norms, embeddings, head) to
     fp32 and makes the embeddings' output require grad. Its gradient checkpointing stays a lever of the entry
-    (``@gc``), not forced here."""
+    (``@gc``), not forced here.
+
+    ``upcast=False`` (``peft-qpaca``) stops after the quantization: PEFT 0.22's PaCA layer multiplies its input with
+    the dequantized weight as they come, so on an upcast base (fp32 activations, bf16 weights) it raises a dtype
+    mismatch outside autocast; not upcast, the base is the very one ``qpaca`` trains on (``quantize_scope`` base)."""
     import peft
 
     try:
         model = quantize_base(model, options.get("quantize") or "nf4", target_modules=ALL_LINEAR)
     except ImportError as error:
         raise Unavailable(str(error).splitlines()[0]) from None
+    if not upcast:
+        model.requires_grad_(False)
+        return model
     return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _dequantize_fake_4bit(peft_model: nn.Module) -> None:
+    """PEFT's PaCA layers on the planner's fake 4-bit layers (:mod:`paca_core.fake_4bit`): PEFT dequantizes a weight
+    it recognises by its class name, ``Params4bit``, which a fake tensor cannot carry, so each such layer is given the
+    dequantization PEFT runs on a real one (bitsandbytes' ``dequantize_4bit`` of the packed weight with its
+    ``quant_state``). Layers on real ``Params4bit`` weights are left as PEFT made them."""
+    import bitsandbytes as bnb
+    from peft.tuners.paca.layer import PacaLayer
+
+    for module in peft_model.modules():
+        if not isinstance(module, PacaLayer) or module.quantization_backend is None:
+            continue
+        weight = module.get_base_layer().weight
+        if type(weight).__name__ != "Params4bit" and hasattr(weight, "quant_state"):
+            module._get_weight_for_matmul = lambda weight=weight: bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
 
 
 def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict, device: torch.device, lr: float,
@@ -118,8 +172,13 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
         return Prepared(model, params, make_adamw(params), _lm_loss(model))
     if spec.kind == "peft":
         _import_peft()  # before quantizing: a missing package is said first
+        if PEERS[spec.method].tuner == "paca":
+            try:
+                require_peft_paca(spec.method)
+            except MissingExtraError as error:
+                raise Unavailable(str(error)) from None
     if spec.four_bit and spec.kind == "peft":
-        model = quantize_for_qlora(model, options)
+        model = quantize_for_qlora(model, options, upcast=PEERS[spec.method].tuner != "paca")
     elif spec.four_bit:  # ours (qpaca): the method quantizes the base as paca train --quantize does (quantize_scope)
         options = {**options, "quantize": options.get("quantize") or "nf4"}
     if spec.kind == "peft":
@@ -141,7 +200,13 @@ def _prepare_peft(spec: MethodSpec, model: nn.Module, rank: int | None, options:
     import peft
 
     peer = PEERS[spec.method]
-    peft_model = peft.get_peft_model(model, _peft_lora_config(rank, options, velora=peer.velora))
+    if peer.tuner == "paca":
+        config = peft_paca_config(model, rank, options)
+    else:
+        config = _peft_lora_config(rank, options, velora=peer.velora)
+    peft_model = peft.get_peft_model(model, config)
+    if peer.tuner == "paca" and peer.four_bit:
+        _dequantize_fake_4bit(peft_model)
     if peer.lorafa:
         from peft.optimizers import create_lorafa_optimizer
 

@@ -13,12 +13,13 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from .. import extras
 from ..errors import PacaConfigError
 from ..methods import get_method, learning_rate, parse_combination, primary_method, registered_methods
 from ..train_options import build_configs, train_parser
 from .four_bit import four_bit_entries, four_bit_methods
 from .levers import parse_levers
-from .peers import PEERS, everyday_peers
+from .peers import PEERS, everyday_peers, needs_peft_paca
 
 
 def peer_equivalents() -> dict[str, str]:
@@ -104,6 +105,14 @@ def required_packages(specs: list[MethodSpec]) -> dict[str, str]:
         if spec.four_bit:
             needs.setdefault("bitsandbytes", f"the 4-bit entry '{spec.name}'")
     return needs
+
+
+def require_peer_versions(specs: list[MethodSpec]) -> None:
+    """Refuse, before any work, a PEFT PaCA peer (``peft-paca``, ``peft-qpaca``) when the installed peft has no
+    PaCA (< 0.22): one line naming the version needed (:func:`paca_core.extras.require_peft_paca`)."""
+    for spec in specs:
+        if needs_peft_paca(spec.name):
+            extras.require_peft_paca(spec.method)
 
 
 def parse_method_list(text: str) -> list[MethodSpec]:
