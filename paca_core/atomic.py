@@ -85,11 +85,22 @@ def atomic_file(path: Path) -> Iterator[Path]:
         raise
 
 
+def _files_under(folder: Path) -> set[str]:
+    """Every file and symbolic link under ``folder`` (links not followed), as relative ``a/b`` paths."""
+    found = set()
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        relative = Path(root).relative_to(folder)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            found.add((relative / name).as_posix())
+    return found
+
+
 def entries_lost(target: Path, staging: Path, owned: Collection[str] = ()) -> list[str]:
-    """What replacing ``target`` by ``staging`` would delete that is neither rewritten by it nor ``owned`` by the
-    writer (names it may drop, e.g. an older format's files)."""
-    keep = set(os.listdir(staging)) | set(owned)
-    return sorted(name for name in os.listdir(target) if name not in keep and not OUR_TEMPORARIES.match(name))
+    """What replacing ``target`` by ``staging`` would delete, at every depth, that is neither rewritten by it nor
+    ``owned`` by the writer (relative paths it may drop, e.g. an older format's files or its previous output's)."""
+    keep = _files_under(staging) | set(owned)
+    return sorted(name for name in _files_under(target)
+                  if name not in keep and not any(OUR_TEMPORARIES.match(part) for part in name.split("/")))
 
 
 @contextlib.contextmanager

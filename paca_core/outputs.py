@@ -4,7 +4,8 @@ A user's files are sacred, so a command never deletes or replaces anything it di
 
 * ``--out`` must be a new folder, an empty one, or a previous output of the *same* command. Each output
   folder carries a small marker (:data:`MARKER_NAME`) saying which command wrote it and which entries are
-  its own; a folder holding anything else is refused with one line naming what is there.
+  its own, down to every file at every depth; a folder holding anything else (a user's note inside ``adapter/``
+  too) is refused with one line naming what is there, before anything is removed or any step runs.
 * A previous output is replaced only with ``--overwrite`` (``paca train`` may also continue it with ``--resume``).
 * ``--out`` may not be, or lie inside, an input (model, adapter, data, resume folder), and an input may not lie
   inside it.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import fnmatch
 import json
 import logging
 import os
@@ -39,6 +41,17 @@ MARKER_NAME = ".paca-output.json"
 #: Recognises an output written before outputs carried a marker: ``(folder, entries) -> bool``.
 LegacyCheck = Callable[[Path, "set[str]"], bool]
 
+#: Files inside an output's folders that each command writes under fixed names (``fnmatch`` patterns, relative
+#: paths): what an output from before markers listed every file (or one a crash left before its marker was
+#: refreshed) may hold below its top level. Anything else there must be listed in the marker's ``files``.
+KNOWN_NESTED: dict[str, tuple[str, ...]] = {
+    "train": ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoint/adapter_config.json",
+              "checkpoint/adapter_model.safetensors", "checkpoint/trainer_state.json", "checkpoint/trainer_state.safetensors",
+              "checkpoint/trainer_state.pt", "runs/events.out.tfevents.*"),
+    "bench": ("logs/*.log",),
+    "train --logging-dir": ("events.out.tfevents.*",),
+}
+
 
 class DiskFullError(OSError):
     """A write ran out of space; the message names the path, the bytes needed and the bytes free."""
@@ -53,6 +66,8 @@ class OutputTarget:
     previous: bool = False
     overwrite: bool = False
     previous_entries: list[str] = field(default_factory=list)
+    #: Every file of the previous output (relative paths, at every depth): all of them checked to be this command's.
+    previous_files: list[str] = field(default_factory=list)
 
     @property
     def exists(self) -> bool:
@@ -86,6 +101,35 @@ def user_entries(folder: Path) -> set[str]:
     return {name for name in os.listdir(folder) if name != MARKER_NAME and not OUR_TEMPORARIES.match(name)}
 
 
+def walk_files(folder: Path) -> list[str]:
+    """Every file and symbolic link under ``folder`` at every depth (links not followed), as relative ``a/b`` paths,
+    minus the top-level marker and our atomic writers' temporaries; folders themselves are not listed."""
+    found: list[str] = []
+
+    def fail(error: OSError) -> None:
+        raise error
+
+    for root, dirs, files in os.walk(folder, onerror=fail, followlinks=False):
+        relative = Path(root).relative_to(folder)
+        dirs[:] = [name for name in dirs if not OUR_TEMPORARIES.match(name)]
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            if OUR_TEMPORARIES.match(name) or (name == MARKER_NAME and relative == Path(".")):
+                continue
+            found.append((relative / name).as_posix())
+    return sorted(found)
+
+
+def resolved(path: Path, flag: str, shown: str) -> Path:
+    """``path`` with its symbolic links resolved; a loop (a link that leads back to itself) is one line naming the flag."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:  # Python < 3.13: RuntimeError("Symlink loop ..."); later: OSError(ELOOP)
+        if isinstance(error, OSError) and error.errno != errno.ELOOP:
+            raise
+        raise OutputPathError(f"{flag} {shown} is a symbolic link loop (following its links leads back to it): pass a real "
+                              "folder.") from None
+
+
 def _names(entries, limit: int = 4) -> str:
     shown = sorted(entries)[:limit]
     more = len(entries) - len(shown)
@@ -116,22 +160,22 @@ def check_output(
         raise OutputPathError(f"{flag} is empty: pass a folder to write to.")
     path = Path(os.path.abspath(Path(out).expanduser()))
     shown = _display(out)
-    resolved = path.resolve()
+    real = resolved(path, flag, shown)
     existing = _nearest_existing(path)
     if existing != path and not existing.is_dir():
         raise OutputPathError(f"{flag} {shown}: {existing} is a file, not a folder, so nothing can be written under it; choose another {flag}.")
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{flag} {shown} is a file, and this command writes a folder there; choose a new folder name for {flag}.")
-    resume_path = Path(os.path.abspath(Path(resume).expanduser())).resolve() if resume else None
+    resume_path = resolved(Path(os.path.abspath(Path(resume).expanduser())), "--resume", str(resume)) if resume else None
     for name, value in (inputs or {}).items():
         if value is None or str(value) in ("", "default"):
             continue
-        source = Path(os.path.abspath(Path(value).expanduser())).resolve()
-        if _within(resolved, source):
-            what = "is" if resolved == source else "lies inside"
+        source = resolved(Path(os.path.abspath(Path(value).expanduser())), name, str(value))
+        if _within(real, source):
+            what = "is" if real == source else "lies inside"
             raise OutputPathError(f"{flag} {shown} {what} the {name} {value}: writing there would replace what this command reads; "
                                   f"choose another {flag}.")
-        if _within(source, resolved) and not (resume_path is not None and _within(source, resume_path)):
+        if _within(source, real) and not (resume_path is not None and _within(source, resume_path)):
             raise OutputPathError(f"{name} {value} lies inside {flag} {shown}, which this command writes; choose another {flag} "
                                   f"(or move {value} out of it).")
     target = OutputTarget(path=path, command=command, overwrite=overwrite)
@@ -144,6 +188,7 @@ def check_output(
 def _check_contents(target: OutputTarget, shown: str, *, overwrite: bool, continues: bool, legacy: LegacyCheck | None, flag: str) -> None:
     try:
         entries = user_entries(target.path)
+        files = walk_files(target.path)
     except OSError as error:
         raise OutputPathError(f"{flag} {shown} cannot be read ({error.strerror}); choose another {flag}.") from None
     marker = read_marker(target.path)
@@ -153,17 +198,24 @@ def _check_contents(target: OutputTarget, shown: str, *, overwrite: bool, contin
         raise OutputPathError(f"{flag} {shown} holds a `paca {marker['command']}` output, not a `paca {target.command}` one; "
                               f"choose another {flag}.")
     if marker is not None:
-        foreign = entries - set(marker.get("entries") or [])
-        if foreign:
-            raise OutputPathError(f"{flag} {shown} holds files `paca {target.command}` did not write ({_names(foreign)}); move them "
-                                  f"out or choose another {flag}.")
+        ours = set(marker.get("entries") or [])
         written = f" (written {marker['written']})" if marker.get("written") else ""
     elif legacy is not None and legacy(target.path, entries):
-        written = " (written by an earlier paca-hal)"
+        ours, written = set(entries), " (written by an earlier paca-hal)"
     else:
         raise OutputPathError(f"{flag} {shown} already holds files this tool did not write ({_names(entries)}); "
                               f"choose a new or empty folder for {flag}.")
+    listed = set(marker.get("files") or []) if marker is not None else set()
+    known = KNOWN_NESTED.get(target.command, ())
+    foreign = sorted(entries - ours) + [
+        name for name in files
+        if name.split("/", 1)[0] in ours and "/" in name and name not in listed and not any(fnmatch.fnmatchcase(name, p) for p in known)
+    ]
+    if foreign:
+        raise OutputPathError(f"{flag} {shown} holds files `paca {target.command}` did not write ({_names(foreign)}); move them "
+                              f"out or choose another {flag}.")
     target.previous, target.previous_entries = True, sorted(entries)
+    target.previous_files = [name for name in files if name.split("/", 1)[0] in ours]
     if overwrite or continues:
         return
     hint = f", --resume {shown} to continue it," if target.command == "train" else ""
@@ -184,13 +236,16 @@ def _check_writable(folder: Path, shown: str, flag: str) -> None:
         os.unlink(probe)
 
 
-def _marker_bytes(command: str, entries: list[str]) -> bytes:
+def _marker_bytes(command: str, entries: list[str], files: list[str]) -> bytes:
+    """The marker: which command wrote the folder, its top-level entries, and every file under them (at every depth),
+    so a file a user adds anywhere inside is told apart from ours."""
     document = {
         "tool": "paca-hal",
         "command": command,
         "library_version": __version__,
         "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "entries": sorted(entries),
+        "files": sorted(files),
     }
     return json.dumps(document, indent=1).encode()
 
@@ -205,10 +260,10 @@ def publish_directory(target: OutputTarget, needed_bytes: int | None = None) -> 
     meanwhile is kept and nothing is replaced.
     """
     try:
-        with atomic_directory(target.path, owned=target.previous_entries + [MARKER_NAME]) as staging:
+        with atomic_directory(target.path, owned=target.previous_files + [MARKER_NAME]) as staging:
             yield staging
             entries = [name for name in os.listdir(staging) if name != MARKER_NAME]
-            (staging / MARKER_NAME).write_bytes(_marker_bytes(target.command, entries))
+            (staging / MARKER_NAME).write_bytes(_marker_bytes(target.command, entries, walk_files(staging)))
     except Exception as error:
         if is_disk_full(error) and not isinstance(error, DiskFullError):
             raise disk_full_error(error, target.path, needed_bytes) from error
@@ -217,13 +272,17 @@ def publish_directory(target: OutputTarget, needed_bytes: int | None = None) -> 
 
 class RunFolder:
     """``paca train``'s output folder, whose entries (``checkpoint/``, ``adapter/``, ``metrics.json``) are each
-    written atomically at different times. The previous run's entries (with ``--overwrite``) are removed at this
-    run's first write, so until then the folder holds the whole previous run, and after it only this run's."""
+    written atomically at different times. The previous run's files (with ``--overwrite``) are removed at this
+    run's first write, so until then the folder holds the whole previous run, and after it only this run's. Only the
+    files the preflight found to be the previous run's are removed (never a folder whole), and the marker lists every
+    file under the run's entries each time one is claimed and after each write (:meth:`refresh`)."""
 
     def __init__(self, target: OutputTarget):
         self.target = target
         self.entries: set[str] = set()
         self._claimed = False
+        #: Previous entries (with --overwrite) whose files are still to be removed.
+        self._stale: set[str] = set()
 
     @property
     def path(self) -> Path:
@@ -234,25 +293,63 @@ class RunFolder:
         if not self._claimed:
             self.path.mkdir(parents=True, exist_ok=True)
             if self.target.previous and self.target.overwrite:
-                marker = read_marker(self.path)
-                for name in (marker or {}).get("entries") or self.target.previous_entries:
-                    if name in self.target.previous_entries and name != entry:
-                        _remove(self.path / name)
+                self._stale = set(self.target.previous_entries)
+                for name in sorted(self._stale - {entry}):
+                    self.remove_previous(name)
             elif self.target.previous:  # continuing (--resume): the previous run's entries stay ours
                 marker = read_marker(self.path)
                 self.entries.update((marker or {}).get("entries") or self.target.previous_entries)
             self._claimed = True
+        self._stale.discard(entry)  # written whole by an atomic writer from now on
         if entry not in self.entries:
             self.entries.add(entry)
-            write_bytes_atomic(self.path / MARKER_NAME, _marker_bytes(self.target.command, sorted(self.entries)))
+            self.refresh()
         return self.path / entry
 
+    def remove_previous(self, entry: str) -> None:
+        """Remove the previous run's files under ``entry`` (those the preflight checked), then the folders they leave
+        empty. Anything else found there (dropped in since the check) stays, and is said."""
+        self._stale.discard(entry)
+        prefix = entry + "/"
+        for name in self.target.previous_files:
+            if name == entry or name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path / name)
+        top = self.path / entry
+        if top.is_dir() and not top.is_symlink():
+            for root, _dirs, _files in sorted(os.walk(top), key=lambda item: -len(item[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(root)  # only succeeds on an empty folder
+            if top.exists():
+                logger.warning("Kept %s: it holds files the previous run did not write.", top)
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    def refresh(self) -> None:
+        """Rewrite the marker with every file now under this run's entries (call after writing one). Before the first
+        claim it does nothing: the folder still holds the previous run, whose marker stays as it was."""
+        if not self._claimed:
+            return
+        files = [name for name in walk_files(self.path) if name.split("/", 1)[0] in self.entries] if self.path.is_dir() else []
+        write_bytes_atomic(self.path / MARKER_NAME, _marker_bytes(self.target.command, sorted(self.entries), files))
+
+
+class OutputFolder(RunFolder):
+    """An output folder another library fills with files of its own naming (TensorBoard's event files in
+    ``--logging-dir``): checked like any output before the run, opened (the previous output's files removed with
+    ``--overwrite``) when the library starts, and its marker listing whatever is in it after the run."""
+
+    def open(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.target.previous and self.target.overwrite:
+            for name in self.target.previous_entries:
+                self.remove_previous(name)
+        self._claimed = True
+        self.refresh()
+        return self.path
+
+    def refresh(self) -> None:
+        if self._claimed:
+            self.entries = user_entries(self.path)  # the preflight found only our files here; the rest is this run's
+        super().refresh()
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -299,6 +396,6 @@ def format_size(count: int | None) -> str:
 
 
 __all__ = [
-    "MARKER_NAME", "DiskFullError", "OutputPathError", "OutputTarget", "RunFolder", "check_free_space", "check_output",
-    "disk_full_error", "format_size", "is_disk_full", "publish_directory", "read_marker", "user_entries",
+    "KNOWN_NESTED", "MARKER_NAME", "DiskFullError", "OutputFolder", "OutputPathError", "OutputTarget", "RunFolder", "check_free_space", "check_output",
+    "disk_full_error", "format_size", "is_disk_full", "publish_directory", "read_marker", "resolved", "user_entries", "walk_files",
 ]

@@ -17,7 +17,6 @@ import datetime
 import difflib
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -245,14 +244,13 @@ class RecordingRunFolder(RunFolder):
 
     def claim_fresh(self, entry: str) -> Path:
         """Claim a folder this run adds files to rather than replaces whole (a tracker's): with ``--overwrite`` the
-        previous run's copy (listed in the marker) is removed first, so the old run's curves do not mix with the new."""
-        replaces = self.target.previous and self.target.overwrite and entry in self.target.previous_entries and entry not in self.entries
+        previous run's files there (those the preflight checked) are removed first, so the old run's curves do not mix
+        with the new; a file a user added there is never among them."""
+        fresh = entry in self._stale or (not self._claimed and self.target.previous and self.target.overwrite
+                                         and entry in self.target.previous_entries)
         path = self.claim(entry)
-        if replaces and (path.exists() or path.is_symlink()):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        if fresh:
+            self.remove_previous(entry)
         return path
 
 

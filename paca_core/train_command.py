@@ -370,10 +370,15 @@ def _record_and_track(run: _Run, trainer, eval_data, flags: dict[str, Any]) -> N
         return
 
     def claim(folder: Path) -> None:
+        from .outputs import OutputFolder
+
         inside = Path(os.path.abspath(folder))
         out = trainer.run_folder.path
         if out in inside.parents:
             trainer.run_folder.claim_fresh(inside.relative_to(out).parts[0])
+        elif run.plan.logging_output is not None and inside == run.plan.logging_output.path:
+            trainer.logging_folder = OutputFolder(run.plan.logging_output)  # checked by the preflight like --out
+            trainer.logging_folder.open()
 
     trainer.tracker = start_tracking(getattr(args, "report_to", "none"), run.plan.output.path, run_name=getattr(args, "run_name", None),
                                      logging_dir=getattr(args, "logging_dir", None), config=flags, claim=claim)

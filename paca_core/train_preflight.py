@@ -19,6 +19,7 @@ from typing import Any
 
 from .base_config import MethodConfig
 from .errors import CheckpointError, PacaConfigError
+from .input_checks import read_model_config
 from .outputs import OutputTarget, check_output
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class TrainPlan:
     recorded_shape: dict[str, int] | None = None
     warnings: list[str] = field(default_factory=list)
     data: Any = None  # data_formats.preflight.DataPlan: the field map and what --data holds
+    logging_output: OutputTarget | None = None  # --logging-dir outside --out: an output of its own
     #: ``--adapter``: the trained adapter the run starts from (ours or PEFT's PaCA), and its config as read.
     init_adapter: Path | None = None
     init_adapter_document: dict[str, Any] = field(default_factory=dict)
@@ -182,6 +184,49 @@ def check_resume(resume: str, configs: list[MethodConfig]) -> tuple[Path, dict[s
     return directory, read_summary(directory)
 
 
+def check_resume_has_work(args: argparse.Namespace, summary: dict[str, Any], directory: Path) -> None:
+    """A resume must have steps left: ``--steps`` counts the run's steps in all, so one at or below the checkpoint's
+    step would train nothing and still rewrite the checkpoint, adapter and metrics."""
+    step = summary.get("step")
+    if args.steps and isinstance(step, int) and step >= args.steps:
+        raise PacaConfigError(f"--resume {args.resume}: the checkpoint is already at step {step}, and --steps {args.steps} counts "
+                              f"the run's steps in all, so there is nothing to train; to train more, pass --steps above {step} "
+                              f"(e.g. --steps {2 * step}).")
+
+
+def resume_into_its_folder(args: argparse.Namespace, defaults: dict[str, Any], directory: Path) -> None:
+    """``--resume runs/x`` without ``--out`` continues runs/x (the folder the user named), not the default --out."""
+    if _given(args, defaults, "out"):
+        return
+    if directory.name != "checkpoint":
+        raise PacaConfigError(f"--resume {args.resume} is not inside a run folder (<out>/checkpoint): pass --out for the continued "
+                              "run.")
+    args.out = str(directory.parent)
+    logger.info("--resume %s without --out: continuing in %s, the run folder it belongs to.", args.resume, args.out)
+
+
+def check_logging_dir(args: argparse.Namespace, output: OutputTarget, resume_dir: Path | None) -> OutputTarget | None:
+    """``--logging-dir`` follows --out's policy: inside --out it is one of the run's entries (checked with it); elsewhere
+    it is an output of its own (new, empty, or an earlier one's event files, replaced with --overwrite or added to with
+    --resume), never an input or a folder of the user's. Returns that output, or None when it lies inside --out."""
+    folder = getattr(args, "logging_dir", None)
+    if not folder or "tensorboard" not in str(getattr(args, "report_to", "none")).split(","):
+        return None
+    from .outputs import resolved
+
+    real = resolved(Path(os.path.abspath(os.path.expanduser(folder))), "--logging-dir", folder)
+    out = resolved(output.path, "--out", str(args.out))
+    if real == out:
+        raise PacaConfigError(f"--logging-dir {folder} is --out itself: leave --logging-dir out (TensorBoard then writes to "
+                              f"{output.path / 'runs'}) or pass another folder.")
+    if out in real.parents:
+        return None
+    inputs = {"--model": None if args.model == "default" else args.model, "--data": None if args.data == "default" else args.data,
+              "--eval-data": args.eval_data, "--out": output.path}
+    return check_output(folder, "train --logging-dir", overwrite=args.overwrite, resume=resume_dir, flag="--logging-dir",
+                        inputs=inputs)
+
+
 def check_resume_inputs(summary: dict[str, Any], data_path: Path, seq_len: Any) -> list[str]:
     """Warnings when a resumed run reads other data or another shape than the checkpoint recorded."""
     warnings = []
@@ -261,6 +306,9 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
     resume_dir, summary, recorded = None, {}, None
     if args.resume:
         resume_dir, summary = check_resume(args.resume, configs)
+        check_resume_has_work(args, summary, resume_dir)
+        resume_into_its_folder(args, defaults, resume_dir)
+        train_args.output_dir = args.out
         warnings += check_resume_inputs(summary, data_path, args.seq_len)
         if is_auto(args.seq_len) or is_auto(args.batch_size):
             from .training_state import recorded_shape
@@ -280,7 +328,9 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
     if resume_dir is not None and not _inside(resume_dir, output.path) and output.previous:
         raise PacaConfigError(f"--out {args.out} holds another run than --resume {args.resume}: resume into the checkpoint's own "
                               "run folder, or pass an empty --out.")
+    logging_output = check_logging_dir(args, output, resume_dir)
     if model_input is not None and os.path.isdir(os.path.expanduser(model_input)):
+        read_model_config(os.path.expanduser(model_input))  # damaged or inconsistent config.json: said here, not as the tokenizer's
         check_context(os.path.expanduser(model_input), args.seq_len)
         check_data_for_model(data, os.path.expanduser(model_input), args.packing)
     elif model_input is None and assets.default_model_ready():
@@ -288,10 +338,14 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
         check_data_for_model(data, assets.default_model_folder(), args.packing)
     for warning in warnings:
         logger.warning("%s.", warning[0].upper() + warning[1:])
-    return TrainPlan(configs=configs, lr=lr, train_args=train_args, loss_chunk_tokens=loss_chunk_tokens, budget=budget,
+    plan = TrainPlan(configs=configs, lr=lr, train_args=train_args, loss_chunk_tokens=loss_chunk_tokens, budget=budget,
                      output=output, data_path=data_path, eval_data_path=eval_data_path, evaluate=evaluate,
                      resume_dir=resume_dir, resume_summary=summary, recorded_shape=recorded, warnings=warnings, data=data,
                      init_adapter=init_adapter, init_adapter_document=adapter_document)
+
+
+    plan.logging_output = logging_output
+    return plan
 
 
 def _inside(inner: Path, outer: Path) -> bool:

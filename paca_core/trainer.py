@@ -262,6 +262,8 @@ class Trainer:
             needed = _tensor_bytes(tensors) + _tensor_bytes(training_state)
             raise disk_full_error(error, directory, needed) from error  # the previous checkpoint is whole
         logger.info("Checkpoint at step %d saved to %s", self.state.step, directory)
+        if self.run_folder is not None and Path(os.path.abspath(directory)).parent == self.run_folder.path:
+            self.run_folder.refresh()  # the marker lists the checkpoint's files: a crash now leaves a folder that is ours
         self.last_saved_step = self.state.step
         if self.world_size > 1:
             torch.distributed.barrier()

@@ -97,7 +97,7 @@ def test_a_resume_on_another_base_model_is_refused_before_loading(finished_run, 
     config = json.loads((other / "config.json").read_text())
     config["rms_norm_eps"] = 1e-3  # another model of the same shapes
     (other / "config.json").write_text(json.dumps(config))
-    line = _refused(_argv(other, sample_text_file, finished_run, "--resume", str(finished_run), "--rank", "4"), caplog)
+    line = _refused(_argv(other, sample_text_file, finished_run, "--resume", str(finished_run), "--rank", "4", "--steps", "3"), caplog)
     assert "another base model" in line
 
 
