@@ -24,8 +24,6 @@ from .errors import CheckpointError, PacaConfigError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .model import AdaptedModel
-
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
@@ -165,8 +163,8 @@ def translate_tensors(tensors: dict[str, "torch.Tensor"]) -> dict[str, "torch.Te
 # --- writing ----------------------------------------------------------------------------------------------------
 
 
-def peft_paca_adapter(model: "AdaptedModel", base_model_name_or_path: str | None, target_modules) -> tuple[dict, Any]:
-    """``(tensors, peft.PacaConfig)``: ``model``'s PaCA layers as PEFT's PaCA, exactly (same columns and deltas, the
+def peft_paca_adapter(model: Any, base_model_name_or_path: str | None, target_modules) -> tuple[dict, Any]:
+    """``(tensors, peft.PacaConfig)``: an ``AdaptedModel``'s PaCA layers as PEFT's PaCA, exactly (same columns and deltas, the
     same ``paca_alpha / r``). Layers trained on another number of columns than ``r`` are named in
     ``paca_indices_pattern`` so PEFT builds them with matching shapes."""
     from .extras import require_peft_paca
