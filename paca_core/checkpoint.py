@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import peft_paca
+from .peft_paca import is_peft_document, translate_config, translate_tensors
 from ._version import __version__
 from .atomic import staging_for
 from .base_config import MethodConfig, method_name
@@ -110,8 +110,8 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt.") from None
     if not isinstance(document, dict):
         raise CheckpointError(f"{path} holds a JSON {type(document).__name__}, not an adapter config; the checkpoint is corrupt.")
-    if peft_paca.is_peft_document(document):  # PEFT's own PaCA format, read as ours
-        return peft_paca.translate_config(directory, document)
+    if is_peft_document(document):  # PEFT's own PaCA format, read as ours
+        return translate_config(directory, document)
     for key in ("method", "configs", "modules"):
         if key not in document:
             raise CheckpointError(f"{path} has no '{key}' entry; the checkpoint is corrupt or not from paca-hal.")
@@ -167,7 +167,7 @@ def read_adapter_tensors(directory: str | Path, document: dict[str, Any] | None 
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} cannot be read ({error}); the checkpoint is corrupt or truncated.") from None
     if document is not None and document.get("format") == "peft":
-        return peft_paca.translate_tensors(tensors)
+        return translate_tensors(tensors)
     return tensors
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from . import peft_paca
+from .peft_paca import peft_paca_adapter as paca_format_adapter
 from .atomic import staging_for
 from .checkpoint import _base_model_name
 from .errors import PacaConfigError
@@ -205,7 +205,7 @@ def check_exact(layer, exported: torch.Tensor) -> None:
 def peft_paca_adapter(paca_model: "PacaModel", base_model_name_or_path: str | None = None):
     """``(tensors, peft.PacaConfig)`` of ``paca_model``'s PaCA adapter in PEFT's own PaCA format (peft >= 0.22), in memory."""
     check_exportable(paca_model, "paca")
-    return peft_paca.peft_paca_adapter(paca_model, _base_name(paca_model, base_model_name_or_path), peft_target_modules(paca_model))
+    return paca_format_adapter(paca_model, _base_name(paca_model, base_model_name_or_path), peft_target_modules(paca_model))
 
 
 def peft_adapter(paca_model: "PacaModel", format: str = "lora", base_model_name_or_path: str | None = None):
