@@ -30,6 +30,9 @@ def _adapter_output(args: argparse.Namespace, command: str):
     model_input = assets.default_model_folder() if model == "default" else model
     target = check_output(args.out, command, overwrite=args.overwrite, inputs={"--model": model_input, "--adapter": args.adapter})
     model_path = assets.resolve_model_path(model)  # the default model is converted here, once
+    from .input_checks import read_model_config
+
+    read_model_config(model_path)  # before the weights load: a damaged config.json named as such
     check_recorded_fingerprint(document, model_path, given=args.model is not None)
     return target, model_path
 

@@ -233,6 +233,9 @@ def load_model_and_tokenizer(
         raise AssetError(
             f"Model folder {str(folder)!r} has no weights (expected one of {', '.join(_WEIGHT_FILES)}): {_LOCAL_FOLDER_HINT}."
         )
+    from .input_checks import read_model_config
+
+    read_model_config(folder)  # a damaged config.json is named as such, not blamed on the tokenizer that reads it first
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

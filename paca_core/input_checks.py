@@ -83,6 +83,8 @@ def check_model_config(fields: Mapping[str, Any], where: str) -> None:
         check_model_config({"model_type": fields.get("model_type"), **text_config}, f"{where} (text_config)")
         return
     aliases = _attribute_map(fields.get("model_type"))
+    if aliases is None:
+        return  # no or an unknown model_type: the config's loader says so, naming the type
     values: dict[str, Any] = {}
     missing = []
     for name in SHAPE_FIELDS + ("num_key_value_heads", "head_dim"):
@@ -99,25 +101,26 @@ def check_model_config(fields: Mapping[str, Any], where: str) -> None:
             raise PacaConfigError(f"{where}: {name} is {value!r}; it must be a positive whole number. Restore config.json from "
                                   "the original download.")
     hidden, heads = values["hidden_size"], values["num_attention_heads"]
-    if "head_dim" not in values and hidden % heads:
-        raise PacaConfigError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}, so no head size "
-                              "fits (give head_dim, or fix the two numbers).")
+    if hidden % heads:  # transformers refuses it too (head_dim or not), from inside model construction
+        raise PacaConfigError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; fix the two numbers "
+                              "(or restore config.json from the original download).")
     kv_heads = values.get("num_key_value_heads", heads)
     if heads % kv_heads:
         raise PacaConfigError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}, so the "
                               "key/value heads cannot be shared evenly; fix the two numbers.")
 
 
-def _attribute_map(model_type: Any) -> dict[str, str]:
-    """The model type's config class's names for the standard fields (GPT-2: ``n_embd`` for ``hidden_size``)."""
+def _attribute_map(model_type: Any) -> dict[str, str] | None:
+    """The model type's config class's names for the standard fields (GPT-2: ``n_embd`` for ``hidden_size``); None for
+    a missing or unknown type."""
     if not isinstance(model_type, str):
-        return {}
+        return None
     try:
         from transformers import CONFIG_MAPPING
 
         return dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) or {})
     except (ImportError, KeyError):
-        return {}
+        return None
 
 
 __all__ = ["PATH_DESTS", "SHAPE_FIELDS", "accept_negative_numbers", "check_model_config", "expand_user_paths", "read_model_config"]

@@ -1,4 +1,5 @@
-"""``paca train``'s check before it loads any weights: does the planned step fit the device?
+"""``paca train``'s check before it loads any weights: does the planned step fit the device? And ``paca plan``'s own
+checks of its flags before any tracing (:func:`check_plan_arguments`).
 
 The same trace as ``paca plan`` (fake tensors, the model's own config.json, the user's method
 configs, sequence length and batch size), compared with the device's memory. It warns and names the
@@ -110,3 +111,14 @@ def check_before_loading(model_path: Path, method: str, configs: list, seq_len: 
             peak / gib, device_bytes / gib, LEVERS, model_path,
         )
     return result
+
+
+def check_plan_arguments(args) -> None:
+    """``paca plan`` flags that would plan nothing: an empty ``--methods`` or ``--device-profile`` (``''``, ``','``) would
+    print an empty table and exit 0, as if every method had been planned."""
+    from .command import DEFAULT_METHODS
+
+    for flag, value, example in (("--methods", args.methods, DEFAULT_METHODS), ("--device-profile", args.device_profile, "h100-80g,cpu")):
+        if not [part for part in str(value).split(",") if part.strip()]:
+            raise PacaConfigError(f"{flag} {value!r} names nothing to plan: pass one or more, comma-separated (e.g. {flag} {example}), "
+                                  "or leave the flag out for its default.")

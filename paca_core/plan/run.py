@@ -138,6 +138,9 @@ def library_versions() -> dict[str, str | None]:
 def run_plan(args: argparse.Namespace) -> int:
     """``paca plan``: trace each method, write the table (and with --out plan.json, plan.md and plots)."""
     started = time.perf_counter()
+    from .preflight import check_plan_arguments
+
+    check_plan_arguments(args)  # flags that would plan nothing, before any tracing
     methods = _quantized_methods([m.strip().lower() for m in args.methods.split(",") if m.strip()], args.quantize)
     require_peer_versions([parse_method_spec(method) for method in methods])  # unknown names, peft-paca on peft < 0.22: before any work
     seq_lens, batch_sizes = _ints(args.seq_len, "--seq-len"), _ints(args.batch_size, "--batch-size")

@@ -77,6 +77,15 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return fields
 
 
+def _checked(fields: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A user's config.json must give its own shape (paca_core.input_checks): one naming only its model_type would plan
+    transformers' default shape, and inconsistent heads fail inside transformers."""
+    from paca_core.input_checks import check_model_config
+
+    check_model_config(fields, str(path))
+    return fields
+
+
 def _config_class_takes(config_class: type, name: str) -> bool:
     try:
         return name in inspect.signature(config_class.__init__).parameters
@@ -139,9 +148,9 @@ def load_config(text: str) -> PretrainedConfig:
             raise PacaConfigError(
                 f"{path} is a folder without config.json; pass a Hugging Face model folder or the path of its config.json"
             )
-        return config_from_dict(_read_config_file(config_file), where=str(config_file))
+        return config_from_dict(_checked(_read_config_file(config_file), config_file), where=str(config_file))
     if path.is_file():
-        return config_from_dict(_read_config_file(path), where=str(path))
+        return config_from_dict(_checked(_read_config_file(path), path), where=str(path))
     raise PacaConfigError(_not_found_message(text))
 
 
