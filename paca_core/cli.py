@@ -83,6 +83,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench.command import add_bench_parser
+    from .doctor.command import add_doctor_parser
     from .plan.command import add_plan_parser
 
     parser = _Parser(prog="paca", description="Memory-efficient fine-tuning on CPU, CUDA and Intel Gaudi.", allow_abbrev=False)
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "keep training or merging with PEFT")
     add_bench_parser(sub)  # `paca bench`: every method measured side by side
     add_plan_parser(sub)  # `paca plan`: what fits and how fast on accelerators, simulated
+    add_doctor_parser(sub)  # `paca doctor`: prove this machine's device path (paca_core/doctor/)
     parser.subcommands = dict(sub.choices)
     from .input_checks import accept_negative_numbers
 

@@ -79,6 +79,13 @@ def pytest_configure(config):
     )
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` or ``hpu`` are part of the accelerator tier (``pytest -m accelerator``, run by paca doctor)."""
+    for item in items:
+        if item.get_closest_marker("gpu") or item.get_closest_marker("hpu"):
+            item.add_marker(pytest.mark.accelerator)
+
+
 def backend_cases(primitives: Sequence[str]) -> list:
     """Conformance cases for a test of ``primitives``, generated from the registries.
 
@@ -97,6 +104,8 @@ def backend_cases(primitives: Sequence[str]) -> list:
     for runtime in registered_runtimes():
         name = runtime.name
         marks = [] if name in available else [pytest.mark.skip(reason=f"no {name} device here")]
+        if not runtime.shares_host_memory:  # an accelerator's case: part of the accelerator tier (paca doctor)
+            marks.append(pytest.mark.accelerator)
         cases.append(pytest.param((None, name), id=name, marks=marks))
     for backend_cls in BACKEND_CLASSES.values():
         if set(overridden_primitives(backend_cls)) & set(primitives):

@@ -1,0 +1,41 @@
+"""One ``paca bench`` job in its own process, plus the allocator's reserved peak: ``python -m paca_core.doctor.worker JOB RESULT``.
+
+The bench worker (:func:`paca_core.bench.worker.run_job`) reports the allocated peak; the doctor also needs
+what the caching allocator reserved over the same window (the bench resets both peaks before its timed
+steps), which is read here, in the worker's process, right after the job.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import devices
+
+from ..bench.worker import run_job
+
+
+def run_job_with_reserved(job: dict) -> dict:
+    """:func:`run_job`, and ``reserved_peak_bytes`` of its device (None where the runtime has no such figure)."""
+    result = run_job(job)
+    if result.get("status") == "ok":
+        device = devices.resolve_device(job.get("device"))
+        devices.synchronize(device)
+        result["reserved_peak_bytes"] = devices.runtime_for(device).reserved_peak_bytes(device)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m paca_core.doctor.worker JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    job = json.loads(Path(argv[0]).read_text())
+    Path(argv[1]).write_text(json.dumps(run_job_with_reserved(job), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
