@@ -306,6 +306,10 @@ def _choose_shape(args, plan, model_path, device, dtype, world_size: int, shards
                              world_size=world_size, fsdp=shards_weights, loss_chunk_tokens=plan.loss_chunk_tokens,
                              gradient_checkpointing=args.gradient_checkpointing, offload_activations=planned_offload,
                              include_host=host_memory, device_type=None if host_memory else device.type)
+    elif args.memory_budget is not None:
+        logger.warning("--memory-budget %s does nothing in this run: it is what --seq-len/--batch-size auto fit and what --plan-check "
+                       "compares against, and this run has fixed sizes with the check off (--plan-check %s on %s). Pass --plan-check "
+                       "on to compare, or auto sizes to fit it.", args.memory_budget, args.plan_check, device.type)
     return None
 
 

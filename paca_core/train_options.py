@@ -6,6 +6,7 @@ adds the flags all training shares and asks the registry for the rest.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -259,8 +260,19 @@ def build_configs(args: argparse.Namespace) -> list[MethodConfig]:
         common = CommonOptions(
             rank=rank, alpha=args.alpha, target_modules=targets, exclude_modules=[] if claimed else list(exclude), seed=args.seed
         )
-        configs.append(method.from_args(args, common))
+        try:
+            configs.append(method.from_args(args, common))
+        except PacaConfigError as error:
+            raise PacaConfigError(in_flag_names(str(error), method.field_flags)) from None
     return configs
+
+
+def in_flag_names(message: str, field_flags: Mapping[str, str]) -> str:
+    """A config's error as the command line reads it: each field name replaced by the flag that sets it (``top_k`` ->
+    ``--meft-topk``), so the user is told what to change in what they typed."""
+    for name, flag in sorted(field_flags.items(), key=lambda item: -len(item[0])):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag, message)
+    return message
 
 
 def default_lr_for(configs: list[MethodConfig]) -> float:

@@ -184,6 +184,18 @@ def check_resume(resume: str, configs: list[MethodConfig]) -> tuple[Path, dict[s
     return directory, read_summary(directory)
 
 
+def check_method_widths(configs: list[MethodConfig], fields: dict[str, Any], model: str) -> None:
+    """Options bounded by the model's widths, known from config.json before loading: VeLoRA's groups per token above the
+    hidden size (the input width of the layers it compresses) zero-pad every token, keeping more than the plain input."""
+    hidden = fields.get("hidden_size")
+    for config in configs:
+        groups = getattr(config, "num_groups", None)
+        if config.method == "velora" and isinstance(hidden, int) and isinstance(groups, int) and groups > hidden:
+            raise PacaConfigError(f"--velora-groups {groups} is larger than {model}'s hidden size {hidden} (the input width of the "
+                                  f"layers VeLoRA compresses): every token would be zero-padded to {groups} groups, keeping more "
+                                  f"memory than LoRA; pass --velora-groups {hidden} or less.")
+
+
 def check_resume_has_work(args: argparse.Namespace, summary: dict[str, Any], directory: Path) -> None:
     """A resume must have steps left: ``--steps`` counts the run's steps in all, so one at or below the checkpoint's
     step would train nothing and still rewrite the checkpoint, adapter and metrics."""
@@ -330,10 +342,12 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
                               "run folder, or pass an empty --out.")
     logging_output = check_logging_dir(args, output, resume_dir)
     if model_input is not None and os.path.isdir(os.path.expanduser(model_input)):
-        read_model_config(os.path.expanduser(model_input))  # damaged or inconsistent config.json: said here, not as the tokenizer's
+        fields = read_model_config(os.path.expanduser(model_input))  # damaged config.json: said here, not as the tokenizer's
+        check_method_widths(configs, fields, model_input)
         check_context(os.path.expanduser(model_input), args.seq_len)
         check_data_for_model(data, os.path.expanduser(model_input), args.packing)
     elif model_input is None and assets.default_model_ready():
+        check_method_widths(configs, read_model_config(assets.default_model_folder()), "the default model")
         check_context(assets.default_model_folder(), args.seq_len)
         check_data_for_model(data, assets.default_model_folder(), args.packing)
     for warning in warnings:

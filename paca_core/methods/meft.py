@@ -127,6 +127,8 @@ METHOD = register_method(
         from_args=from_args,
         add_arguments=add_arguments,
         options=("meft_modules", "meft_rows", "meft_topk", "meft_experts", "meft_probe", "meft_rows_per_step"),
+        field_flags={"target_modules": "--meft-modules", "num_rows": "--meft-rows", "top_k": "--meft-topk",
+                     "num_experts": "--meft-experts", "num_probe": "--meft-probe", "rows_per_step": "--meft-rows-per-step"},
         default_lr=1e-3,
         default_rank=8,
         uses_rank=False,

@@ -66,6 +66,8 @@ class Method:
         check_args: ``(args, names)`` validates the method's flags for the method combination
             ``names`` (called for every registered method, in it or not).
         claims_modules: ``args -> modules`` this method takes, which the other methods exclude.
+        field_flags: the ``paca train`` flag that sets each config field (``{"num_groups": "--velora-groups"}``), so an
+            error the config raises names the flag a user typed, not the field.
         bench_options: defaults ``paca bench`` gives the method's options when it is in an entry.
         bench_flags: which of ``options`` ``paca bench`` takes as flags too (the flags ``add_arguments``
             defines, with the same help), applied to every entry with this method and to its peers.
@@ -97,6 +99,7 @@ class Method:
     check_args: Callable[[argparse.Namespace, Sequence[str]], None] | None = None
     claims_modules: Callable[[argparse.Namespace], list[str] | str | None] | None = None
     bench_options: Mapping[str, Any] = field(default_factory=dict)
+    field_flags: Mapping[str, str] = field(default_factory=dict)
     bench_flags: tuple[str, ...] = ()
     default_rank: int | None = 8
     default_lr: float | Callable[[int | None], float] = 1e-3

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -11,6 +12,11 @@ from .registry import CommonOptions, Method, register_method
 
 if TYPE_CHECKING:
     import torch.nn as nn
+
+
+logger = logging.getLogger(__name__)
+#: Input widths already warned about (one warning per width, not per layer).
+_WARNED_WIDTHS: set[int] = set()
 
 
 @dataclass
@@ -52,6 +58,11 @@ class VeLoRAConfig(MethodConfig):
     def create_compressor(self, layer: nn.Module) -> nn.Module:
         from ..layers.compression import ActivationCompressor
 
+        if self.num_groups > layer.in_features and layer.in_features not in _WARNED_WIDTHS:
+            _WARNED_WIDTHS.add(layer.in_features)
+            logger.warning("VeLoRA num_groups %d (paca train --velora-groups) is larger than a layer's input width %d: every token "
+                           "is zero-padded to %d groups, which keeps more than the plain input; use %d or fewer groups.",
+                           self.num_groups, layer.in_features, self.num_groups, layer.in_features)
         # beside the layer's other adapter tensors (offloaded base: where accelerate runs it)
         return ActivationCompressor(layer.in_features, self.num_groups, self.scale, self.init_type, self.ema_decay, device=layer.adapter_device)
 
@@ -76,6 +87,7 @@ METHOD = register_method(
         alone=("lora", "velora"),
         add_arguments=add_arguments,
         options=("velora_groups", "velora_scale", "velora_init"),
+        field_flags={"num_groups": "--velora-groups", "scale": "--velora-scale", "init_type": "--velora-init"},
         bench_flags=("velora_groups",),  # for ours and PEFT's VeLoRA (peft-lora+velora) alike
         default_lr=2e-3,
         default_rank=8,
