@@ -1,3 +1,4 @@
+"""``python -m paca_core``: the ``paca`` command, for launchers that take a module (torchrun, deepspeed, accelerate)."""
 from .cli import main
 
 raise SystemExit(main())
