@@ -8,6 +8,7 @@ from typing import Any
 
 import devices
 
+from ..workloads.four_bit import four_bit_entries
 from ..workloads.plots import pyplot, subplot_grid
 
 MIB = 2**20
@@ -29,15 +30,23 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+#: PEFT's own PaCA, the reference our PaCA entries are put beside; its 4-bit form for entries on a 4-bit base.
+PEFT_PACA, PEFT_QPACA = "peft-paca", "peft-qpaca"
+
+
 def add_ratios(records: list[dict]) -> None:
-    """Ratios against PEFT LoRA (same shape and rank) and against the floor (same shape), in place."""
+    """Ratios against PEFT LoRA (same shape and rank), against the floor (same shape) and, where the run has it,
+    against PEFT's PaCA (``vs_peft_paca``: peft-paca, or peft-qpaca for an entry on a 4-bit base), in place."""
     ok = [r for r in records if r.get("status") == "ok"]
     peft = {(r["seq_len"], r["batch_size"], r.get("group_rank")): r for r in ok if r["method"] == "peft-lora"}
     floor = {(r["seq_len"], r["batch_size"]): r for r in ok if r["method"] == "floor"}
+    peft_paca = {(r["method"], r["seq_len"], r["batch_size"], r.get("group_rank")): r for r in ok if r["method"] in (PEFT_PACA, PEFT_QPACA)}
     for record in ok:
         reference_peft = peft.get((record["seq_len"], record["batch_size"], record.get("group_rank")))
         reference_floor = floor.get((record["seq_len"], record["batch_size"]))
-        for name, reference in (("vs_peft_lora", reference_peft), ("vs_floor", reference_floor)):
+        four_bit = record["method"].split("@", 1)[0] in four_bit_entries()
+        reference_paca = peft_paca.get((PEFT_QPACA if four_bit else PEFT_PACA, record["seq_len"], record["batch_size"], record.get("group_rank")))
+        for name, reference in (("vs_peft_lora", reference_peft), ("vs_floor", reference_floor), ("vs_peft_paca", reference_paca)):
             if reference is None:
                 continue
             record[name] = {
@@ -83,17 +92,20 @@ def speed_markdown(records: list[dict], search_kind: str | None = None) -> str:
     for (seq, batch, rank), group in speed_groups(records).items():
         device = next((r.get("device") for r in group if r.get("device")), "?")
         memory_kind = "counted bytes" if device != "?" and devices.shares_host_memory(device) else "device peak"
+        # PEFT's PaCA in the group: ours beside it (step, peak memory, kept for backward), as beside PEFT LoRA
+        paca_columns = any(r.get("vs_peft_paca") for r in group)
         lines += [
             f"#### seq {seq} × batch {batch}, LoRA rank {rank} ({device})",
             "",
             "| method | r | trainable params | step (ms) | tokens/s | peak MiB (device) | kept for backward MiB | over floor MiB "
             "| weights+grads+optim MiB | step ×PEFT LoRA | step ×floor | memory ×PEFT LoRA | memory ×floor |"
+            + (" step ×PEFT PaCA | peak ×PEFT PaCA | kept for backward ×PEFT PaCA |" if paca_columns else "")
             + (f" max {search_kind} under budget |" if search_kind else ""),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if search_kind else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if paca_columns else "") + ("---|" if search_kind else ""),
         ]
         for r in group:
             if r.get("status") != "ok":
-                cells = [r["method"], _fmt(r.get("rank"), "d"), _status_text(r)] + ["–"] * (10 + bool(search_kind))
+                cells = [r["method"], _fmt(r.get("rank"), "d"), _status_text(r)] + ["–"] * (10 + 3 * paca_columns + bool(search_kind))
                 lines.append("| " + " | ".join(cells) + " |")
                 continue
             c = r["counted"]
@@ -114,11 +126,16 @@ def speed_markdown(records: list[dict], search_kind: str | None = None) -> str:
                 _fmt(vp.get("memory"), ".2f", "×"),
                 _fmt(vf.get("memory"), ".2f", "×"),
             ]
+            if paca_columns:
+                vpp = r.get("vs_peft_paca", {})
+                cells += [_fmt(vpp.get("step_time"), ".2f", "×"), _fmt(vpp.get("peak_memory"), ".2f", "×"),
+                          _fmt(vpp.get("saved_activations"), ".2f", "×")]
             if search_kind:
                 s = r.get("search")
                 cells.append("–" if not s else (f"≥ {s['best']:,} (cap)" if s["capped"] else f"{s['best']:,}"))
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"Memory ratios use {memory_kind}.", ""]
+        lines += ["", f"Memory ratios use {memory_kind}." + (" ×PEFT PaCA: our PaCA entries over peft-paca (4-bit ones over "
+                  "peft-qpaca): the device peak (VmHWM on CPU) and the counted bytes kept for backward." if paca_columns else ""), ""]
     return "\n".join(lines)
 
 
