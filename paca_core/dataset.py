@@ -135,6 +135,8 @@ class DataSummary:
     kind: str  # "txt", "jsonl" or "dataset"
     records: int
     forms: dict[str, int]
+    #: What the conversations need of a chat template (``role:NAME``, ``tool_calls``), each with where it first appears.
+    chat_features: dict[str, str] = field(default_factory=dict)
 
 
 def inspect_data(path: str | Path, flag: str = "--data", *, split: str | None = "train", fields: FieldMap | None = None) -> DataSummary:
@@ -148,7 +150,7 @@ def inspect_data(path: str | Path, flag: str = "--data", *, split: str | None = 
             raise DataError(f"{flag} {path} is empty.")
         return DataSummary(kind, 1, {"text": 1})
     records = read_records(path, flag, split=split, fields=fields)
-    return DataSummary(kind, len(records), records.forms())
+    return DataSummary(kind, len(records), records.forms(), records.chat_features())
 
 
 def check_data_file(path: str | Path, flag: str = "--data", *, split: str | None = "train", fields: FieldMap | None = None) -> int:

@@ -128,4 +128,7 @@ def _starts_with(ids: list[int], prefix: list[int]) -> bool:
 
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    text = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    if type(error).__name__ == "UndefinedError":  # Jinja: the template reads a key a message does not have
+        return f"it reads a field a message lacks: {text}; give each message the fields the template uses, e.g. 'content'"
+    return text

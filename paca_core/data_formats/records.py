@@ -86,6 +86,18 @@ class RecordSet:
         """How many records of each form, e.g. ``{"conversation": 40}``."""
         return dict(Counter(FORM_NAMES[type(r)] for r in self.records))
 
+    def chat_features(self) -> dict[str, str]:
+        """What the conversations ask of a chat template, each with where it first appears: ``role:NAME`` for every
+        role, ``tool_calls`` for an assistant turn that calls tools (checked against the template before loading)."""
+        found: dict[str, str] = {}
+        for index, record in enumerate(self.records):
+            if isinstance(record, ChatRecord):
+                for number, message in enumerate(record.messages):
+                    found.setdefault(f"role:{message['role']}", f"{self.where(index)} message {number}")
+                    if "tool_calls" in message:
+                        found.setdefault("tool_calls", f"{self.where(index)} message {number}")
+        return found
+
 
 # --------------------------------------------------------------------------------------------
 # where the data is
@@ -177,6 +189,7 @@ def to_record(row: Mapping[str, Any], fields: FieldMap, where: str, forms: tuple
                             f"both lists of messages (got {type(prompt).__name__} and {type(answer).__name__}).")
     if "text" in forms and isinstance(row.get(col("text")), str):
         return TextRecord(row[col("text")])
+    _refuse_unusable_values(row, fields, where, forms)
     wanted = []
     if "text" in forms:
         wanted.append(f"a {fields.flag_for('text')} string")
@@ -186,6 +199,38 @@ def to_record(row: Mapping[str, Any], fields: FieldMap, where: str, forms: tuple
         wanted.append(f"a {fields.flag_for('messages')} list")
     listed = wanted[0] if len(wanted) == 1 else ", ".join(wanted[:-1]) + ", nor " + wanted[-1]
     raise DataError(f"{where} has neither {listed} (keys: {sorted(row)}); name your columns with --text-field or --field-map.")
+
+
+def _kind_of(value: Any) -> str:
+    """A value's type as a data file would say it: null, a list, a struct (object), a number."""
+    if value is None:
+        return "null"
+    if isinstance(value, Mapping):
+        return "a struct (object)"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
+
+
+def _refuse_unusable_values(row: Mapping[str, Any], fields: FieldMap, where: str, forms: tuple[str, ...]) -> None:
+    """A column that is there with a value we cannot use (null, a list or a struct where a string belongs) is said as
+    such, naming the column and what it holds, rather than reported as a missing column."""
+    col = fields.column
+    names = [n for form in forms for n in {"text": ("text",), "pair": ("prompt", "response", "completion"), "messages": ("messages",)}[form]]
+    for name in names:
+        if col(name) not in row:
+            continue
+        value = row[col(name)]
+        if name == "messages" and isinstance(value, list):
+            continue
+        if name in ("prompt", "response", "completion") and isinstance(value, (str, list)):
+            continue
+        if name == "text" and isinstance(value, str):
+            continue
+        want = "a list of messages" if name == "messages" else "a string" if name == "text" else "a string or a list of messages"
+        raise DataError(f"{where}: {fields.flag_for(name)} is {_kind_of(value)}, and it must be {want}; fix or drop that record.")
 
 
 def _messages(value: Any, where: str, name: str) -> list[dict[str, Any]]:
@@ -205,6 +250,9 @@ def _messages(value: Any, where: str, name: str) -> list[dict[str, Any]]:
 
 
 def _chat(messages: list[dict[str, Any]], trained_from: int, where: str) -> ChatRecord:
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: the conversation starts with an assistant turn, so that turn has nothing to answer (its loss is "
+                        "the reply given what came before); start it with a user or system message, or drop that turn.")
     if not any(m["role"] == "assistant" for m in messages[trained_from:]):
         part = "its completion" if trained_from else "it"
         raise DataError(f"{where}: {part} has no assistant message to train on (roles: "
@@ -279,13 +327,15 @@ def open_dataset(path: Path, flag: str, split: str | None):
     folder and held in memory, so nothing is left in the Hugging Face cache; Arrow files and save_to_disk folders are
     memory-mapped where they are."""
     datasets = _import_datasets(flag, path)
-    what = "a save_to_disk folder" if path.is_dir() else f"a {path.suffix.lower()[1:]} file"
+    what = "a save_to_disk folder" if path.is_dir() else f"a .{path.suffix.lower()[1:]} file"
+    if path.suffix.lower() == ".csv" and path.is_file():
+        _check_csv(path, flag)  # the file and line named, not the datasets library's internal errors
     try:
         with _quiet_progress(datasets):
             if path.is_dir():
                 loaded = datasets.load_from_disk(str(path))
             elif path.suffix.lower() == ".arrow":
-                loaded = datasets.Dataset.from_file(str(path))
+                loaded = _read_arrow(datasets, path)
             else:
                 reader = datasets.Dataset.from_parquet if path.suffix.lower() == ".parquet" else datasets.Dataset.from_csv
                 with tempfile.TemporaryDirectory(prefix="paca-data-") as cache:
@@ -307,6 +357,50 @@ def open_dataset(path: Path, flag: str, split: str | None):
             raise DataError(f"{flag} {path} holds the splits {splits}, not {split!r}; choose one with --data-split.")
         return loaded[split], f"{path} (split {split})"
     return loaded, str(path)
+
+
+#: The first bytes of an Arrow IPC *file* (random-access format); datasets writes the *stream* format.
+ARROW_FILE_MAGIC = b"ARROW1"
+
+
+def _read_arrow(datasets, path: Path):
+    """An ``.arrow`` file in either Arrow IPC format: the stream format (what datasets writes) memory-mapped, or the
+    file format (pyarrow's ``ipc.new_file``, feather v2) read into memory."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(ARROW_FILE_MAGIC))
+    if head != ARROW_FILE_MAGIC:
+        return datasets.Dataset.from_file(str(path))
+    import pyarrow.ipc
+
+    with pyarrow.ipc.open_file(str(path)) as reader:
+        return datasets.Dataset(reader.read_all())
+
+
+def _check_csv(path: Path, flag: str) -> None:
+    """A CSV file's structure, with Python's own reader: a header and at least one row, every row as wide as the
+    header, quotes closed. The line is named."""
+    import csv
+
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle, strict=True)
+            header = next(reader, None)
+            if header is None or not any(cell.strip() for cell in header):
+                raise DataError(f"{flag} {path} is empty: a .csv file needs a header line naming its columns, then one row per record.")
+            rows = 0
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{reader.line_num} has {len(row)} fields, and the header has {len(header)} "
+                                    f"({', '.join(header)}); quote fields that hold commas.")
+                rows += 1
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num} is not valid CSV ({error}); close the quote or escape it as \"\".") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; save the file as UTF-8.") from None
+    if not rows:
+        raise DataError(f"{flag} {path} has a header ({', '.join(header)}) and no rows.")
 
 
 def _read_dataset(path: Path, flag: str, split: str | None, fields: FieldMap) -> RecordSet:
