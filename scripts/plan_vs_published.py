@@ -409,7 +409,7 @@ def margins_markdown(results: list[dict], margins: dict) -> str:
     lines = ["| regime | margin kept by fit decisions | sized by | rows compared |", "|---|---|---|---|"]
     for name, entry in sorted(margins.items()):
         lines.append(f"| {name} | {entry['fraction']:.1%} | {entry['reason']} | {', '.join(entry['rows'])} |")
-    still = [r for r in results if r.get("optimism") and r["optimism"] > margins.get(r["regime"], {}).get("fraction", 0) + 1e-9]
+    still = [r for r in results if r.get("optimism") and round(r["optimism"], 4) > margins.get(r["regime"], {}).get("fraction", 0)]
     lines += ["", "Optimism per row (share of the limit the plan missed; 0: cautious): "
               + ", ".join(f"{r['id']} {r['optimism']:.1%}" for r in results if r.get("optimism") is not None) + "."]
     if still:
