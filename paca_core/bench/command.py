@@ -116,6 +116,8 @@ def add_method_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .preflight import check_bench_inputs
     from .run import run_bench
 
+    check_bench_inputs(args)  # models, data and numbers, before any worker starts or anything is written
     return run_bench(args)

@@ -60,16 +60,17 @@ def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         command = [sys.executable, "-m", "paca_core.bench.worker", str(job_path), str(result_path)]
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        shown = f"{log_path.parent.name}/{log_path.name} in --out"  # the staging folder is renamed when published
         with open(log_path, "w") as log:
             try:
                 completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False)
             except subprocess.TimeoutExpired:
-                return {"status": "error", "reason": f"worker timed out after {timeout:.0f} s (raise --worker-timeout); log: {log_path}"}
+                return {"status": "error", "reason": f"worker timed out after {timeout:.0f} s (raise --worker-timeout); log: {shown}"}
         if result_path.is_file():
             return json.loads(result_path.read_text())
         tail = log_path.read_text()[-600:].strip().replace("\n", " | ")
         if completed.returncode in (-9, 137):
-            return {"status": "oom", "reason": f"worker killed by the OS (out of host memory?); log: {log_path}"}
+            return {"status": "oom", "reason": f"worker killed by the OS (out of host memory?); log: {shown}"}
         return {"status": "error", "reason": f"worker exited with {completed.returncode}: {tail}"}
 
 
