@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..outputs import format_size
+
 GiB = float(1 << 30)
 
 
@@ -35,7 +37,10 @@ def markdown(proof: dict) -> str:
     stages = {s["name"]: s for s in proof["stages"]}
     for name, writer in (("device", _device), ("tests", _tests), ("bench", _bench), ("planner", _planner), ("max_context", _context)):
         if name in stages and stages[name]["result"]:
-            lines += ["", *writer(stages[name]["result"])]
+            try:
+                lines += ["", *writer(stages[name]["result"])]
+            except (KeyError, TypeError, ValueError) as error:  # a partial result (a stage cut short): proof.json has it all
+                lines += ["", f"({name}: its result is in proof.json; this page could not show it: {type(error).__name__} {error})"]
     return "\n".join(lines) + "\n"
 
 
@@ -71,7 +76,7 @@ def _bench(result: dict) -> list[str]:
     claim = result.get("claim", {})
     lines += ["", "The paper's claim (PaCA vs LoRA: -22 % time, -16 % memory):", ""]
     for reference in ("peft-lora", "lora"):
-        figures = claim.get(f"vs_{reference}", {})
+        figures = claim.get("vs_" + reference.replace("-", "_"), {})
         if "verdict" in figures:
             lines.append(f"- vs {reference}: {figures['verdict']} ({figures.get('reason', '')})")
             continue
@@ -97,7 +102,7 @@ def _planner(result: dict) -> list[str]:
 
 def _context(result: dict) -> list[str]:
     lines = ["## Longest sequence that fits", "", f"{result['model']}, batch {result['batch_size']}, {result['dtype']}; budget "
-             f"{_gib(result['budget_bytes'])} GiB ({result['budget_source']}); steps of {result['step']} tokens", "",
+             f"{format_size(result['budget_bytes'])} ({result['budget_source']}); steps of {result['step']} tokens", "",
              "| entry | longest seq | probes | note |", "|---|---|---|---|"]
     for r in result["entries"]:
         note = r.get("reason") or ("reached the cap" if r.get("capped") else "")

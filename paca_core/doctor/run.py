@@ -129,7 +129,7 @@ def run_doctor(args: argparse.Namespace) -> int:
             left = ctx.deadline - time.monotonic()
             if stopped is not None:
                 record["reason"] = stopped
-            elif left <= 1:
+            elif left <= 0:
                 record["reason"] = f"the run's deadline ({args.deadline:.0f} s) came before this stage started"
             else:
                 budget = min(BUDGETS[mode].get(name, 60.0), left)

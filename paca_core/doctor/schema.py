@@ -93,7 +93,7 @@ def check_proof(document: Any) -> list[str]:
         problems.append(f"a stage is recorded twice: {names}")
     if names != [s for s in STAGES if s in names]:
         problems.append(f"stages are out of order: {names}")
-    if not problems and isinstance(document["summary"], dict):
+    if isinstance(document["summary"], dict) and all(isinstance(s, dict) and "status" in s for s in document["stages"]):
         counted = {status: sum(1 for s in document["stages"] if s["status"] == status) for status in STATUSES}
         if counted != {k: document["summary"].get(k) for k in STATUSES}:
             problems.append(f"summary {document['summary']} does not count the stages ({counted})")
