@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from devices.profiles import get_profile
+from paca_core import extras
 from paca_core.workloads.specs import parse_method_spec
 from paca_core.plan.estimate import _fused, estimate_time
 from paca_core.plan.planner import BYTE_KINDS, Measurement, MethodTracer, PlanSettings, per_rank_bytes, search_largest
@@ -43,11 +44,13 @@ needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not install
 LORA_RANK = 4  # methods run at spec.rank(LORA_RANK, match_params=True), as the planner does
 SEQ, BATCH = 16, 2
 METHODS = ["paca", "lora", "lorafa", "velora", "paca+full+velora", "full", "floor", "peft-lora", "peft-lorafa", "qpaca",
-           "peft-qlora"]
+           "peft-qlora", "peft-paca", "peft-qpaca"]
+needs_peft_paca = pytest.mark.skipif(not HAVE_PEFT or not extras.peft_has_paca(), reason="the installed peft has no PaCA (peft >= 0.22)")
 
 
 def _marks(method: str) -> list:
-    return ([needs_peft] if method.startswith("peft-") else []) + ([needs_bnb] if method in ("qpaca", "peft-qlora") else [])
+    return (([needs_peft] if method.startswith("peft-") else []) + ([needs_bnb] if method in ("qpaca", "peft-qlora", "peft-qpaca") else [])
+            + ([needs_peft_paca] if method in ("peft-paca", "peft-qpaca") else []))
 
 
 def _method_params():
