@@ -65,6 +65,7 @@ def test_host_event_errors_say_what_is_missing():
         timed.elapsed_time(HostEvent(enable_timing=True))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_streams_events_and_pinning():
     cuda = torch.device("cuda")

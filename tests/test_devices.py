@@ -42,6 +42,7 @@ def test_cuda_missing_says_what_to_do():
         resolve_device("cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_index_out_of_range():
     with pytest.raises(DeviceUnavailableError, match="valid indices"):

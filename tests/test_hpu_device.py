@@ -58,6 +58,7 @@ def test_cpu_adamw_is_torch_foreach_with_torch_defaults():
     assert group["foreach"] is True and group["eps"] == 1e-8 and group["weight_decay"] == 0.1
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_adamw_is_fused_and_matches_the_reference_step():
     torch.manual_seed(0)

@@ -175,6 +175,7 @@ def test_meft_through_real_transfers_counts_bytes_and_matches(separate_memory):
     torch.testing.assert_close(shared(input_ids=ids, labels=ids).loss, loss.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_round_trip():
     host = devices.host_tensor((256, 64), torch.float32, "cuda")
