@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 #: Seconds each stage may take, by mode. Full: 420 s in all, the wrapper's 480 s limit leaves a minute to spare.
 BUDGETS: dict[str, dict[str, float]] = {
-    "full": {"device": 20, "tests": 100, "bench": 150, "planner": 80, "max_context": 70},
+    "full": {"device": 20, "tests": 120, "bench": 140, "planner": 70, "max_context": 70},
     "quick": {"device": 15, "tests": 45},
     "dry-run": {"device": 10, "tests": 60, "bench": 40, "planner": 40, "max_context": 30},
 }

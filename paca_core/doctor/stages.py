@@ -141,7 +141,7 @@ def stage_tests(ctx: Context) -> dict:
     where = tests / "test_accelerator.py" if ctx.dry_run else tests
     junit = ctx.logs / "accelerator-tier.xml"
     log = ctx.logs / "accelerator-tier.log"
-    command = [sys.executable, "-m", "pytest", str(where), "-m", expression, "-q", "-ra", "-p", "no:cacheprovider",
+    command = [sys.executable, "-m", "pytest", str(where), "-m", expression, "-v", "-ra", "-p", "no:cacheprovider", "--continue-on-collection-errors",
                f"--junitxml={junit}"]
     env = _child_env({"PACA_TEST_DEVICE": str(ctx.device)})
     timeout = ctx.remaining()
@@ -154,7 +154,7 @@ def stage_tests(ctx: Context) -> dict:
             code = None
     result = {"command": " ".join(command[1:]).replace(str(PACKAGE_ROOT) + os.sep, ""), "marker": expression,
               "device": str(ctx.device), "exit_code": code, "seconds": round(time.perf_counter() - started, 1), "log": log.name}
-    result.update(_junit_summary(junit))
+    result.update(_junit_summary(junit) if code is not None else _log_summary(log))
     if code is None:
         raise StageFailed(f"the accelerator tier ran past its {timeout:.0f} s budget (see {log.name})", result)
     if code == 5:
@@ -189,6 +189,23 @@ def _junit_summary(path: Path) -> dict:
     skipped = sum(skips.values())
     return {"tests": len(cases), "passed": len(cases) - failed - errors - skipped, "failed": failed, "errors": errors,
             "skipped": skipped, "failures": failures, "skip_reasons": skips}
+
+
+def _log_summary(path: Path) -> dict:
+    """Counts from pytest's ``-v`` lines, for a run stopped before it wrote its JUnit XML (the budget ran out)."""
+    counts = {"PASSED": 0, "FAILED": 0, "ERROR": 0, "SKIPPED": 0}
+    failures = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        if "::" not in line:
+            continue
+        for word in counts:
+            if f" {word}" in line:
+                counts[word] += 1
+                if word in ("FAILED", "ERROR"):
+                    failures.append({"test": line.split(" ", 1)[0], "kind": word.lower(), "message": ""})
+                break
+    return {"tests": sum(counts.values()), "passed": counts["PASSED"], "failed": counts["FAILED"], "errors": counts["ERROR"],
+            "skipped": counts["SKIPPED"], "failures": failures, "skip_reasons": {}, "partial": True}
 
 
 # --- 3. bench at Llama-3.2-1B's shapes -----------------------------------------------------------------
