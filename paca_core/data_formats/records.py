@@ -186,7 +186,7 @@ def to_record(row: Mapping[str, Any], fields: FieldMap, where: str, forms: tuple
                 answer_messages = _messages(answer, where, fields.flag_for(answer_name))
                 return _chat(prompt_messages + answer_messages, len(prompt_messages), where)
             raise DataError(f"{where}: {fields.flag_for('prompt')} and {fields.flag_for(answer_name)} must both be strings, or "
-                            f"both lists of messages (got {type(prompt).__name__} and {type(answer).__name__}).")
+                            f"both lists of messages (got {_kind_of(prompt)} and {_kind_of(answer)}).")
     if "text" in forms and isinstance(row.get(col("text")), str):
         return TextRecord(row[col("text")])
     _refuse_unusable_values(row, fields, where, forms)
@@ -211,6 +211,8 @@ def _kind_of(value: Any) -> str:
         return "a list"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, str):
+        return "a string"
     return "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
 
 
