@@ -176,7 +176,7 @@ def test_paca_train_seq_len_auto_trains_at_the_chosen_length_and_a_resume_keeps_
     del state["seq_len"], state["batch_size"]
     state_file.write_text(json.dumps(state))
     caplog.clear()
-    assert main(_train_args(long_context_model, sample_text_file, out, "--seq-len", "auto", "--resume", str(out))) == 2
+    assert main(_train_args(long_context_model, sample_text_file, out, "--seq-len", "auto", "--resume", str(out), "--steps", "4")) == 2
     assert any("Pass the run's --seq-len and --batch-size" in r.getMessage() for r in caplog.records)
 
 

@@ -149,7 +149,7 @@ def test_killed_process_resumes_from_the_last_checkpoint(tiny_model_dir, sample_
         (["--method", "paca+full"], "--full-modules"),
         (["--lr", "-3"], "--lr must be a positive number"),
         (["--on-nan", "skip", "--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--method", "meft", "--meft-topk", "0"], "top_k must be a positive integer"),
+        (["--method", "meft", "--meft-topk", "0"], "--meft-topk must be a positive integer"),
     ],
 )
 def test_bad_config_is_rejected_before_any_work(flags, message, tmp_path, caplog):
