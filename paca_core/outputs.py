@@ -186,6 +186,8 @@ def check_output(
 
 
 def _check_contents(target: OutputTarget, shown: str, *, overwrite: bool, continues: bool, legacy: LegacyCheck | None, flag: str) -> None:
+    """An existing folder as ``target``: empty, or this command's earlier output down to its last file (the marker's
+    list, or the names the command always writes); records the earlier output's files, the only ones ever removed."""
     try:
         entries = user_entries(target.path)
         files = walk_files(target.path)
