@@ -20,7 +20,7 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "gguf": ("default-model", "gguf"),
     "accelerate": ("default-model", "accelerate"),
     "datasets": ("data", "datasets"),  # paca train --data on .parquet/.arrow/.csv and save_to_disk folders
-    # paca train --report-to (paca_core/tracking.py)
+    # paca train --report-to (paca_core/train/tracking.py)
     "tensorboard": ("tensorboard", "tensorboard"),
     "wandb": ("wandb", "wandb"),
     "mlflow": ("mlflow", "mlflow"),

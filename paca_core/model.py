@@ -12,13 +12,13 @@ import torch.nn as nn
 from devices import resolve_device
 
 from .base_config import ALL_LINEAR, MethodConfig, method_name
-from .checkpoint import finish_loading, plan_loading, save_adapter
-from .chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, check_chunk_tokens, chunked_causal_lm_forward
+from .files.checkpoint import finish_loading, plan_loading, save_adapter
+from .memory.chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, check_chunk_tokens, chunked_causal_lm_forward
 from .errors import PacaConfigError
 from .layers import AdapterLayer, sync_layers
 from .layers.partial_connection import PaCALinear
-from .placement import check_mergeable, check_targets_placement, move_model
-from .surgery import find_targets, freeze, replace_module
+from .surgery.placement import check_mergeable, check_targets_placement, move_model
+from .surgery.targets import find_targets, freeze, replace_module
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class AdaptedModel(nn.Module):
         self.base_model = model
         self.configs = configs
         #: Tokens per chunk of the LM head + loss in training forwards with ``labels``
-        #: (:mod:`paca_core.chunked_loss`); None (the default for a model used directly, whose training
+        #: (:mod:`paca_core.memory.chunked_loss`); None (the default for a model used directly, whose training
         #: forward then returns logits as usual) computes the full logits. ``paca train`` and
         #: ``PacaTrainer`` turn it on (DEFAULT_LOSS_CHUNK_TOKENS) unless :meth:`set_loss_chunk_tokens` chose.
         self.loss_chunk_tokens: int | None = None
@@ -168,7 +168,7 @@ class AdaptedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """The wrapped model's forward. In training (``self.training`` and gradients on) with ``labels``,
-        the LM head and loss run over chunks of ``loss_chunk_tokens`` tokens (:mod:`paca_core.chunked_loss`):
+        the LM head and loss run over chunks of ``loss_chunk_tokens`` tokens (:mod:`paca_core.memory.chunked_loss`):
         the same loss, no full logits, and the output's ``logits`` is None. Evaluation, generation and
         calls without labels return the logits as usual; a model the chunked path cannot take (a
         quantized or custom head, ...) runs the ordinary forward."""

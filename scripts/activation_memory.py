@@ -6,7 +6,7 @@ import sys, torch, copy
 from transformers import LlamaConfig, LlamaForCausalLM
 from paca_core import prepare_model
 from paca_core.config import *
-from paca_core.measure import count_saved_tensors
+from paca_core.memory.measure import count_saved_tensors
 # SmolLM2-135M shapes, 2 layers, fp32
 cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3, vocab_size=1024, tie_word_embeddings=True)
 torch.manual_seed(0)

@@ -16,11 +16,11 @@ import time
 import torch
 
 import devices
-from paca_core import assets
-from paca_core.cli import build_parser
-from paca_core.dataset import load_dataset
+from paca_core.files import assets
+from paca_core.cli.dispatch import build_parser
+from paca_core.data.dataset import load_dataset
 from paca_core.model import prepare_model
-from paca_core.train_options import build_configs
+from paca_core.flags.train_options import build_configs
 
 TOKENS = 4 * 128
 

@@ -26,7 +26,7 @@ def build_model(directory: Path, vocab: int, context: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     sys.path.insert(0, str(ROOT))
-    from paca_core.assets import default_dataset_path
+    from paca_core.files.assets import default_dataset_path
 
     text = default_dataset_path().read_text(encoding="utf-8")
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))

@@ -28,8 +28,13 @@ PACKAGES: tuple[str, ...] = ("devices", "backends", "paca_core")
 #: Layer chains, lowest first: a module may import from its own layer or a lower one, never a higher one.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("devices", "backends", "paca_core"),
-    # What bench and plan share sits below both; bench may use the planner (max-context), never the reverse.
-    ("paca_core.workloads", "paca_core.plan", "paca_core.bench"),
+    # paca_core's packages, lowest first (docs/ARCHITECTURE.md draws them): what a training step is made of, then a
+    # run, then what measures and plans runs (bench may use the planner, never the reverse), then the command line.
+    (
+        "paca_core.surgery", "paca_core.memory", "paca_core.distributed", "paca_core.layers", "paca_core.methods",
+        "paca_core.files", "paca_core.data", "paca_core.train", "paca_core.flags", "paca_core.workloads",
+        "paca_core.plan", "paca_core.bench", "paca_core.doctor", "paca_core.integrations", "paca_core.cli",
+    ),
 )
 
 MODULE_LEVEL, IN_FUNCTION, TYPE_ONLY = "module", "function", "type-checking"

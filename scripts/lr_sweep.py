@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paca_core.bench import lr_sweep, lr_sweep_report  # noqa: E402
-from paca_core.cli import DEFAULT_RANK, default_lr  # noqa: E402
+from paca_core.cli.dispatch import DEFAULT_RANK, default_lr  # noqa: E402
 from paca_core.methods import primary_name  # noqa: E402
 
 METHODS = "paca,lora,lora+velora,lorafa,meft"

@@ -60,7 +60,7 @@ def _function_pair(source_lines: list[str], node: ast.FunctionDef | ast.AsyncFun
 def stdlib_function_pairs(tokenizer, seq_len: int, limit: int) -> list[dict]:
     """Prompt/response pairs from the stdlib's top-level modules that fit ``seq_len`` tokens, ``limit``
     of them spread evenly over all that fit (so no few modules dominate)."""
-    from paca_core.dataset import prompt_response_ids
+    from paca_core.data.dataset import prompt_response_ids
 
     lib = Path(sysconfig.get_paths()["stdlib"])
     pairs = []
@@ -113,7 +113,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from transformers import AutoTokenizer
 
-    from paca_core import assets
+    from paca_core.files import assets
 
     tokenizer = AutoTokenizer.from_pretrained(str(assets.default_model_path()))
     print(f"Python {sys.version.split()[0]}, stdlib {sysconfig.get_paths()['stdlib']}")

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import devices  # noqa: E402
 from paca_core import extras  # noqa: E402
 from paca_core.errors import PacaConfigError  # noqa: E402
-from paca_core.measure import count_saved_tensors  # noqa: E402
-from paca_core.steps import train_step  # noqa: E402
+from paca_core.memory.measure import count_saved_tensors  # noqa: E402
+from paca_core.train.steps import train_step  # noqa: E402
 from paca_core.workloads.models import build_model, parse_model, vocab_size  # noqa: E402
 from paca_core.workloads.prepare import Prepared, prepare  # noqa: E402
 from paca_core.workloads.specs import parse_method_spec  # noqa: E402

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from paca_core.atomic import write_bytes_atomic  # noqa: E402  (torch-free)
+from paca_core.files.atomic import write_bytes_atomic  # noqa: E402  (torch-free)
 
 ROWS_FILE = ROOT / "docs" / "plan-published" / "rows.json"
 SOURCES_FILE = ROOT / "docs" / "plan-published" / "sources.json"
@@ -279,8 +279,8 @@ def run_plan_subprocess(argv: list[str], out: Path, timeout: float) -> tuple[dic
 
 
 def run_plan_in_process(argv: list[str], out: Path, timeout: float) -> tuple[dict | None, str]:
-    """The same through ``paca_core.cli.main`` in this process (tests: no interpreter start-up)."""
-    from paca_core.cli import main
+    """The same through ``paca_core.cli.dispatch.main`` in this process (tests: no interpreter start-up)."""
+    from paca_core.cli.dispatch import main
 
     code = main(["plan", *argv, "--out", str(out), "--workers", "1"])
     plan = out / "plan.json"

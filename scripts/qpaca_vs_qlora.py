@@ -1,7 +1,7 @@
 """QPaCA vs PEFT QLoRA on the same bitsandbytes 4-bit base: memory, step time, held-out loss.
 
 Both methods start from the same model, quantized by the same call
-(``paca_core.quantization.quantize_base``: NF4 by default, blocks of 64, double-quantized scales)
+(``paca_core.memory.quantization.quantize_base``: NF4 by default, blocks of 64, double-quantized scales)
 on the same 7 projections, and train with the same loop (AdamW, 5 warm-up steps then cosine decay,
 gradient clipping 1.0, identical batches) for the same number of steps. Ranks are parameter-matched:
 QPaCA r=16 trains 16·Σout per layer, QLoRA r=8 trains 8·Σ(in+out) (within 2% on SmolLM2-135M);
@@ -36,12 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import devices  # noqa: E402
-from paca_core import assets  # noqa: E402
+from paca_core.files import assets  # noqa: E402
 from paca_core.config import LLAMA_PROJECTIONS, PaCAConfig  # noqa: E402
-from paca_core.dataset import load_dataset, split_held_out  # noqa: E402
-from paca_core.measure import count_saved_tensors  # noqa: E402
+from paca_core.data.dataset import load_dataset, split_held_out  # noqa: E402
+from paca_core.memory.measure import count_saved_tensors  # noqa: E402
 from paca_core.model import prepare_model  # noqa: E402
-from paca_core.quantization import quantize_base  # noqa: E402
+from paca_core.memory.quantization import quantize_base  # noqa: E402
 
 METHODS = {
     # name: (rank, learning rate)

@@ -12,7 +12,7 @@ head), and, in a fresh process per configuration:
 2. builds the model from its config with random weights on the device in the planned dtype, sets it up with
    the code ``paca bench`` and the planner share (:func:`paca_core.workloads.prepare.prepare`, the row's
    levers, gradient checkpointing, loss chunking) and runs real training steps through
-   :func:`paca_core.steps.train_step` (the first creates the optimizer state, then ``--warmup`` and ``--steps``
+   :func:`paca_core.train.steps.train_step` (the first creates the optimizer state, then ``--warmup`` and ``--steps``
    timed steps and one held-out batch, as the planner traces them);
 3. records the allocator's peak allocated bytes (``devices.memory_stats``), its peak reserved bytes (the
    torch device module's ``max_memory_reserved`` where it has one), the memory the driver reports in use,
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from paca_core.atomic import write_bytes_atomic  # noqa: E402  (torch-free)
+from paca_core.files.atomic import write_bytes_atomic  # noqa: E402  (torch-free)
 
 ROWS_FILE = ROOT / "docs" / "plan-published" / "rows.json"
 #: A device's name → the planner profile for it (``--profile`` overrides): the first fragment found wins.
@@ -152,7 +152,7 @@ def profile_for(device_name: str, total_bytes: int | None, device_type: str) -> 
 
 def _plan(plan_args: list[str], profile: str) -> dict:
     """``paca plan`` (its own code, in this process) for the configuration on ``profile``; its one record."""
-    from paca_core.cli import main as paca_main
+    from paca_core.cli.dispatch import main as paca_main
 
     with tempfile.TemporaryDirectory(prefix="validate-plan-") as tmp:
         out = Path(tmp) / "plan"
@@ -203,8 +203,8 @@ def _build(config, plan_args: list[str], dtype_name: str, device):
     from transformers import AutoModelForCausalLM
 
     import devices
-    from paca_core.loss_chunks import parse_loss_chunk_tokens
-    from paca_core.steps import grads_to_none
+    from paca_core.memory.loss_chunks import parse_loss_chunk_tokens
+    from paca_core.train.steps import grads_to_none
     from paca_core.workloads.models import default_dtype
     from paca_core.workloads.prepare import apply_levers, prepare
     from paca_core.workloads.specs import parse_method_spec
@@ -246,7 +246,7 @@ def measure(job: dict) -> dict:
     import devices
     from paca_core.errors import is_out_of_memory
     from paca_core.plan.shapes import load_config
-    from paca_core.steps import summed_loss, train_step
+    from paca_core.train.steps import summed_loss, train_step
 
     device = devices.resolve_device(job["device"])
     stats = devices.memory_stats(device)

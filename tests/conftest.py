@@ -171,7 +171,7 @@ def sample_text_file(tmp_path):
 @pytest.fixture
 def no_load(monkeypatch):
     """Fail the test if any model weights load: a refusal that needs no weights must come before the load."""
-    import paca_core.assets as assets
+    import paca_core.files.assets as assets
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
@@ -181,7 +181,7 @@ def no_load(monkeypatch):
 
 def refused_in_one_line(argv, caplog) -> str:
     """``paca`` with ``argv`` exits 2 with exactly one error line (no traceback, no second line); that line."""
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     caplog.clear()
     with caplog.at_level("ERROR"):

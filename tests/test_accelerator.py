@@ -163,7 +163,7 @@ def test_method_forward_and_backward_match_dense_autograd(device, method, dtype)
         pytest.skip("QPaCA needs bitsandbytes (pip install 'paca-hal[quant]')")
     if method == "qpaca" and dtype == torch.float32:
         pytest.skip("QPaCA runs on a bf16/fp16 compute dtype")
-    from paca_core.quantization import merge_and_dequantize
+    from paca_core.memory.quantization import merge_and_dequantize
 
     adapted = prepare_model(tiny_llama(seed=0, dtype=dtype), DENSE_METHODS[method](), device=device)
     _randomise_adapters(adapted)
@@ -255,7 +255,7 @@ def test_method_on_the_device_matches_its_cpu_reference(device, method):
 
 
 def _train_losses(device, graph_mode: str, steps: int = 3) -> list[float]:
-    from paca_core.steps import grads_to_none, train_step
+    from paca_core.train.steps import grads_to_none, train_step
 
     dtype = devices.default_dtype(device)
     model = prepare_model(tiny_llama(seed=0, dtype=dtype), PaCAConfig(r=4), device=device)
@@ -296,7 +296,7 @@ def test_graph_mode_trains_like_eager(device, mode):
 
 
 def test_activation_offload_is_exact_and_moves_bytes(device):
-    from paca_core.offload import offload_activations
+    from paca_core.memory.offload import offload_activations
 
     model = prepare_model(tiny_llama(seed=0), LoRAConfig(r=4), device=device)
     _randomise_adapters(model)
@@ -375,8 +375,8 @@ def test_device_adamw_matches_torch_adamw_on_cpu(device):
 
 
 def _trainer(device, out, steps):
-    from paca_core.dataset import TokenizedData
-    from paca_core.trainer import Trainer, TrainingArguments
+    from paca_core.data.dataset import TokenizedData
+    from paca_core.train.trainer import Trainer, TrainingArguments
 
     ids = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(5))
     data = TokenizedData(ids, ids.clone(), torch.ones_like(ids), source="random")

@@ -191,7 +191,7 @@ USER = '''
 
     import backends
     import devices
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
     from tests.conftest import backend_cases
 
     out = {}
@@ -384,7 +384,7 @@ def broken_plugin(tmp_path, monkeypatch):
 
 
 def test_a_broken_plugin_is_one_clear_error(broken_plugin, caplog, tiny_model_dir, sample_text_file, tmp_path):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     caplog.set_level("WARNING", logger="devices.registry")
     assert "brokendev" not in devices.DEVICE_CHOICES and devices.resolve_device("cpu").type == "cpu"

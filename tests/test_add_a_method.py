@@ -17,8 +17,9 @@ import torch
 
 import paca_core
 from paca_core import PacaModel, prepare_model
-from paca_core.cli import DEFAULT_LR, DEFAULT_RANK, default_lr, main
-from paca_core.methods import find_method, registry, unregister_method
+from paca_core.cli.dispatch import DEFAULT_LR, DEFAULT_RANK, default_lr, main
+from paca_core.methods import find_method, unregister_method
+from paca_core.methods import registry
 
 from .conftest import tiny_llama
 from .plugin_dist import write_distribution
@@ -87,11 +88,11 @@ def test_the_base_classes_do_what_the_toy_layer_does_not(toy):
 
 
 def test_zero3_writes_into_partitions_through_each_layer_class_hook():
-    """paca_core.zero names no method: it hands the layers whose base weight ZeRO-3 partitions to their class's
+    """paca_core.distributed.zero names no method: it hands the layers whose base weight ZeRO-3 partitions to their class's
     ``write_partitioned`` hook, one call per class; a class that keeps nothing in its weight refuses."""
     from types import SimpleNamespace
 
-    from paca_core import zero
+    from paca_core.distributed import zero
     from paca_core.layers import AdapterLayer
 
     calls = []
@@ -169,7 +170,7 @@ def test_toy_method_reloads_in_a_fresh_process_to_the_same_logits(toy, tmp_path)
 
 def test_toy_method_defaults_and_combinations(toy):
     assert DEFAULT_LR["toy"] == 1e-2 and default_lr("toy") == 1e-2 and DEFAULT_RANK["toy"] is None
-    assert "toy" in paca_core.METHOD_CONFIGS and "toy" in paca_core.cli.METHOD_HELP
+    assert "toy" in paca_core.METHOD_CONFIGS and "toy" in paca_core.cli.dispatch.METHOD_HELP
     assert [m.name for m in paca_core.methods.parse_combination("paca+toy")] == ["paca", "toy"]
     with pytest.raises(paca_core.PacaConfigError, match="toy"):  # the error lists what --method accepts
         paca_core.methods.parse_combination("dora")
@@ -181,7 +182,7 @@ def test_paca_train_method_toy(toy, tiny_model_dir, sample_text_file, tmp_path):
     assert main(_train_flags(tiny_model_dir, sample_text_file, out, 2, *extra)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "toy" and metrics["configs"][0]["init"] == 0.05
-    from paca_core.assets import load_model_and_tokenizer
+    from paca_core.files.assets import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
     assert PacaModel.from_pretrained(model, out / "adapter").method == "toy"

@@ -1,4 +1,4 @@
-"""The offline default model/dataset and local model loading (paca_core.assets)."""
+"""The offline default model/dataset and local model loading (paca_core.files.assets)."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from paca_core import assets
-from paca_core.assets import (
+from paca_core.files import assets
+from paca_core.files.assets import (
     DEFAULT_DATASET_ATTRIBUTION,
     AssetError,
     DefaultAssetError,

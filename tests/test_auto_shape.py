@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import devices
-from paca_core.cli import main
+from paca_core.cli.dispatch import main
 from paca_core.errors import PacaConfigError
 from paca_core.methods import PaCAConfig
 from paca_core.plan.auto_shape import MAX_AUTO_BATCH, ShapePeaks, choose_shape, choose_with_tracer, parse_budget
 from paca_core.plan.preflight import LEVERS, planned_peak, step_tracer
-from paca_core.train_options import build_configs, int_or_auto, train_parser
+from paca_core.flags.train_options import build_configs, int_or_auto, train_parser
 
 from .conftest import build_tiny_tokenizer, tiny_llama, tiny_llama_config
 
@@ -138,7 +138,7 @@ def _train_args(model_dir, data, out, *extra: str) -> list[str]:
 
 def _cli_peak(model_dir, seq_len: int, batch_size: int) -> int:
     """The planned peak of the step `paca train --rank 4` on CPU runs (fp32, default chunked loss)."""
-    from paca_core.chunked_loss import parse_loss_chunk_tokens
+    from paca_core.memory.chunked_loss import parse_loss_chunk_tokens
 
     args = train_parser().parse_args(["--rank", "4"])
     return planned_peak(model_dir, "paca", build_configs(args), seq_len, batch_size, torch.float32,
@@ -186,7 +186,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr("paca_core.assets.load_model_and_tokenizer", refuse)
+    monkeypatch.setattr("paca_core.files.assets.load_model_and_tokenizer", refuse)
 
 
 def test_paca_train_auto_with_nothing_that_fits_exits_2_before_loading(long_context_model, sample_text_file, tmp_path,
@@ -217,7 +217,7 @@ def test_paca_train_auto_where_the_planner_cannot_trace_asks_for_numbers(long_co
 
 
 def test_default_budget_is_the_free_memory_split_between_local_processes(monkeypatch):
-    from paca_core.train_command import _batch_within_data, _default_budget
+    from paca_core.cli.train_command import _batch_within_data, _default_budget
 
     monkeypatch.setattr(devices, "free_memory_bytes", lambda device: 8 * 2**30)
     monkeypatch.setattr(devices, "local_world_size", lambda: 4)

@@ -93,7 +93,7 @@ def test_cpu_accounting_matches_analytic_counts():
 
 
 def test_bench_smoke_run_writes_json_markdown_and_plots(tmp_path):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     out = tmp_path / "bench"
     code = main([
@@ -148,7 +148,7 @@ def test_search_confirms_a_planned_answer_with_two_probes_and_recovers_from_a_wr
 @pytest.mark.slow
 def test_bench_memory_budget_search_is_planned_then_confirmed(tmp_path):
     """On CPU the probe reports counted bytes; the plan of the same bytes is exact, so two probes suffice."""
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     out = tmp_path / "bench"
     code = main([

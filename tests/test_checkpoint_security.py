@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from paca_core import MEFTConfig, PaCAConfig, prepare_model
-from paca_core.cli import main
-from paca_core.dataset import TokenizedData
+from paca_core.cli.dispatch import main
+from paca_core.data.dataset import TokenizedData
 from paca_core.errors import CheckpointError
-from paca_core.trainer import LEGACY_STATE_NAME, STATE_JSON, STATE_NAME, Trainer, TrainingArguments
-from paca_core import training_state
-from paca_core.training_state import decode_state, encode_state, read_legacy_pickle, read_training_state
+from paca_core.train.trainer import LEGACY_STATE_NAME, STATE_JSON, STATE_NAME, Trainer, TrainingArguments
+from paca_core.train import training_state
+from paca_core.train.training_state import decode_state, encode_state, read_legacy_pickle, read_training_state
 
 from .conftest import tiny_llama
 
@@ -378,7 +378,7 @@ def _hf_trainer(out: Path, steps: int):
 @pytest.fixture
 def meft_hf_checkpoint(tmp_path):
     from paca_core.integrations.transformers import HOST_STATE_NAME
-    from paca_core.training_state import read_host_state
+    from paca_core.train.training_state import read_host_state
 
     trainer, _ = _hf_trainer(tmp_path / "run", steps=2)
     trainer.train()

@@ -10,7 +10,7 @@ import torch
 from paca_core import MEFTConfig, prepare_model
 from paca_core.config import LoRAConfig, LoRAFAConfig, PaCAConfig, VeLoRAConfig
 from paca_core.errors import PacaConfigError
-from paca_core.measure import count_saved_tensors
+from paca_core.memory.measure import count_saved_tensors
 
 from .conftest import randomise_paca_deltas, tiny_llama
 
@@ -167,7 +167,7 @@ def test_hf_kwargs_default_to_non_reentrant():
 
 
 def test_paca_train_flags_parse():
-    from paca_core.cli import build_parser
+    from paca_core.cli.dispatch import build_parser
 
     args = build_parser().parse_args(["train", "--gradient-checkpointing", "--loss-chunk-tokens", "off"])
     assert args.gradient_checkpointing and args.loss_chunk_tokens == "off"
@@ -177,7 +177,7 @@ def test_paca_train_with_checkpointing_and_chunked_loss_equals_plain(tiny_model_
     """`paca train --gradient-checkpointing --loss-chunk-tokens 7` learns what `--loss-chunk-tokens off` learns."""
     import json
 
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     common = ["train", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--steps", "3", "--seq-len", "16",
               "--batch-size", "2", "--device", "cpu", "--sample-tokens", "0", "--no-progress"]

@@ -1,4 +1,4 @@
-"""The chunked LM head + loss (paca_core/chunked_loss.py) equals the full-logits path of HF's loss."""
+"""The chunked LM head + loss (paca_core/memory/chunked_loss.py) equals the full-logits path of HF's loss."""
 from __future__ import annotations
 
 import copy
@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paca_core import chunked_loss, prepare_model
-from paca_core.chunked_loss import chunked_linear_cross_entropy, parse_loss_chunk_tokens
+from paca_core import prepare_model
+from paca_core.memory import chunked_loss
+from paca_core.memory.chunked_loss import chunked_linear_cross_entropy, parse_loss_chunk_tokens
 from paca_core.config import FullConfig, PaCAConfig
 from paca_core.errors import PacaConfigError
-from paca_core.measure import count_saved_tensors
+from paca_core.memory.measure import count_saved_tensors
 
 from .conftest import randomise_paca_deltas, tiny_llama
 
@@ -208,7 +209,7 @@ def test_a_head_that_is_not_a_plain_linear_falls_back_with_one_info_line(caplog)
     model = prepare_model(base, PaCAConfig(r=2), device="cpu").set_loss_chunk_tokens(4)
     ids, labels = _model_batch()
     chunked_loss._logged.clear()
-    with caplog.at_level(logging.INFO, logger="paca_core.chunked_loss"):
+    with caplog.at_level(logging.INFO, logger="paca_core.memory.chunked_loss"):
         out = model(input_ids=ids, labels=labels)
         model(input_ids=ids, labels=labels)
     assert out.logits is not None  # the ordinary path ran

@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from paca_core.cli import build_parser, main
-from paca_core.train_options import GROUP_TITLES
+from paca_core.cli.dispatch import build_parser, main
+from paca_core.flags.train_options import GROUP_TITLES
 
 
 def _help(capsys, *argv: str) -> str:
@@ -97,7 +97,7 @@ def recorded_adapter(tiny_model_dir, tmp_path):
     from tests.conftest import randomise_paca_deltas
 
     from paca_core import PaCAConfig, prepare_model
-    from paca_core.assets import load_model_and_tokenizer, model_fingerprint
+    from paca_core.files.assets import load_model_and_tokenizer, model_fingerprint
 
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
     adapted = prepare_model(model, PaCAConfig(r=4), device="cpu")
@@ -125,7 +125,7 @@ def test_merge_without_model_uses_the_base_the_adapter_records(recorded_adapter,
     from transformers import AutoModelForCausalLM
 
     from paca_core import PacaModel
-    from paca_core.assets import load_model_and_tokenizer
+    from paca_core.files.assets import load_model_and_tokenizer
 
     merged_dir = tmp_path / "merged"
     assert main(["merge", "--adapter", str(recorded_adapter), "--out", str(merged_dir)]) == 0

@@ -11,7 +11,7 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "deepspeed")
 
 PROBE = """
 import sys
-from paca_core.cli import main
+from paca_core.cli.dispatch import main
 try:
     main({argv!r})
 except SystemExit:

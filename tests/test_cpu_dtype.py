@@ -172,7 +172,7 @@ def test_accelerators_and_plug_ins_keep_their_declared_default():
 
 
 def test_train_resolves_auto_with_the_rule_and_keeps_explicit_choices(cpu_reports):
-    from paca_core.train_command import _resolve_dtype
+    from paca_core.cli.train_command import _resolve_dtype
 
     cpu = torch.device("cpu")
     cpu_reports(AVX2)
@@ -189,7 +189,7 @@ def test_train_auto_on_a_native_bf16_cpu_trains_a_bf16_base_with_fp32_adapters(c
     metrics.json saying what it chose and why."""
     from safetensors.torch import load_file
 
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     cpu_reports(SAPPHIRE_RAPIDS)
     out = tmp_path / "run"
@@ -234,7 +234,7 @@ def test_bf16_cpu_training_step_keeps_adapters_and_optimizer_state_fp32(method, 
 
 def test_plan_auto_follows_the_rule_on_the_cpu_profile(cpu_reports, caplog):
     from devices.profiles import get_profile
-    from paca_core.cli import build_parser
+    from paca_core.cli.dispatch import build_parser
     from paca_core.plan.run import plan_dtype
 
     assert build_parser().parse_args(["plan"]).dtype == "auto"

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from paca_core.cli import main
-from paca_core.dataset import IGNORE_INDEX, DataError, load_dataset, parse_field_map, split_held_out
+from paca_core.cli.dispatch import main
+from paca_core.data.dataset import IGNORE_INDEX, DataError, load_dataset, parse_field_map, split_held_out
 from paca_core.errors import PacaConfigError
 
 from .conftest import refused_in_one_line as _refused, tiny_llama
@@ -146,7 +146,7 @@ def test_a_template_that_cannot_mark_the_turns_is_refused(tmp_path):
     ({"question": "hi"}, "has neither a 'text' string"),
 ])
 def test_bad_conversations_are_named_by_line(record, message, tmp_path):
-    from paca_core.dataset import check_data_file
+    from paca_core.data.dataset import check_data_file
 
     path = _jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, record])
     with pytest.raises(DataError, match="bad.jsonl:2"):
@@ -303,8 +303,8 @@ def _losses_per_example(model, data) -> dict[tuple[int, ...], float]:
 @pytest.mark.parametrize("attention", ["sdpa", pytest.param("eager", marks=pytest.mark.slow)])
 def test_packed_and_unpacked_rows_give_each_example_the_same_loss(attention, tokenizer, tmp_path):
     from paca_core import PaCAConfig, prepare_model
-    from paca_core.data_formats.packing import prepare_packed_attention
-    from paca_core.steps import evaluate
+    from paca_core.data.formats.packing import prepare_packed_attention
+    from paca_core.train.steps import evaluate
 
     texts = [{"text": "red blue color sky"}, {"text": "see you soon ok"}]  # trained from their first token on
     path = _jsonl(tmp_path / "pairs.jsonl", PAIRS + [{"messages": CONVERSATION}] + texts)
@@ -345,7 +345,7 @@ def test_packed_batches_carry_positions_not_a_mask_and_keep_their_shape(tokenize
 
 
 def test_attention_that_cannot_keep_examples_apart_is_refused():
-    from paca_core.data_formats.packing import packed_attention_problem, prepare_packed_attention
+    from paca_core.data.formats.packing import packed_attention_problem, prepare_packed_attention
 
     model = tiny_llama()
     assert packed_attention_problem(model, 4) is None
@@ -361,7 +361,7 @@ def test_attention_that_cannot_keep_examples_apart_is_refused():
 
 
 def test_an_architecture_without_transformers_masks_is_refused():
-    from paca_core.data_formats.packing import packed_attention_problem
+    from paca_core.data.formats.packing import packed_attention_problem
 
     class OwnMask(torch.nn.Module):  # builds its own mask (as remote-code models may): nothing reads packed positions
         def forward(self, input_ids, attention_mask=None):
@@ -474,7 +474,7 @@ def test_the_readme_conversation_example_on_the_default_model(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from paca_core import assets
+    from paca_core.files import assets
 
     example = Path(__file__).resolve().parents[1] / "examples" / "chat.jsonl"
     tokenizer = AutoTokenizer.from_pretrained(assets.default_model_path())

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 1/2/3 (paca_core/zero.py) on 2 CPU processes with gloo, through the Trainer ``paca train`` runs.
+"""DeepSpeed ZeRO 1/2/3 (paca_core/distributed/zero.py) on 2 CPU processes with gloo, through the Trainer ``paca train`` runs.
 
 * Under ZeRO-2 and ZeRO-3, PaCA, LoRA, LoRA-FA, PaCA+full and MEFT train as one process does on the
   same global batch: adapters and every base weight, PaCA's adapted columns included (under ZeRO-3
@@ -18,11 +18,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from paca_core import FullConfig, LoRAConfig, LoRAFAConfig, MEFTConfig, PaCAConfig, PacaModel, prepare_model
-from paca_core.dataset import TokenizedData
+from paca_core.data.dataset import TokenizedData
 from paca_core.errors import PacaConfigError
-from paca_core.sharding import full_tensor
-from paca_core.trainer import Trainer, TrainingArguments
-from paca_core import zero
+from paca_core.distributed.sharding import full_tensor
+from paca_core.train.trainer import Trainer, TrainingArguments
+from paca_core.distributed import zero
 
 from .conftest import tiny_llama
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from paca_core.cli import main
+from paca_core.cli.dispatch import main
 from paca_core.doctor import stages as doctor_stages
 from paca_core.doctor.schema import STAGES, STAGE, TOP_LEVEL, check_proof
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paca_core import PaCAConfig, prepare_model
-from paca_core.export import export_peft_lora
+from paca_core.files.export import export_peft_lora
 
 from tests.conftest import randomise_paca_deltas as _randomise_deltas
 from tests.conftest import tiny_llama

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from paca_core import extras
-from paca_core.cli import main
+from paca_core.cli.dispatch import main
 
 
 def _hide(monkeypatch, *modules):
@@ -62,7 +62,7 @@ def test_bench_without_matplotlib_writes_json_and_markdown_and_says_how_to_get_p
 
 def test_export_peft_without_peft_is_a_clear_error_not_a_traceback(monkeypatch, tiny_model_dir, tmp_path, caplog):
     from paca_core import PaCAConfig, prepare_model
-    from paca_core.assets import load_model_and_tokenizer
+    from paca_core.files.assets import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
     prepare_model(model, PaCAConfig(r=4), device="cpu").save_pretrained(tmp_path / "adapter")
@@ -74,7 +74,7 @@ def test_export_peft_without_peft_is_a_clear_error_not_a_traceback(monkeypatch, 
 
 
 def test_an_import_error_that_is_not_an_optional_extra_keeps_its_traceback(monkeypatch):
-    import paca_core.cli as cli
+    import paca_core.cli.dispatch as cli
 
     def broken(args):
         raise ModuleNotFoundError("No module named 'paca_core.nonexistent'", name="paca_core.nonexistent")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from paca_core import PaCAConfig, prepare_model
-from paca_core.cli import main
-from paca_core.outputs import MARKER_NAME
+from paca_core.cli.dispatch import main
+from paca_core.files.outputs import MARKER_NAME
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -28,7 +28,7 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
 
 @pytest.fixture
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    from paca_core.assets import load_model_and_tokenizer
+    from paca_core.files.assets import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
     directory = tmp_path_factory.mktemp("trained") / "adapter"
@@ -195,7 +195,7 @@ def test_train_refuses_an_unusable_out_before_loading(case, tiny_model_dir, samp
     out = {"under-a-file": blocker / "run", "is-a-file": blocker, "read-only": tmp_path / "run",
            "data-inside": tmp_path, "model-inside": tiny_model_dir / "run"}[case]
     if case == "read-only":
-        import paca_core.outputs as outputs
+        import paca_core.files.outputs as outputs
 
         def read_only(*args, **kwargs):
             raise OSError(errno.EROFS, "Read-only file system")

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from paca_core import FullConfig, LoRAConfig, LoRAFAConfig, MEFTConfig, PaCAConfig, PacaModel, VeLoRAConfig, prepare_model
-from paca_core.sharding import full_tensor, is_sharded, shard_model
+from paca_core.distributed.sharding import full_tensor, is_sharded, shard_model
 
 from .conftest import tiny_llama
 
@@ -104,7 +104,7 @@ def test_fsdp_two_processes_equal_one_process_and_the_saved_adapter_loads_in_one
 
 
 def _trainer_worker(rank, world, init_file, data, out_dir):
-    from paca_core.trainer import Trainer, TrainingArguments
+    from paca_core.train.trainer import Trainer, TrainingArguments
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -130,7 +130,7 @@ def _trainer_worker(rank, world, init_file, data, out_dir):
 
 @pytest.mark.slow
 def test_trainer_under_fsdp_checkpoints_and_resumes_exactly(tmp_path):
-    from paca_core.dataset import TokenizedData
+    from paca_core.data.dataset import TokenizedData
 
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 100, (16, LENGTH), generator=gen)
@@ -139,7 +139,7 @@ def test_trainer_under_fsdp_checkpoints_and_resumes_exactly(tmp_path):
     result = torch.load(tmp_path / "trainer0.pt", weights_only=False)
     for key, tensor in result["straight"].items():
         assert torch.equal(result["resumed"][key], tensor), key
-    from paca_core.training_state import read_training_state
+    from paca_core.train.training_state import read_training_state
 
     state = read_training_state(tmp_path / "resumed" / "checkpoint")
     moments = [entry["exp_avg"] for entry in state["optimizer"]["state"].values()]
@@ -151,8 +151,8 @@ def test_fsdp_refuses_what_it_cannot_shard_and_needs_a_process_group():
     model = prepare_model(tiny_llama(seed=0), PaCAConfig(r=4), device="cpu")
     with pytest.raises(RuntimeError, match="process group"):
         shard_model(model, torch.device("cpu"))
-    from paca_core.trainer import Trainer, TrainingArguments
-    from paca_core.dataset import TokenizedData
+    from paca_core.train.trainer import Trainer, TrainingArguments
+    from paca_core.data.dataset import TokenizedData
 
     ids = torch.zeros(8, LENGTH, dtype=torch.long)
     data = TokenizedData(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids), source="zeros")

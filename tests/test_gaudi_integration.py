@@ -28,7 +28,7 @@ import transformers  # noqa: E402
 
 import paca_core.integrations.gaudi as gaudi  # noqa: E402
 from paca_core import PaCAConfig, PacaModel  # noqa: E402
-from paca_core.checkpoint import read_adapter_tensors  # noqa: E402
+from paca_core.files.checkpoint import read_adapter_tensors  # noqa: E402
 
 from .conftest import tiny_llama  # noqa: E402
 

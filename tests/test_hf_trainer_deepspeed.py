@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from paca_core import PacaModel, zero
+from paca_core import PacaModel
+from paca_core.distributed import zero
 from paca_core.errors import CheckpointError
-from paca_core.zero import align_saved_groups, align_scheduler_state, match_saved_groups
+from paca_core.distributed.zero import align_saved_groups, align_scheduler_state, match_saved_groups
 
 from .conftest import tiny_llama
 

@@ -23,7 +23,7 @@ import devices.registry as registry
 from devices.cpu import CpuRuntime
 from devices.hpu import HpuRuntime, lazy_mode_enabled
 from paca_core import PaCAConfig, prepare_model
-from paca_core.trainer import Trainer, TrainingArguments
+from paca_core.train.trainer import Trainer, TrainingArguments
 
 from .conftest import SAMPLE_TEXT, tiny_llama
 
@@ -215,8 +215,8 @@ class CpuWithCapturedGraphs(CpuRuntime):
 
 @pytest.mark.parametrize("mode", ["eager", "hpu-graphs"])
 def test_trainer_zeroes_grads_in_place_under_captured_graphs(monkeypatch, tiny_model_dir, tmp_path, mode):
-    from paca_core.assets import load_model_and_tokenizer
-    from paca_core.dataset import load_dataset, split_held_out
+    from paca_core.files.assets import load_model_and_tokenizer
+    from paca_core.data.dataset import load_dataset, split_held_out
 
     monkeypatch.setitem(registry._RUNTIMES, "cpu", CpuWithCapturedGraphs())
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
@@ -246,8 +246,8 @@ def _graph_compilations() -> int:
 @pytest.mark.parametrize("marks", [pytest.param(None, marks=requires_lazy_hpu)])
 def test_paca_training_on_hpu_lazy_mode_stops_compiling(marks, tiny_model_dir, tmp_path):
     """Same-shape steps must reuse the cached lazy graphs: no new compilations after warm-up."""
-    from paca_core.assets import load_model_and_tokenizer
-    from paca_core.dataset import load_dataset, split_held_out
+    from paca_core.files.assets import load_model_and_tokenizer
+    from paca_core.data.dataset import load_dataset, split_held_out
 
     hpu = devices.resolve_device("hpu")
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))

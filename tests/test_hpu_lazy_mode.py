@@ -13,8 +13,8 @@ import devices.registry as registry
 from devices.cpu import CpuRuntime
 from devices.hpu import HpuRuntime
 from paca_core import PaCAConfig, prepare_model
-from paca_core.dataset import load_dataset, split_held_out
-from paca_core.trainer import Trainer, TrainingArguments
+from paca_core.data.dataset import load_dataset, split_held_out
+from paca_core.train.trainer import Trainer, TrainingArguments
 
 from .conftest import SAMPLE_TEXT
 
@@ -42,7 +42,7 @@ class CpuTensorsWithHpuBoundaries(CpuRuntime):
 
 @pytest.mark.parametrize("grad_accum", [1, 3])
 def test_mark_step_after_backward_and_after_optimizer_step(monkeypatch, tiny_model_dir, tmp_path, grad_accum):
-    from paca_core.assets import load_model_and_tokenizer
+    from paca_core.files.assets import load_model_and_tokenizer
 
     events: list[str] = []
     monkeypatch.setitem(registry._RUNTIMES, "cpu", CpuTensorsWithHpuBoundaries(events))

@@ -11,7 +11,7 @@ import torch
 
 from paca_core.bench import lr_sweep, lr_sweep_report
 from paca_core.bench.lr_rule import LrRuleError, average_best_lr, choose_lr
-from paca_core.dataset import IGNORE_INDEX, load_dataset
+from paca_core.data.dataset import IGNORE_INDEX, load_dataset
 from paca_core.errors import PacaConfigError
 
 from .conftest import SAMPLE_TEXT, tiny_llama

@@ -87,7 +87,7 @@ def test_max_context_search_is_the_measured_longest_length():
 
 @pytest.mark.slow
 def test_cli_max_context_writes_ratios(tmp_path):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     out = tmp_path / "mc"
     rc = main(["bench", "--mode", "max-context", "--model", "tiny:8", "--methods", "paca,paca@gc", "--batch-size", "1",
@@ -107,7 +107,7 @@ def test_cli_max_context_writes_ratios(tmp_path):
     (["--methods", "paca"], "--memory-budget"),
 ])
 def test_cli_max_context_bad_input(argv, needle, tmp_path, caplog):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     command = ["bench", "--mode", "max-context", "--model", "tiny", "--out", str(tmp_path)] + argv
     if "floor,paca" in argv:

@@ -9,7 +9,7 @@ from backends import get_backend
 from paca_core import MEFTConfig, prepare_model
 from paca_core.errors import PacaConfigError
 from paca_core.layers.sparse_adapter import SparseFFNAdapter
-from paca_core.measure import count_saved_tensors
+from paca_core.memory.measure import count_saved_tensors
 
 from .conftest import tiny_llama
 
@@ -288,8 +288,8 @@ def test_targeting_a_linear_layer_is_a_clear_error():
 def _meft_trainer(model_dir, text_file, out, steps):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from paca_core.dataset import load_dataset, split_held_out
-    from paca_core.trainer import Trainer, TrainingArguments
+    from paca_core.data.dataset import load_dataset, split_held_out
+    from paca_core.train.trainer import Trainer, TrainingArguments
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -329,7 +329,7 @@ def test_trainer_resume_restores_host_adam_state(tmp_path, tiny_model_dir, sampl
 def test_cli_trains_meft_and_loss_falls(tmp_path, tiny_model_dir, sample_text_file):
     import json
 
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     out = tmp_path / "run"
     flags = [

@@ -11,7 +11,7 @@ from paca_core import AdaptedModel, prepare_model
 from paca_core.config import FullConfig, LoRAConfig, LoRAFAConfig, PaCAConfig, VeLoRAConfig
 from paca_core.errors import PacaConfigError
 from paca_core.layers.lora import LoRALinear
-from paca_core.measure import count_saved_tensors
+from paca_core.memory.measure import count_saved_tensors
 
 from .conftest import tiny_llama
 

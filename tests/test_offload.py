@@ -11,7 +11,7 @@ import torch
 import devices
 from devices import Transfer
 from paca_core import LoRAConfig, prepare_model
-from paca_core.offload import offload_activations
+from paca_core.memory.offload import offload_activations
 
 from .conftest import tiny_llama
 
@@ -105,7 +105,7 @@ def test_no_match_is_a_clear_error():
 
 
 def test_cli_flag_installs_offload(tmp_path, tiny_model_dir, sample_text_file, caplog):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     flags = [
         "train", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--steps", "2", "--seq-len", "16",

@@ -8,7 +8,7 @@ import torch.nn as nn
 from paca_core import PaCAConfig, PaCALinear, TargetModuleError, prepare_model
 from paca_core.errors import PacaConfigError
 from paca_core.layers.partial_connection import _PartialConnectionLinear
-from paca_core.measure import count_saved_tensors
+from paca_core.memory.measure import count_saved_tensors
 
 from .conftest import randomise_paca_deltas as _randomise_deltas
 from .conftest import tiny_llama

@@ -13,7 +13,7 @@ import torch
 
 from paca_core import PaCAConfig, PacaModel, prepare_model
 from paca_core.errors import CheckpointError, PacaConfigError
-from paca_core.export import export_peft
+from paca_core.files.export import export_peft
 
 from tests.conftest import randomise_paca_deltas, refused_in_one_line, tiny_llama
 
@@ -131,7 +131,7 @@ def test_what_has_no_paca_form_is_refused_in_one_line(tmp_path):
 
 def test_peft_adapter_on_a_4bit_base_matches_peft(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from paca_core.quantization import quantize_base
+    from paca_core.memory.quantization import quantize_base
 
     # Widths that are multiples of bitsandbytes' 64-wide blocks (its CPU kernels mis-scale other widths; see quantization.py).
     folder, _, pristine = _peft_trained(tmp_path, hidden_size=64, intermediate_size=128)
@@ -165,7 +165,7 @@ def _peft_folder_for(tiny_model_dir, tmp_path, **config):
 def test_paca_merge_of_a_peft_adapter_equals_peft_merge_and_unload(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     folder, model = _peft_folder_for(tiny_model_dir, tmp_path)
     assert main(["merge", "--adapter", str(folder), "--model", str(tiny_model_dir), "--out", str(tmp_path / "merged")]) == 0
@@ -176,7 +176,7 @@ def test_paca_merge_of_a_peft_adapter_equals_peft_merge_and_unload(tiny_model_di
 
 def test_export_peft_format_paca_cli_and_version_refusal(tiny_model_dir, tmp_path, caplog, monkeypatch):
     from paca_core import extras
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     folder, _ = _peft_folder_for(tiny_model_dir, tmp_path)
     out = tmp_path / "exported"
@@ -190,7 +190,7 @@ def test_export_peft_format_paca_cli_and_version_refusal(tiny_model_dir, tmp_pat
 
 
 def test_paca_train_continues_a_peft_adapter(tiny_model_dir, tmp_path, sample_text_file):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     folder, model = _peft_folder_for(tiny_model_dir, tmp_path)
     out = tmp_path / "run"
@@ -268,7 +268,7 @@ def test_tied_head_is_refused_by_export(tmp_path):
 
 
 def test_export_of_composed_adapter_cli_refuses_before_loading(tiny_model_dir, tmp_path, sample_text_file, caplog):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     run = tmp_path / "run"
     assert main(["train", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--method", "paca+full+velora",

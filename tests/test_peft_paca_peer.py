@@ -90,7 +90,7 @@ def _pair(alpha=None, seed=0):
     """Our paca and PEFT's PaCA (get_peft_model, our columns via paca_indices_pattern, paca_alpha = our alpha) on
     two copies of one tiny model; every delta given the same random values (a zero delta checks little)."""
     from paca_core.config import PaCAConfig
-    from paca_core.indices import select_columns
+    from paca_core.layers.indices import select_columns
     from paca_core.model import prepare_model
 
     base = tiny_llama(seed)
@@ -147,7 +147,7 @@ def test_our_paca_equals_peft_paca_on_the_same_columns(alpha):
 def test_we_keep_no_more_for_backward_than_peft_paca():
     """Bytes autograd saves in one training forward (storages of the model's own weights are not activations):
     ours the r selected input columns only; PEFT's also the original and adapted (out, r) columns per layer."""
-    from paca_core.measure import count_saved_tensors
+    from paca_core.memory.measure import count_saved_tensors
 
     ours, theirs, layers, _ = _pair()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -206,7 +206,7 @@ def test_peft_qpaca_trains_on_the_base_qpaca_trains_on():
 @needs_peft_paca
 @pytest.mark.slow
 def test_bench_command_puts_ours_beside_peft_paca(tmp_path):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     out = tmp_path / "bench"
     code = main(["bench", "--model", "tiny", "--methods", "peft-paca,paca", "--seq-len", "16", "--batch-size", "2", "--rank", "4",

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from paca_core import FullConfig, LoRAConfig, LoRAFAConfig, MEFTConfig, PaCAConfig, PacaModel, VeLoRAConfig, prepare_model
-from paca_core.placement import PlacementError
-from paca_core.sharding import shard_model
+from paca_core.surgery.placement import PlacementError
+from paca_core.distributed.sharding import shard_model
 
 from .conftest import tiny_llama
 from .scripts.hf_trainer_run import Rows, recorded_moves

@@ -527,7 +527,7 @@ def tiny_config_file(tmp_path):
 
 @pytest.mark.slow
 def test_cli_plan_writes_records(tiny_config_file, tmp_path):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     out = tmp_path / "plan"
     rc = main(["plan", "--model", str(tiny_config_file), "--methods", "paca,peft-lora" if HAVE_PEFT else "paca,lora",
@@ -566,7 +566,7 @@ def test_cli_plan_writes_records(tiny_config_file, tmp_path):
 ], ids=["unknown-shape", "unknown-profile", "seq-above-context", "peft-velora-host-read", "fp4-on-gaudi", "fsdp-without-world-size",
         "zero-without-world-size", "zero-with-fsdp"])
 def test_cli_plan_bad_input(argv, needles, tiny_config_file, caplog):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
     from paca_core.plan.shapes import known_shapes
 
     args = {"--model": str(tiny_config_file), "--methods": "paca", "--device-profile": "h100-80g", "--seq-len": "64",
@@ -591,7 +591,7 @@ def test_cli_plan_bad_input(argv, needles, tiny_config_file, caplog):
 def test_cli_plan_quantize_plans_the_4bit_forms(tiny_config_file, tmp_path):
     """--quantize: paca is planned as QPaCA and peft-lora as PEFT QLoRA in the asked 4-bit type, methods without a
     4-bit form stay on the --dtype base, and the output says that the 4-bit matmul is a stand-in."""
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     methods = "paca,lora,peft-lora" if HAVE_PEFT else "paca,lora"
     out = tmp_path / "plan"
@@ -690,7 +690,7 @@ def test_the_held_out_pass_is_planned_at_the_training_micro_batch_with_the_chunk
 def test_plan_labels_layout_budget_context_and_versions(tmp_path):
     """What the table and plan.json say: memory per rank with the layout named (N replicas without --fsdp/--zero), a
     longest sequence that is the context marked as such, --memory-budget used for 'fits', library versions recorded."""
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
     from paca_core.plan.report import markdown_table
 
     assert PlanSettings(world_size=4).layout() == "4 replicas (DDP)"

@@ -254,7 +254,7 @@ def test_the_runtime_memory_counts_collective_buffers_with_several_ranks(tiny_pl
 
 
 def test_plan_json_and_table_report_allocated_reserved_and_device(tmp_path):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
     from paca_core.plan.report import markdown_table
 
     config = tiny_llama_config(num_hidden_layers=3)

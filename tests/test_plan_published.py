@@ -130,7 +130,7 @@ def test_rows_cover_issue_32s_minimum_and_cite_their_sources():
 
 
 def test_every_row_command_is_a_valid_paca_plan_command():
-    from paca_core.cli import build_parser
+    from paca_core.cli.dispatch import build_parser
 
     parser = build_parser()
     for row in pvp.load_rows():

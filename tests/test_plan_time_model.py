@@ -253,7 +253,7 @@ def test_exposed_communication_follows_the_overlap_rule():
 
 # --- 4. plan.json ---------------------------------------------------------------------------------------
 def test_plan_json_records_the_time_model(tmp_path):
-    from paca_core.cli import main
+    from paca_core.cli.dispatch import main
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(tiny_llama_config(max_position_embeddings=256).to_dict()))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from paca_core.cli import main
-from paca_core.outputs import MARKER_NAME
+from paca_core.cli.dispatch import main
+from paca_core.files.outputs import MARKER_NAME
 
 from .conftest import SAMPLE_TEXT, refused_in_one_line
 
@@ -465,7 +465,7 @@ def test_overwrite_replaces_only_the_earlier_runs_files_and_the_marker_lists_eve
 
 def test_an_arrow_file_in_the_ipc_file_format_is_read(world):
     pytest.importorskip("datasets")
-    from paca_core.dataset import inspect_data
+    from paca_core.data.dataset import inspect_data
 
     for kind in ("file", "stream"):
         _arrow(world["world"], kind)

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from paca_core import PaCAConfig, PacaModel, prepare_model
-from paca_core.cli import main
+from paca_core.cli.dispatch import main
 from paca_core.errors import PacaConfigError
-from paca_core.measure import count_saved_tensors
+from paca_core.memory.measure import count_saved_tensors
 
 from .conftest import tiny_llama
 
@@ -21,7 +21,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="QPaCA needs bitsandbytes (pip 
 
 from paca_core.layers.quantized_partial_connection import QuantizedPaCALinear  # noqa: E402
 from backends import bitsandbytes_compat  # noqa: E402
-from paca_core.quantization import (  # noqa: E402
+from paca_core.memory.quantization import (  # noqa: E402
     BLOCKSIZE,
     dequantize_weight,
     merge_and_dequantize,
@@ -265,7 +265,7 @@ def test_a_method_trained_module_is_never_quantized():
 
 
 def test_a_checkpoint_from_before_quantize_scope_loads_as_it_trained(tmp_path):
-    from paca_core.checkpoint import config_differences
+    from paca_core.files.checkpoint import config_differences
     from paca_core.config import config_from_dict
 
     old = {"method": "paca", "r": 4, "alpha": None, "quantize": "nf4", "target_modules": ["q_proj"], "exclude_modules": [], "seed": 0}
@@ -400,7 +400,7 @@ def test_dequantization_follows_the_flat_block_format_on_this_cpu(shape, nested,
 
 def test_peft_lora_export_on_the_same_4bit_base_is_exact(tmp_path):
     peft = pytest.importorskip("peft")
-    from paca_core.export import export_peft_lora
+    from paca_core.files.export import export_peft_lora
 
     qpaca = prepare_model(tiny_llama_bnb(), PaCAConfig(r=4, alpha=8.0, quantize="nf4"), device="cpu")
     _randomise(qpaca)
@@ -492,7 +492,7 @@ def _repacked_layers(model):
 @pytest.mark.parametrize("repack", REPACKS)
 def test_qpaca_keeps_working_on_a_base_bitsandbytes_repacked_for_cpu_inference(repack, tmp_path, caplog):
     peft = pytest.importorskip("peft")
-    from paca_core.export import export_peft_lora
+    from paca_core.files.export import export_peft_lora
 
     config = dict(r=4, alpha=8.0, seed=11)
     reference = prepare_model(quantize_base(tiny_llama_bnb(), "nf4"), PaCAConfig(**config), device="cpu")  # never repacked
@@ -570,7 +570,7 @@ def test_cli_quantized_train_learns_saves_merges_and_exports(tiny_model_dir, sam
     assert metrics["configs"][0]["quantize"] == "nf4"
     assert metrics["held_out_loss_after"] < metrics["held_out_loss_before"]
 
-    from paca_core.assets import load_model_and_tokenizer
+    from paca_core.files.assets import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
     adapted = PacaModel.from_pretrained(model, out / "adapter", device="cpu")

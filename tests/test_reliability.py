@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from paca_core import PaCAConfig, prepare_model
-from paca_core.cli import main
-from paca_core.dataset import load_dataset, split_held_out
+from paca_core.cli.dispatch import main
+from paca_core.data.dataset import load_dataset, split_held_out
 from paca_core.errors import NonFiniteLossError, TrainingOutOfMemoryError
-from paca_core.trainer import STATE_NAME, Trainer, TrainingArguments
-from paca_core.training_state import read_training_state
+from paca_core.train.trainer import STATE_NAME, Trainer, TrainingArguments
+from paca_core.train.training_state import read_training_state
 
 
 def _trainer(model_dir, text_file, out, steps=4, **overrides):
@@ -96,7 +96,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tiny_model_dir, sam
     trainer.train()
     before = _deltas(trainer)
     trainer.args.max_steps = trainer.total_steps = 4
-    import paca_core.trainer as trainer_module
+    import paca_core.train.trainer as trainer_module
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from paca_core import cli
-from paca_core.cli import main
-from paca_core.outputs import MARKER_NAME
+from paca_core.cli import dispatch as cli
+from paca_core.cli.dispatch import main
+from paca_core.files.outputs import MARKER_NAME
 
 
 def _parse(*argv: str):

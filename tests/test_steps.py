@@ -1,4 +1,4 @@
-"""paca_core.steps: the one training step and evaluation every loop uses (Trainer, paca bench worker).
+"""paca_core.train.steps: the one training step and evaluation every loop uses (Trainer, paca bench worker).
 
 Regression: the bench worker freed gradients (zero_grad(set_to_none=True)) even under captured HPU
 graphs, which hold gradient buffers by address; the Trainer zeroed them in place. Both now take
@@ -13,7 +13,7 @@ import devices
 import devices.registry as registry
 from paca_core import PaCAConfig, prepare_model
 from paca_core.bench import worker
-from paca_core.steps import evaluate, grads_to_none, train_step
+from paca_core.train.steps import evaluate, grads_to_none, train_step
 
 from .conftest import tiny_llama
 from .test_hpu_device import CpuWithCapturedGraphs
@@ -72,7 +72,7 @@ def test_train_step_accumulates_and_skips_as_told():
 
 
 def test_evaluate_counts_only_target_tokens():
-    from paca_core.dataset import TokenizedData
+    from paca_core.data.dataset import TokenizedData
 
     model = tiny_llama(seed=0)
     ids = torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(2))
@@ -88,7 +88,7 @@ def test_evaluate_counts_only_target_tokens():
 def test_evaluate_through_the_chunked_head_equals_the_full_logits_and_never_builds_them(monkeypatch):
     """Evaluation runs inside the memory the training step was sized for: the training micro-batch, and the LM head
     and loss over chunks (no (tokens x vocab) tensor), with the same loss as the full logits."""
-    from paca_core.dataset import TokenizedData
+    from paca_core.data.dataset import TokenizedData
 
     model = tiny_llama(seed=1)
     paca = prepare_model(model, PaCAConfig(r=4), device="cpu")

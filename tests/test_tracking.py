@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from paca_core.cli import main
-from paca_core.outputs import MARKER_NAME
-from paca_core.tracking import EVAL_LOSS, TRAIN_SCALARS, Tracker, parse_report_to, report_to_argument
+from paca_core.cli.dispatch import main
+from paca_core.files.outputs import MARKER_NAME
+from paca_core.train.tracking import EVAL_LOSS, TRAIN_SCALARS, Tracker, parse_report_to, report_to_argument
 
 TRAIN_KEYS = ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "train/peak_memory_mb")
 
@@ -64,9 +64,9 @@ class RecordingTracker(Tracker):
 
 def test_the_loop_reports_each_window_and_evaluation_through_the_interface(tiny_model_dir, sample_text_file):
     from paca_core import PaCAConfig, prepare_model
-    from paca_core.assets import load_model_and_tokenizer
-    from paca_core.dataset import load_dataset, split_held_out
-    from paca_core.trainer import Trainer, TrainingArguments
+    from paca_core.files.assets import load_model_and_tokenizer
+    from paca_core.data.dataset import load_dataset, split_held_out
+    from paca_core.train.trainer import Trainer, TrainingArguments
 
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
     train, held_out = split_held_out(load_dataset(sample_text_file, tokenizer, 16), 0.2, 0)

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from paca_core.cli import main
+from paca_core.cli.dispatch import main
 
 from .conftest import refused_in_one_line as _refused
 
@@ -112,7 +112,7 @@ def test_a_resume_on_other_data_or_length_warns(finished_run, tiny_model_dir, sa
 
 
 def test_the_run_is_described_before_the_model_loads(tiny_model_dir, sample_text_file, tmp_path, monkeypatch, capsys):
-    import paca_core.assets as assets
+    import paca_core.files.assets as assets
 
     printed_before_load = []
     original = assets.load_model_and_tokenizer
@@ -130,7 +130,7 @@ def test_the_run_is_described_before_the_model_loads(tiny_model_dir, sample_text
 
 
 def test_no_eval_skips_both_evaluations(tiny_model_dir, sample_text_file, tmp_path, monkeypatch):
-    import paca_core.trainer as trainer
+    import paca_core.train.trainer as trainer
 
     def never(*args, **kwargs):
         raise AssertionError("evaluated")
@@ -159,7 +159,7 @@ def _trainer_at(step, saved):
 
 
 def test_the_interrupt_message_never_points_at_a_checkpoint_that_does_not_exist():
-    from paca_core.train_command import _interrupted_message
+    from paca_core.cli.train_command import _interrupted_message
 
     assert "resume with  paca train --resume runs/x/checkpoint" in _interrupted_message(_trainer_at(7, 7))
     assert "nothing saved since step 4" in _interrupted_message(_trainer_at(7, 4))
@@ -168,7 +168,7 @@ def test_the_interrupt_message_never_points_at_a_checkpoint_that_does_not_exist(
 
 
 def test_ctrl_c_while_importing_is_not_a_traceback(monkeypatch, capsys):
-    import paca_core.cli as cli
+    import paca_core.cli.dispatch as cli
 
     def interrupted():
         raise KeyboardInterrupt

@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from paca_core import CheckpointError, PaCAConfig, PacaModel, prepare_model
-from paca_core.cli import main
-from paca_core.dataset import IGNORE_INDEX, DataError, load_dataset, split_held_out
-from paca_core.trainer import STATE_NAME, Trainer, TrainingArguments
-from paca_core.training_state import read_training_state
+from paca_core.cli.dispatch import main
+from paca_core.data.dataset import IGNORE_INDEX, DataError, load_dataset, split_held_out
+from paca_core.train.trainer import STATE_NAME, Trainer, TrainingArguments
+from paca_core.train.training_state import read_training_state
 
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _load(tiny_model_dir):
-    from paca_core.assets import load_model_and_tokenizer
+    from paca_core.files.assets import load_model_and_tokenizer
 
     return load_model_and_tokenizer(str(tiny_model_dir))
 
@@ -146,7 +146,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_model_dir, sample_text_
     trainer = _trainer(tiny_model_dir, sample_text_file, tmp_path / "c", steps=2)
     trainer.train()
     before = (trainer.checkpoint_dir / "adapter_model.safetensors").read_bytes()
-    import paca_core.trainer as trainer_module
+    import paca_core.train.trainer as trainer_module
 
     def broken_save(*args, **kwargs):
         raise OSError("No space left on device")
@@ -277,8 +277,8 @@ def test_cli_rejects_bad_method_combinations(tmp_path, caplog):
 
 
 def test_cli_defaults_are_parameter_matched_per_method():
-    from paca_core.cli import build_configs, build_parser
-    from paca_core.train_options import default_lr_for as _default_lr
+    from paca_core.cli.dispatch import build_configs, build_parser
+    from paca_core.flags.train_options import default_lr_for as _default_lr
 
     def configs_for(*flags):
         return build_configs(build_parser().parse_args(["train", *flags]))

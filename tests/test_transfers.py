@@ -15,7 +15,7 @@ import torch
 import devices
 from devices.cpu import CpuRuntime
 from paca_core import LoRAConfig, MEFTConfig, prepare_model
-from paca_core.offload import offload_activations
+from paca_core.memory.offload import offload_activations
 
 from .conftest import tiny_llama
 

@@ -1,4 +1,5 @@
 """``paca bench``: every method on the same model, shapes and device, one fresh process per method.
+May import plan, workloads and everything below them; never doctor or cli.
 
 Modules, one job each: :mod:`.command` (the subcommand's flags; cheap to import), :mod:`.run` (running
 it: jobs, worker processes, the report), :mod:`.worker` (the subprocess that measures one entry),

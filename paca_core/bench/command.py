@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..help_format import HelpFormatter
+from ..flags.help_format import HelpFormatter
 from ..workloads.levers import LEVERS
 from ..workloads.models import MODEL_HELP
 from ..workloads.peers import everyday_peers

@@ -230,8 +230,8 @@ def _init_worker(settings: SweepSettings, threads: int) -> None:
 
 def _dataset(name: str):
     """Training and held-out examples of a data set and the frozen model's held-out loss (cached)."""
-    from ..dataset import load_dataset, split_held_out
-    from ..steps import evaluate
+    from ..data.dataset import load_dataset, split_held_out
+    from ..train.steps import evaluate
 
     if name not in _STATE.data:
         s = _STATE.settings

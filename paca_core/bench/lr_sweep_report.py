@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import write_bytes_atomic
+from ..files.atomic import write_bytes_atomic
 from .lr_rule import DIVERGED, LrChoice, LrRuleError, average_best_lr, choose_lr
 
 Group = tuple[str, "int | None"]  # (method, rank)

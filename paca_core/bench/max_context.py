@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS
+from ..memory.chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS
 from ..errors import PacaConfigError
 from ..plan.planner import SEQ_STEP, MethodTracer, PlanSettings, device_memory, per_rank_bytes, search_largest
 from ..plan.shapes import context_length

@@ -16,7 +16,7 @@ from ..errors import PacaConfigError
 def check_bench_inputs(args: argparse.Namespace) -> None:
     """Every input the mode reads: ``--model`` (a shape name, or a local model folder with a usable config.json),
     ``--accuracy-model`` and ``--data`` in accuracy modes, and the run's numbers; raises one line on the first problem."""
-    from ..input_checks import read_model_config
+    from ..files.input_checks import read_model_config
     from ..workloads.models import parse_model
 
     accuracy = args.mode in ("accuracy", "both")
@@ -26,7 +26,7 @@ def check_bench_inputs(args: argparse.Namespace) -> None:
         if parse_model(args.accuracy_model).kind == "path":
             _check_model_folder(args.accuracy_model, "--accuracy-model", read_model_config)
         if args.data != "default":
-            from ..dataset import inspect_data
+            from ..data.dataset import inspect_data
 
             inspect_data(Path(args.data), "--data")
         for flag in ("accuracy_steps", "accuracy_seq_len", "accuracy_batch_size", "accuracy_rank", "eval_every"):

@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 import devices
 from devices.profiles import UnknownProfileError, get_profile
 
-from .. import assets, extras
+from ..files import assets
+from .. import extras
 from ..errors import PacaConfigError
-from ..outputs import check_output, publish_directory
+from ..files.outputs import check_output, publish_directory
 from ..methods import external_method_modules, registered_methods
 from ..plan.planner import MethodTracer, PlanSettings, search_largest
 from ..plan.shapes import load_config
@@ -300,7 +301,7 @@ def _point_at_published(records: list[dict], staging: Path, final: Path) -> None
 
 
 def _checked_output(args: argparse.Namespace):
-    """``--out`` against the output policy (paca_core.outputs), before any worker runs."""
+    """``--out`` against the output policy (paca_core.files.outputs), before any worker runs."""
     inputs = {"--data": None if args.data == "default" else args.data}
     for flag, value in (("--model", args.model), ("--accuracy-model", getattr(args, "accuracy_model", None))):
         if value and Path(str(value)).expanduser().exists():

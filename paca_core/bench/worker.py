@@ -27,10 +27,10 @@ import torch
 import devices
 
 from ..errors import is_out_of_memory
-from ..measure import count_saved_tensors
+from ..memory.measure import count_saved_tensors
 from ..methods import import_method_modules
-from ..quantization import quant_state_tensors
-from ..steps import evaluate, grads_to_none, train_step
+from ..memory.quantization import quant_state_tensors
+from ..train.steps import evaluate, grads_to_none, train_step
 from ..workloads.accounting import host_tables, optimizer_state_bytes, table_tensors, tensor_bytes
 from ..workloads.models import ModelChoice, build_model, parse_model, vocab_size
 from ..workloads.prepare import Prepared, Unavailable, apply_levers, prepare
@@ -42,7 +42,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _step(prepared: Prepared, ids: torch.Tensor, device: torch.device, max_grad_norm: float = 0.0, after_backward=None) -> torch.Tensor:
-    """One training step on ``ids``: :func:`paca_core.steps.train_step`, as ``paca train`` runs it."""
+    """One training step on ``ids``: :func:`paca_core.train.steps.train_step`, as ``paca train`` runs it."""
     return train_step(
         prepared.forward, [ids], prepared.optimizer, device, params=prepared.params, set_to_none=prepared.set_to_none,
         max_grad_norm=max_grad_norm, after_backward=after_backward,
@@ -168,8 +168,8 @@ _held_out_loss = evaluate
 
 def run_accuracy(job: dict) -> dict:
     """Fine-tune for ``steps`` on real text and record train and held-out loss (floor: no training)."""
-    from .. import assets
-    from ..dataset import load_dataset, split_held_out
+    from ..files import assets
+    from ..data.dataset import load_dataset, split_held_out
 
     spec, choice, device, prepared, tokenizer = _setup(job)
     if not choice.has_real_weights or tokenizer is None:
@@ -186,7 +186,7 @@ def fine_tune(prepared: Prepared, train_data, eval_data, job: dict, device: torc
     """The accuracy-mode training loop on already prepared data (shared with the lr sweep, which
     loads the model once per process). ``loss_before``: the frozen model's held-out loss, when the
     caller already has it (an adapter starts as the identity, so it is the same for every method)."""
-    from ..trainer import TrainingArguments, _lr_lambda
+    from ..train.trainer import TrainingArguments, _lr_lambda
 
     acc = job.get("accuracy", {})
     module = prepared.module

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..help_format import HelpFormatter
+from ..flags.help_format import HelpFormatter
 
 DESCRIPTION = """Prove this machine's accelerator: report the device and its software, then run the accelerator test
 tier, a benchmark at Llama-3.2-1B's shapes, the planner against measured steps and the longest sequence that

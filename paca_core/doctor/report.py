@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..outputs import format_size
+from ..files.outputs import format_size
 
 GiB = float(1 << 30)
 

@@ -1,7 +1,7 @@
 """``paca doctor``'s driver: the stages in order, each with its own time budget under one global deadline, and
 proof.json + proof.md rewritten after every stage, so a run cut short (the wrapper's hard limit, a crash in a
 later stage, Ctrl-C) still leaves every stage it finished. The output folder follows the output policy of
-:mod:`paca_core.outputs` (a new or empty folder, or an earlier doctor output with --overwrite)."""
+:mod:`paca_core.files.outputs` (a new or empty folder, or an earlier doctor output with --overwrite)."""
 from __future__ import annotations
 
 import argparse
@@ -19,9 +19,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .._version import __version__
-from ..atomic import write_bytes_atomic
+from ..files.atomic import write_bytes_atomic
 from ..errors import PacaConfigError
-from ..outputs import RunFolder, check_output
+from ..files.outputs import RunFolder, check_output
 from . import report
 from .schema import SCHEMA_NAME, STAGES, STATUSES, check_proof
 

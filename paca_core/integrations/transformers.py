@@ -37,10 +37,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .._version import __version__
-from ..checkpoint import adapter_state, load_adapter_tensors, read_adapter_tensors, write_adapter_files
+from ..files.checkpoint import adapter_state, load_adapter_tensors, read_adapter_tensors, write_adapter_files
 from ..errors import CheckpointError, PacaConfigError
-from ..sharding import load_optimizer_state
-from ..training_state import (
+from ..distributed.sharding import load_optimizer_state
+from ..train.training_state import (
     check_host_state, read_host_state, read_legacy_pickle, read_training_state, write_host_state, write_training_state,
 )
 from ..model import AdaptedModel
@@ -111,13 +111,13 @@ class PacaTrainerMixin:
             raise NotImplementedError(
                 "paca-hal adapters under the Hugging Face Trainer's own FSDP are not supported yet (its checkpoints "
                 "gather a full model state dict, not our adapter). Use this trainer with DDP (torchrun/accelerate "
-                "launch without FSDP), or FSDP2 through `paca train --fsdp` / paca_core.sharding.shard_model."
+                "launch without FSDP), or FSDP2 through `paca train --fsdp` / paca_core.distributed.sharding.shard_model."
             )
         if self._adapted() is not None and getattr(self, "is_deepspeed_enabled", False):
             self._paca_deepspeed_init(self._adapted())  # also for PacaSFTTrainer, which holds the inner model
         adapted = adapted_model(self.model)
         if adapted is not None:
-            adapted.default_loss_chunking()  # the LM head + loss in chunks in training (paca_core/chunked_loss.py)
+            adapted.default_loss_chunking()  # the LM head + loss in chunks in training (paca_core/memory/chunked_loss.py)
         if adapted is not None and self.args.label_names is None:
             forward = inspect.signature(adapted.base_model.forward).parameters
             self.label_names = [name for name in ("labels",) if name in forward]
@@ -162,7 +162,7 @@ class PacaTrainerMixin:
 
     # --- DeepSpeed ---------------------------------------------------------------------------------
     def _paca_deepspeed_init(self, adapted: AdaptedModel) -> None:
-        from ..zero import refuse_unsupported
+        from ..distributed.zero import refuse_unsupported
 
         stage = int(self.accelerator.state.deepspeed_plugin.zero_stage)
         refuse_unsupported(adapted, stage)
@@ -175,13 +175,13 @@ class PacaTrainerMixin:
             self.add_callback(_ZeroStepCallback(self))
 
     def _paca_zero(self):
-        """paca_core.zero's view of the DeepSpeed engine this trainer made; None before it exists or without DeepSpeed."""
+        """paca_core.distributed.zero's view of the DeepSpeed engine this trainer made; None before it exists or without DeepSpeed."""
         engine = getattr(self, "model_wrapped", None)
         if not getattr(self, "is_deepspeed_enabled", False) or not hasattr(engine, "zero_optimization_stage"):
             return None
         cached = getattr(self, "_paca_zero_view", None)
         if cached is None or cached.engine is not engine:
-            from ..zero import ZeroEngine
+            from ..distributed.zero import ZeroEngine
 
             cached = self._paca_zero_view = ZeroEngine.around(engine, self._adapted())
         return cached
@@ -230,7 +230,7 @@ class PacaTrainerMixin:
             state = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
         else:
             raise CheckpointError(f"{folder} has neither {ZERO_OPTIMIZER_DIR}/ nor {OPTIMIZER_NAME}: no optimizer state to resume.")
-        from ..zero import align_saved_groups, align_scheduler_state
+        from ..distributed.zero import align_saved_groups, align_scheduler_state
 
         saved_groups = state["param_groups"]
         if zero is not None:
@@ -349,7 +349,7 @@ def _skipping_deepspeed_loader(folder: Path):
 
 class _ZeroStepCallback(TrainerCallback):
     """Under DeepSpeed: after each applied optimizer step, the global post-step hooks (PaCA's columns,
-    MEFT's host update) with the model's own parameters (paca_core.zero.run_post_step_hooks)."""
+    MEFT's host update) with the model's own parameters (paca_core.distributed.zero.run_post_step_hooks)."""
 
     def __init__(self, trainer):
         self.trainer = weakref.proxy(trainer)

@@ -11,7 +11,7 @@ default ``completion_only_loss``), ``messages`` (loss on every token unless ``as
 ``packing=True`` (TRL's best-fit packing with per-example position ids). One difference: TRL's
 ``assistant_only_loss`` needs a chat template with ``{% generation %}`` markers, which most templates (SmolLM2's
 among them) lack; for those PacaSFTTrainer marks the assistant turns itself, as ``paca train`` does (incremental
-rendering, :mod:`paca_core.data_formats.chat`), and hands TRL the tokenized ``input_ids``/``labels``. A conversation
+rendering, :mod:`paca_core.data.formats.chat`), and hands TRL the tokenized ``input_ids``/``labels``. A conversation
 whose template cannot be marked that way is refused with the reason, never trained on whole.
 
 Usage::
@@ -27,10 +27,10 @@ import inspect
 import logging
 from typing import Any
 
-from ..data_formats.base import DataError
-from ..data_formats.chat import ChatTemplateError, ChatTokenizer, has_generation_markers
-from ..data_formats.fields import FieldMap
-from ..data_formats.records import ChatRecord, to_record
+from ..data.formats.base import DataError
+from ..data.formats.chat import ChatTemplateError, ChatTokenizer, has_generation_markers
+from ..data.formats.fields import FieldMap
+from ..data.formats.records import ChatRecord, to_record
 from ..model import AdaptedModel
 from .transformers import PacaTrainerMixin, adapted_model
 
@@ -84,7 +84,7 @@ def _mark_assistant_turns(arguments: dict[str, Any]) -> None:
     arguments["args"] = copy.copy(sft_args)
     arguments["args"].assistant_only_loss = False  # the labels now carry the assistant-only mask
     logger.info("assistant_only_loss: the chat template has no {%% generation %%} markers, so paca-hal marked the assistant "
-                "turns by rendering each conversation incrementally (paca_core.data_formats.chat).")
+                "turns by rendering each conversation incrementally (paca_core.data.formats.chat).")
 
 
 def _first(dataset) -> dict[str, Any]:

@@ -12,7 +12,7 @@ The contract a layer follows (what a method outside the package must know, decla
   floating point in float32) and derives :meth:`~AdapterLayer.adapter_state`, :meth:`~AdapterLayer.load_adapter_state`
   and :attr:`~AdapterLayer.frozen_adapter_parameters` from the declarations.
 * **Random tensors come from** :meth:`AdapterLayer.generator` (the config's seed and the module name through
-  :func:`paca_core.indices.layer_seed`): the same numbers in every process, so a reloaded adapter rebuilds
+  :func:`paca_core.layers.indices.layer_seed`): the same numbers in every process, so a reloaded adapter rebuilds
   what it did not save. Never Python's ``hash()`` (salted per process) or the global RNG.
 * **The method name** (:attr:`AdapterLayer.method`) and the config index are set from the config that made the
   layer, by ``prepare_model`` (:meth:`AdapterLayer.bind_config`); a layer never sets them.
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn as nn
 
-from ..indices import layer_seed
-from ..placement import adapter_device
+from .indices import layer_seed
+from ..surgery.placement import adapter_device
 
 if TYPE_CHECKING:
     from ..base_config import MethodConfig
@@ -51,7 +51,7 @@ class AdapterLayer(nn.Module):
     attaches: bool = False
     #: Whether ΔW exists, so ``merge_and_unload`` can fold the adapter into the weights.
     mergeable: bool = True
-    #: Whether FSDP2 can shard it (its state is plain parameters; see paca_core/sharding.py).
+    #: Whether FSDP2 can shard it (its state is plain parameters; see paca_core/distributed/sharding.py).
     shardable: bool = True
     #: The rank, for methods that have one (None otherwise).
     r: int | None = None
@@ -88,7 +88,7 @@ class AdapterLayer(nn.Module):
 
     # --- seeds -----------------------------------------------------------------------------------
     def layer_seed(self, seed: int, stream: int = 0) -> int:
-        """This layer's seed: :func:`paca_core.indices.layer_seed` of the config's ``seed`` and the module name,
+        """This layer's seed: :func:`paca_core.layers.indices.layer_seed` of the config's ``seed`` and the module name,
         plus ``stream`` (distinct streams for several random tensors). Stable across processes and Python versions."""
         return layer_seed(seed, self.module_name) + stream
 
@@ -101,7 +101,7 @@ class AdapterLayer(nn.Module):
     @property
     def adapter_device(self) -> torch.device:
         """Where adapter tensors go: beside the weights of the adapted module, or, when accelerate offloads them,
-        on the device it runs the module on (:func:`paca_core.placement.adapter_device`)."""
+        on the device it runs the module on (:func:`paca_core.surgery.placement.adapter_device`)."""
         if self._adapter_device is None:
             raise TypeError(f"{type(self).__name__} passed no adapted module to AdapterLayer.__init__, so its adapter tensors have no place.")
         return self._adapter_device
@@ -177,7 +177,7 @@ class AdapterLayer(nn.Module):
     def write_partitioned(cls, layers: Sequence["AdapterLayer"]) -> None:
         """For layers that keep part of their adapter *inside* their base weight (PaCA's adapted columns): write it
         into the flat partition of the weight each rank holds under DeepSpeed ZeRO-3 (a collective: every rank
-        calls it with the same layers; :func:`paca_core.zero.write_into_partitions` dispatches by layer class).
+        calls it with the same layers; :func:`paca_core.distributed.zero.write_into_partitions` dispatches by layer class).
         Layers whose adapter lives in its own tensors have nothing to write."""
         if layers:
             raise NotImplementedError(f"{cls.__name__} keeps no adapter state in its base weight; nothing to write under ZeRO-3.")
@@ -211,7 +211,7 @@ class AdapterLayer(nn.Module):
         raise TypeError(f"{type(self).__name__} keeps no input a compressor could replace.")
 
     def mark_sharded(self) -> None:
-        """Called once FSDP2 or ZeRO-3 manages this layer's parameters (paca_core/sharding.py, paca_core/zero.py)."""
+        """Called once FSDP2 or ZeRO-3 manages this layer's parameters (paca_core/distributed/sharding.py, paca_core/distributed/zero.py)."""
 
 
 class LinearAdapterLayer(AdapterLayer):

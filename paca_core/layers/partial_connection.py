@@ -9,7 +9,7 @@ rewritten once per optimizer step (a global optimizer post-step hook), and also 
 delta's version counter shows it was changed in place some other way.
 
 Under FSDP2 the weight and the delta are DTensors sharded on dim 0 (output features) between steps:
-their row shards line up, so each rank rewrites the columns of its own rows (paca_core/sharding.py)
+their row shards line up, so each rank rewrites the columns of its own rows (paca_core/distributed/sharding.py)
 and the all-gathered weight of the next forward and backward is adapted everywhere.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from backends import Backend, get_backend
 
-from ..indices import check_columns
-from ..sharding import full_tensor, gather_rows, is_sharded, local_rows, wrap_local
-from ..zero import gathered, partition_bounds, partitioned_layers, write_into_partitions
+from .indices import check_columns
+from ..distributed.sharding import full_tensor, gather_rows, is_sharded, local_rows, wrap_local
+from ..distributed.zero import gathered, partition_bounds, partitioned_layers, write_into_partitions
 from .base import LinearAdapterLayer
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class PaCALinear(LinearAdapterLayer):
         return weight, self.paca_original_columns[rows], delta
 
     def mark_sharded(self) -> None:
-        """Called by :func:`paca_core.sharding.shard_model`: forwards then see all-gathered copies."""
+        """Called by :func:`paca_core.distributed.sharding.shard_model`: forwards then see all-gathered copies."""
         self._sharded = True
 
     def _mark_applied(self) -> None:

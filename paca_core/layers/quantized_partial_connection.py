@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from backends import Backend, bitsandbytes_compat, get_backend
 
-from ..indices import check_columns
-from ..quantization import dequantize_weight, is_quantized_linear, quantized_kind, requantize
+from .indices import check_columns
+from ..memory.quantization import dequantize_weight, is_quantized_linear, quantized_kind, requantize
 from .base import LinearAdapterLayer
 from .partial_connection import _autocast_dtype, check_rank_fits, init_partial_connection, partial_connection_delta
 
@@ -152,7 +152,7 @@ class QuantizedPaCALinear(LinearAdapterLayer):
         Requantizing rounds ``deq(W_q) + ΔW`` to the 4-bit grid again, so outputs change a little; the
         error is logged and kept in ``self.merge_error``. Exact alternatives: keep the adapter (or
         export it as a PEFT LoRA adapter on the same 4-bit base), or
-        :func:`paca_core.quantization.merge_and_dequantize` for a full-precision merged model.
+        :func:`paca_core.memory.quantization.merge_and_dequantize` for a full-precision merged model.
         """
         if merge:
             with torch.no_grad():

@@ -1,4 +1,5 @@
 """Methods: one module per method, each registering a :class:`Method` with the registry.
+May import layers, memory and surgery (and the top-level config modules); not files, train or anything above.
 
 ``paca_core/methods/<name>.py`` holds a method's config, layer factory, ``paca train`` flags, default
 rank and learning rate, bench match factor, PEFT LoRA export and bench peers. Importing this package

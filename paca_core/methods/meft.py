@@ -70,7 +70,7 @@ class MEFTConfig(MethodConfig):
 
     def create_layer(self, module: nn.Module, module_name: str) -> nn.Module:
         from ..layers.sparse_adapter import ATTRIBUTE, SparseFFNAdapter
-        from ..surgery import feed_forward_width
+        from ..surgery.targets import feed_forward_width
 
         width = feed_forward_width(module, module_name)
         adapter = SparseFFNAdapter(

@@ -54,7 +54,7 @@ class PaCAConfig(MethodConfig):
         check_rank(self)
         self.columns = check_given_columns(self.columns)
         if self.quantize is not None:
-            from ..quantization import check_kind
+            from ..memory.quantization import check_kind
 
             self.quantize = check_kind(self.quantize)
         if self.quantize_scope not in ("base", "targets"):
@@ -70,7 +70,7 @@ class PaCAConfig(MethodConfig):
     def prepare_base(self, model: nn.Module, adapted: set[str]) -> None:
         """QPaCA on the whole base: every frozen linear but the head in 4 bits before the targets are wrapped. A base
         quantized by the caller (``quantization.quantize_base``) and no ``quantize`` asked: record what it is."""
-        from ..quantization import is_quantized_linear, observed_scope, quantize_frozen_base
+        from ..memory.quantization import is_quantized_linear, observed_scope, quantize_frozen_base
 
         if self.quantize is None:
             quantized = [m for m in model.modules() if is_quantized_linear(m)]
@@ -87,10 +87,10 @@ class PaCAConfig(MethodConfig):
     def create_layer(self, linear: nn.Linear, module_name: str) -> nn.Module:
         import torch
 
-        from ..indices import check_columns, select_columns
+        from ..layers.indices import check_columns, select_columns
         from ..layers.partial_connection import PaCALinear
         from ..layers.quantized_partial_connection import QuantizedPaCALinear
-        from ..quantization import is_quantized_linear, prepare_quantized_target
+        from ..memory.quantization import is_quantized_linear, prepare_quantized_target
 
         given = given_columns(self.columns, module_name)
         if given is None:
@@ -105,7 +105,7 @@ class PaCAConfig(MethodConfig):
         return PaCALinear(linear, r, self.alpha, indices, module_name=module_name, scaling=self.scaling)
 
     def offloaded_weight_problem(self, module: nn.Module) -> str | None:
-        from ..quantization import is_quantized_linear
+        from ..memory.quantization import is_quantized_linear
 
         if self.quantize is not None or is_quantized_linear(module):
             return "QPaCA quantizes the weight once and runs its 4-bit GEMM on it directly, so it must stay resident."
@@ -179,9 +179,9 @@ def check_args(args: argparse.Namespace, names: Sequence[str]) -> None:
     if "paca" not in names:
         raise PacaConfigError(
             "--quantize builds a 4-bit base for PaCA (QPaCA); use it with --method paca. For QLoRA use PEFT on "
-            "paca_core.quantization.quantize_base(model, 'nf4')."
+            "paca_core.memory.quantization.quantize_base(model, 'nf4')."
         )
-    from ..quantization import import_bitsandbytes
+    from ..memory.quantization import import_bitsandbytes
 
     try:
         import_bitsandbytes()

@@ -2,7 +2,7 @@
 
 A method module (``paca_core/methods/paca.py``, or a user's own module) defines its config class and
 layer, then calls :func:`register_method`. Everything that names methods reads this registry: the
-``paca train`` flags and ``--method`` parsing (:mod:`paca_core.train_options`), ``paca bench`` and
+``paca train`` flags and ``--method`` parsing (:mod:`paca_core.flags.train_options`), ``paca bench`` and
 ``paca plan`` entries (:mod:`paca_core.workloads.specs`) and the ``paca bench`` flags, checkpoints
 (:func:`paca_core.config.config_from_dict`) and the PEFT export. Methods outside the package register
 with :func:`register_method`, or through the ``paca_hal.methods`` entry-point group (loaded once, the

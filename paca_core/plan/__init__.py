@@ -1,1 +1,2 @@
-"""Planning what fits and how fast on accelerators, by tracing a real training step on fake tensors."""
+"""Planning what fits and how fast on accelerators, by tracing a real training step on fake tensors.
+May import workloads, flags, train, files, layers and memory; never bench, doctor or cli."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import PacaConfigError
-from ..train_options import is_auto
+from ..flags.train_options import is_auto
 from ..workloads.byte_sizes import parse_bytes
 from .preflight import LEVERS, traced_peak
 from .planner import SEQ_STEP, search_largest

@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..help_format import HelpFormatter
+from ..flags.help_format import HelpFormatter
 from ..workloads.peers import PEERS, everyday_peers
 from .shapes import known_shapes
 
@@ -27,7 +27,7 @@ def add_plan_parser(sub) -> None:
     """Register ``paca plan`` on the CLI's subparsers."""
     from devices.profiles import FOUR_BIT_TYPES, load_profiles  # the profiles' names and 4-bit types
 
-    from ..loss_chunks import DEFAULT_LOSS_CHUNK_TOKENS
+    from ..memory.loss_chunks import DEFAULT_LOSS_CHUNK_TOKENS
     from ..workloads.four_bit import four_bit_entries, four_bit_forms
 
     peft_peers = [name for name in everyday_peers() if PEERS[name].kind == "peft"]

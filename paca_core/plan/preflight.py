@@ -116,9 +116,7 @@ def check_before_loading(model_path: Path, method: str, configs: list, seq_len: 
 def check_plan_arguments(args) -> None:
     """``paca plan`` flags that would plan nothing: an empty ``--methods`` or ``--device-profile`` (``''``, ``','``) would
     print an empty table and exit 0, as if every method had been planned."""
-    from .command import DEFAULT_METHODS
-
-    for flag, value, example in (("--methods", args.methods, DEFAULT_METHODS), ("--device-profile", args.device_profile, "h100-80g,cpu")):
+    for flag, value, example in (("--methods", args.methods, "paca,peft-lora"), ("--device-profile", args.device_profile, "h100-80g,cpu")):
         if not [part for part in str(value).split(",") if part.strip()]:
             raise PacaConfigError(f"{flag} {value!r} names nothing to plan: pass one or more, comma-separated (e.g. {flag} {example}), "
                                   "or leave the flag out for its default.")

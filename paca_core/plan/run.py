@@ -17,9 +17,9 @@ import devices
 from devices.profiles import UnknownProfileError, calibrate_cpu, get_profile, measures_this_machine, save_calibration
 
 from .. import extras
-from ..outputs import check_output, publish_directory
+from ..files.outputs import check_output, publish_directory
 from ..workloads.byte_sizes import parse_bytes
-from ..chunked_loss import parse_loss_chunk_tokens
+from ..memory.chunked_loss import parse_loss_chunk_tokens
 from ..errors import PacaConfigError
 from ..workloads.four_bit import four_bit_entries, four_bit_form
 from ..workloads.specs import parse_method_spec, require_peer_versions
@@ -158,7 +158,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise PacaConfigError("--workers must be at least 1.")
     budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
     target = None
-    if args.out is not None:  # before any tracing: the output policy (paca_core.outputs)
+    if args.out is not None:  # before any tracing: the output policy (paca_core.files.outputs)
         local_model = args.model if Path(str(args.model)).expanduser().exists() else None
         target = check_output(args.out, "plan", overwrite=args.overwrite, inputs={"--model": local_model}, legacy=is_legacy_plan_output)
     config = load_config(args.model)

@@ -78,9 +78,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _checked(fields: dict[str, Any], path: Path) -> dict[str, Any]:
-    """A user's config.json must give its own shape (paca_core.input_checks): one naming only its model_type would plan
+    """A user's config.json must give its own shape (paca_core.files.input_checks): one naming only its model_type would plan
     transformers' default shape, and inconsistent heads fail inside transformers."""
-    from paca_core.input_checks import check_model_config
+    from paca_core.files.input_checks import check_model_config
 
     check_model_config(fields, str(path))
     return fields

@@ -18,7 +18,7 @@ import torch
 from devices import Transfer
 
 from ..layers.host_rows import HostRowTable, RowSelection
-from ..offload import ActivationOffload, _Offloaded
+from ..memory.offload import ActivationOffload, _Offloaded
 from .tracker import active_tracker, host_memory
 
 

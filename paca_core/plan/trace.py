@@ -2,7 +2,7 @@
 
 The model is built under ``FakeTensorMode`` (shapes, dtypes and storages, no memory), set up by the
 same code ``paca bench`` uses (:mod:`paca_core.workloads.prepare`: ``prepare_model`` for our methods,
-PEFT's ``get_peft_model`` for its peers) and stepped by :func:`paca_core.steps.train_step`, the loop
+PEFT's ``get_peft_model`` for its peers) and stepped by :func:`paca_core.train.steps.train_step`, the loop
 ``paca train`` runs, under a :class:`~paca_core.plan.tracker.StepTracker`. A method that changes its code changes its plan.
 
 ``fake=False`` runs the identical procedure on real CPU tensors: that is how the plan is checked.
@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import PacaConfigError
-from ..quantization import quant_state_tensors
-from ..steps import summed_loss, train_step
+from ..memory.quantization import quant_state_tensors
+from ..train.steps import summed_loss, train_step
 from ..workloads.accounting import host_tables, table_tensors
 from ..workloads.models import default_dtype
 from ..workloads.prepare import Prepared, apply_levers, prepare
@@ -31,7 +31,7 @@ from .tracker import StepTrace, StepTracker
 logger = logging.getLogger(__name__)
 
 #: What plans of entries on a 4-bit base say: they are traced with bitsandbytes' own ops on fake tensors,
-#: the packed weight in a plain parameter (``paca_core.quantization``'s fake layer).
+#: the packed weight in a plain parameter (``paca_core.memory.quantization``'s fake layer).
 QUANTIZED_NOTE = ("4-bit base planned with a stand-in: bitsandbytes' quantize/dequantize ops run as their registered "
                   "fake kernels (real shapes and bytes, no arithmetic); the packed weight sits in a plain parameter "
                   "instead of bitsandbytes' Params4bit.")
@@ -241,7 +241,7 @@ def trace_step(traced: TracedModel, seq_len: int, batch_size: int) -> tuple[Step
 
 
 def _evaluate(prepared: Prepared, ids: torch.Tensor) -> None:
-    """One batch of ``paca train``'s held-out pass (:func:`paca_core.steps.evaluate`): the training micro-batch, no
+    """One batch of ``paca train``'s held-out pass (:func:`paca_core.train.steps.evaluate`): the training micro-batch, no
     gradients, the chunked head and loss where the model chunks its training loss."""
     module = prepared.module
     was_training = module.training

@@ -1,4 +1,5 @@
 """Workloads: one method entry set up on one model, ready to take training steps.
+May import flags, files, methods, layers, memory and surgery; never plan or bench.
 
 ``paca bench`` measures a workload on real tensors and ``paca plan`` traces the same workload on fake
 tensors; both build it here, so a plan and a measurement always describe the same step. This package

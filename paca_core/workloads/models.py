@@ -126,7 +126,7 @@ def build_model(choice: ModelChoice, dtype: torch.dtype, device: torch.device, s
         with torch.device(device), default_dtype(dtype):
             model = LlamaForCausalLM(synthetic_config(choice))
         return model.to(device=device, dtype=dtype), None
-    from .. import assets
+    from ..files import assets
 
     model, tokenizer = assets.load_model_and_tokenizer(assets.resolve_model_path(choice.text), dtype=dtype)
     return model.to(device), tokenizer

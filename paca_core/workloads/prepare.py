@@ -18,13 +18,13 @@ import torch.nn as nn
 import devices
 
 from ..base_config import ALL_LINEAR, LLAMA_PROJECTIONS, field_default, parse_targets
-from ..chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, chunked_causal_lm_forward
+from ..memory.chunked_loss import DEFAULT_LOSS_CHUNK_TOKENS, chunked_causal_lm_forward
 from ..errors import PacaConfigError
 from ..extras import MissingExtraError, require_peft_paca
 from ..methods.velora import VeLoRAConfig
 from ..model import prepare_model
-from ..offload import ActivationOffload
-from ..quantization import quantize_base
+from ..memory.offload import ActivationOffload
+from ..memory.quantization import quantize_base
 from .accounting import host_tables, tensor_bytes
 from .peers import PEERS
 from .specs import MethodSpec, build_our_configs
@@ -78,17 +78,17 @@ def _peft_lora_config(rank: int, options: dict, velora: bool):
 
 def peft_paca_config(model: nn.Module, rank: int | None, options: dict):
     """PEFT's ``PacaConfig`` for the modules, columns and scaling our ``paca`` takes on ``model`` with the same
-    options: the targets :func:`paca_core.surgery.find_targets` picks, each layer's columns from
-    :func:`paca_core.indices.select_columns` given to PEFT as ``paca_indices_pattern`` (one exact name per layer), and
+    options: the targets :func:`paca_core.surgery.targets.find_targets` picks, each layer's columns from
+    :func:`paca_core.layers.indices.select_columns` given to PEFT as ``paca_indices_pattern`` (one exact name per layer), and
     ``paca_alpha`` our alpha (``r`` by default, scaling 1). So ``peft-paca`` and ``paca`` train the same connections
     and any difference between them is the implementation."""
     import re
 
     import peft
 
-    from ..indices import select_columns
+    from ..layers.indices import select_columns
     from ..methods.paca import given_columns
-    from ..surgery import find_targets
+    from ..surgery.targets import find_targets
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -135,7 +135,7 @@ def quantize_for_qlora(model: nn.Module, options: dict, upcast: bool = True) -> 
 
 
 def _dequantize_fake_4bit(peft_model: nn.Module) -> None:
-    """PEFT's PaCA layers on the planner's fake 4-bit layers (:mod:`paca_core.fake_4bit`): PEFT dequantizes a weight
+    """PEFT's PaCA layers on the planner's fake 4-bit layers (:mod:`paca_core.memory.fake_4bit`): PEFT dequantizes a weight
     it recognises by its class name, ``Params4bit``, which a fake tensor cannot carry, so each such layer is given the
     dequantization PEFT runs on a real one (bitsandbytes' ``dequantize_4bit`` of the packed weight with its
     ``quant_state``). Layers on real ``Params4bit`` weights are left as PEFT made them."""

@@ -1,7 +1,7 @@
 """What an entry of ``paca bench --methods`` / ``paca plan --methods`` means.
 
 Our methods use exactly the strings ``paca train --method`` accepts (parsed by the train flags and
-:func:`paca_core.train_options.build_configs`, so a registered method can be measured and planned at
+:func:`paca_core.flags.train_options.build_configs`, so a registered method can be measured and planned at
 once). Ranks, match factors, default learning rates, which method a peer stands for
 (``Method.bench_peers``) and each method's 4-bit form (``Method.four_bit_form``: ``qpaca`` for paca)
 come from the method registry (``paca_core/methods/``, :mod:`.four_bit`); the peers are in :mod:`.peers`.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .. import extras
 from ..errors import PacaConfigError
 from ..methods import get_method, learning_rate, parse_combination, primary_method, registered_methods
-from ..train_options import build_configs, train_parser
+from ..flags.train_options import build_configs, train_parser
 from .four_bit import four_bit_entries, four_bit_methods
 from .levers import parse_levers
 from .peers import PEERS, everyday_peers, needs_peft_paca

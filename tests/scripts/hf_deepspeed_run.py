@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from paca_core import LoRAConfig, MEFTConfig, PaCAConfig, prepare_model  # noqa: E402
 from paca_core.integrations.transformers import PacaTrainer  # noqa: E402
-from paca_core.sharding import full_tensor  # noqa: E402
+from paca_core.distributed.sharding import full_tensor  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 from tests.scripts.hf_trainer_run import Rows  # noqa: E402
 
@@ -44,7 +44,7 @@ def deepspeed_config(stage: int) -> dict | None:
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     """Adapter tensors, every base weight and MEFT's host rows, whole (a collective under ZeRO-3)."""
-    from paca_core.zero import full_parameter
+    from paca_core.distributed.zero import full_parameter
 
     out = {}
     for name, layer in model.adapter_layers().items():

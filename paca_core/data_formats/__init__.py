@@ -1,9 +1,0 @@
-"""The data forms ``paca train`` reads, each module with one job (``paca_core.dataset`` is the entry point):
-
-* :mod:`.base` — :class:`DataError` and the label that means "no loss";
-* :mod:`.fields` — which column holds what (``--text-field``, ``--field-map``);
-* :mod:`.records` — records from ``.jsonl`` files and from datasets on disk (``save_to_disk`` folders,
-  ``.parquet``, ``.arrow``, ``.csv``), checked row by row before any model loads;
-* :mod:`.chat` — conversations rendered with the tokenizer's chat template, loss on the assistant turns only;
-* :mod:`.packing` — several short examples per fixed-length row, kept apart by per-example position ids.
-"""
