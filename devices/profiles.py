@@ -406,7 +406,7 @@ def load_profiles() -> dict[str, DeviceProfile]:
 
 def default_calibration_path() -> Path:
     """Where the CPU calibration lives: ``$PACA_CACHE_DIR``, else ``$XDG_CACHE_HOME/paca-hal``, else
-    ``~/.cache/paca-hal`` (the same rule as ``paca_core.assets.cache_dir``, repeated here because
+    ``~/.cache/paca-hal`` (the same rule as ``paca_core.files.assets.cache_dir``, repeated here because
     ``devices`` must not import ``paca_core``), then ``cpu-profile.json``."""
     if os.environ.get("PACA_CACHE_DIR"):
         root = Path(os.environ["PACA_CACHE_DIR"]).expanduser()

@@ -20,7 +20,7 @@ from optimum.habana import GaudiConfig, GaudiTrainingArguments  # noqa: F401  (G
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from paca_core import PaCAConfig
-from paca_core.dataset import load_dataset
+from paca_core.data.dataset import load_dataset
 from paca_core.integrations.gaudi import PacaGaudiTrainer, prepare_for_gaudi_trainer
 
 
