@@ -596,7 +596,7 @@ def test_cli_plan_quantize_plans_the_4bit_forms(tiny_config_file, tmp_path):
     methods = "paca,lora,peft-lora" if HAVE_PEFT else "paca,lora"
     out = tmp_path / "plan"
     assert main(["plan", "--model", str(tiny_config_file), "--methods", methods, "--quantize", "fp4", "--device-profile",
-                 "a100-80g", "--seq-len", "64", "--batch-size", "1", "--no-search", "--out", str(out)]) == 0
+                 "a100-80g", "--seq-len", "64", "--batch-size", "1", "--no-search", "--workers", "1", "--out", str(out)]) == 0
     document = json.loads((out / "plan.json").read_text())
     by_method = {r["method"]: r for r in document["records"]}
     assert set(by_method) == ({"qpaca", "lora", "peft-qlora"} if HAVE_PEFT else {"qpaca", "lora"})
