@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [d for d in dtypes if d not in DTYPES] + [m for m in modes if m not in ("eager", "compile")]
         if unknown:
             raise PacaConfigError(f"unknown --dtypes/--graph-modes value(s): {', '.join(unknown)} (fp32, bf16; eager, compile)")
-        parse_model(args.model)
+        choice = parse_model(args.model)
+        if choice.kind == "path" and not Path(args.model).expanduser().is_dir():
+            raise PacaConfigError(f"--model {args.model!r} is neither a synthetic shape, 'default' nor a model folder.")
+        if min(args.seq_len, args.batch_size, args.rank, args.repeats) < 1 or args.warmup < 0:
+            raise PacaConfigError("--seq-len, --batch-size, --rank and --repeats must be >= 1, --warmup >= 0.")
     except PacaConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
