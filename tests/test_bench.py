@@ -193,7 +193,7 @@ def test_bench_flags_and_four_bit_forms_come_from_the_registration(toy_with_benc
     assert parser.parse_args(["bench", "--velora-groups", "8"]).velora_groups == 8  # the built-in methods' too
     spec = parse_method_spec("qtoy")
     assert (spec.kind, spec.equivalent, spec.four_bit, spec.uses_rank) == ("ours", "toy", True, False)
-    assert four_bit_form("toy") == "qtoy" and four_bit_entries() == ("qpaca", "qtoy", "peft-qlora", "peft-qpaca")
+    assert four_bit_form("toy") == "qtoy" and four_bit_entries() == ("qpaca", "qtoy", "peft-qlora", "peft-qlora-16bit", "peft-qpaca")
     assert _quantized_methods(["toy", "lora", "paca", "peft-lora"], "nf4") == ["qtoy", "lora", "qpaca", "peft-qlora"]
     with pytest.raises(PacaConfigError, match="bench_flags"):
         dataclasses.replace(toy_with_bench_declarations, bench_flags=("not_an_option",))

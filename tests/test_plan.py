@@ -44,12 +44,12 @@ needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not install
 LORA_RANK = 4  # methods run at spec.rank(LORA_RANK, match_params=True), as the planner does
 SEQ, BATCH = 16, 2
 METHODS = ["paca", "lora", "lorafa", "velora", "paca+full+velora", "full", "floor", "peft-lora", "peft-lorafa", "qpaca",
-           "peft-qlora", "peft-paca", "peft-qpaca"]
+           "peft-qlora", "peft-qlora-16bit", "peft-paca", "peft-qpaca"]
 needs_peft_paca = pytest.mark.skipif(not HAVE_PEFT or not extras.peft_has_paca(), reason="the installed peft has no PaCA (peft >= 0.22)")
 
 
 def _marks(method: str) -> list:
-    return (([needs_peft] if method.startswith("peft-") else []) + ([needs_bnb] if method in ("qpaca", "peft-qlora", "peft-qpaca") else [])
+    return (([needs_peft] if method.startswith("peft-") else []) + ([needs_bnb] if method in ("qpaca", "peft-qlora", "peft-qlora-16bit", "peft-qpaca") else [])
             + ([needs_peft_paca] if method in ("peft-paca", "peft-qpaca") else []))
 
 
@@ -729,3 +729,54 @@ def test_peft_qlora_is_planned_as_users_run_it():
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in module.modules()) == 2 * 7  # every projection, not only q and v
     kept = {p.dtype for n, p in module.named_parameters() if not p.requires_grad and "norm" in n or "embed" in n}
     assert kept == {torch.float32}
+
+
+@needs_peft
+@needs_bnb
+def test_peft_qlora_16bit_keeps_the_16_bit_layers_in_16_bits():
+    """peft-qlora-16bit is QLoRA as programs run it that never call prepare_model_for_kbit_training (torchtune,
+    LitGPT, LLaMA-Factory): the same 4-bit linears, but norms, embeddings and head stay in the model's dtype, so
+    the frozen weights are smaller than peft-qlora's by those layers' upcast (2 more bytes per element)."""
+    import bitsandbytes as bnb
+
+    config = tiny_llama_config(num_hidden_layers=2)
+
+    def sixteen_bit_layers(module: torch.nn.Module) -> dict[str, torch.dtype]:
+        return {n: p.dtype for n, p in module.named_parameters() if any(k in n for k in ("norm", "embed", "lm_head"))}
+
+    upcast = build(config, parse_method_spec("peft-qlora"), LORA_RANK, torch.bfloat16, {})
+    kept = build(config, parse_method_spec("peft-qlora-16bit"), LORA_RANK, torch.bfloat16, {})
+    upcast_layers, kept_layers = sixteen_bit_layers(upcast.prepared.module), sixteen_bit_layers(kept.prepared.module)
+    assert upcast_layers.keys() == kept_layers.keys() and any("lm_head" in n for n in kept_layers)
+    assert set(upcast_layers.values()) == {torch.float32} and set(kept_layers.values()) == {torch.bfloat16}
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in kept.prepared.module.modules()) == 2 * 7
+    assert not any(p.requires_grad for n, p in kept.prepared.module.named_parameters() if "lora_" not in n)
+    upcast_elements = sum(p.numel() for n, p in upcast.prepared.module.named_parameters() if n in upcast_layers)
+    assert upcast.counts["weights"] - kept.counts["weights"] == 2 * upcast_elements
+    assert kept.counts["trainable_params"] == upcast.counts["trainable_params"]
+
+
+def test_peft_qlora_16bit_is_an_entry_of_bench_and_plan():
+    """The variant is its own entry name in both CLIs (so the tables say which recipe ran), stands for lora,
+    takes levers, and ``--quantize`` still plans peft-lora as PEFT's own recipe (upcast)."""
+    import argparse
+
+    from paca_core.bench.command import add_bench_parser
+    from paca_core.plan.command import add_plan_parser
+    from paca_core.plan.run import _quantized_methods
+    from paca_core.workloads.peers import PEERS
+    from paca_core.workloads.specs import parse_method_list
+
+    plain, levered = parse_method_list("peft-qlora-16bit,peft-qlora-16bit@gc+chunked-loss")
+    assert (plain.kind, plain.equivalent, plain.four_bit, plain.levers) == ("peft", "lora", True, ())
+    assert (levered.method, levered.levers) == ("peft-qlora-16bit", ("gc", "chunked-loss"))
+    assert PEERS["peft-qlora"].upcast and not PEERS["peft-qlora-16bit"].upcast
+    assert _quantized_methods(["peft-lora"], "nf4") == ["peft-qlora"]
+    for add in (add_bench_parser, add_plan_parser):
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        add(sub)
+        (command,) = sub.choices
+        (methods,) = [action for action in sub.choices[command]._actions if action.dest == "methods"]
+        assert "peft-qlora-16bit" in methods.help  # the listed entries (help text, not wrapped)
+        assert parser.parse_args([command, "--methods", "peft-qlora-16bit"]).methods == "peft-qlora-16bit"

@@ -82,7 +82,7 @@ LORA = register_method(
         default_rank=8,
         exclusive=True,
         export_lora=export_lora,
-        bench_peers=("peft-lora", "peft-qlora"),
+        bench_peers=("peft-lora", "peft-qlora", "peft-qlora-16bit"),
         summary="numerically equal to HF PEFT LoRA on the same weights",
     )
 )

@@ -25,6 +25,10 @@ class Peer:
     four_bit: bool = False
     #: The entry that runs this peer on a 4-bit base (``paca plan --quantize``), if there is one.
     four_bit_form: str | None = None
+    #: On a 4-bit base: upcast the layers left in 16 bits (norms, embeddings, head) to fp32, as PEFT's
+    #: ``prepare_model_for_kbit_training`` does. False keeps them in the model's dtype, as programs that do not
+    #: call it run QLoRA (torchtune, LitGPT, LLaMA-Factory): a published row compares against its program's recipe.
+    upcast: bool = True
 
 
 PEERS: dict[str, Peer] = {
@@ -36,8 +40,9 @@ PEERS: dict[str, Peer] = {
         Peer("peft-lora+velora", "peft", velora=True),
         Peer("peft-lorafa", "peft", lorafa=True),
         Peer("peft-qlora", "peft", four_bit=True),
+        Peer("peft-qlora-16bit", "peft", four_bit=True, upcast=False),
         Peer("peft-paca", "peft", tuner="paca", four_bit_form="peft-qpaca"),
-        Peer("peft-qpaca", "peft", tuner="paca", four_bit=True),
+        Peer("peft-qpaca", "peft", tuner="paca", four_bit=True, upcast=False),
     )
 }
 

@@ -119,8 +119,10 @@ def quantize_for_qlora(model: nn.Module, options: dict, upcast: bool = True) -> 
     fp32 and makes the embeddings' output require grad. Its gradient checkpointing stays a lever of the entry
     (``@gc``), not forced here.
 
-    ``upcast=False`` (``peft-qpaca``) stops after the quantization: PEFT 0.22's PaCA layer multiplies its input with
-    the dequantized weight as they come, so on an upcast base (fp32 activations, bf16 weights) it raises a dtype
+    ``upcast=False`` (``Peer.upcast``) stops after the quantization and freezes the base, leaving norms, embeddings
+    and head in the model's dtype: ``peft-qlora-16bit`` is QLoRA as programs run it that never call PEFT's helper
+    (torchtune, LitGPT, LLaMA-Factory); ``peft-qpaca`` needs it because PEFT 0.22's PaCA layer multiplies its input
+    with the dequantized weight as they come, so on an upcast base (fp32 activations, bf16 weights) it raises a dtype
     mismatch outside autocast; not upcast, the base is the very one ``qpaca`` trains on (``quantize_scope`` base)."""
     import peft
 
@@ -178,7 +180,7 @@ def prepare(spec: MethodSpec, model: nn.Module, rank: int | None, options: dict,
             except MissingExtraError as error:
                 raise Unavailable(str(error)) from None
     if spec.four_bit and spec.kind == "peft":
-        model = quantize_for_qlora(model, options, upcast=PEERS[spec.method].tuner != "paca")
+        model = quantize_for_qlora(model, options, upcast=PEERS[spec.method].upcast)
     elif spec.four_bit:  # ours (qpaca): the method quantizes the base as paca train --quantize does (quantize_scope)
         options = {**options, "quantize": options.get("quantize") or "nf4"}
     if spec.kind == "peft":
