@@ -189,6 +189,28 @@ def test_export_peft_format_paca_cli_and_version_refusal(tiny_model_dir, tmp_pat
     assert not (tmp_path / "other").exists()
 
 
+def test_an_adapter_from_paca_train_loads_in_peft_to_our_logits(tiny_model_dir, tmp_path, sample_text_file):
+    from transformers import AutoModelForCausalLM
+
+    from paca_core.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--steps", "3", "--seq-len", "16",
+                 "--batch-size", "2", "--lr", "1e-2", "--no-eval", "--sample-tokens", "0", "--no-progress", "--dtype", "fp32",
+                 "--out", str(run)]) == 0
+    out = tmp_path / "peft"
+    assert main(["export-peft", "--adapter", str(run / "adapter"), "--out", str(out), "--format", "paca"]) == 0
+    ids = _ids(vocab=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no missing or unexpected keys
+        theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
+    ours = PacaModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
+        with ours.disable_adapter():
+            assert not torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)  # it trained
+
+
 def test_paca_train_continues_a_peft_adapter(tiny_model_dir, tmp_path, sample_text_file):
     from paca_core.cli.dispatch import main
 
