@@ -71,8 +71,11 @@ def _synthetic_with_vocab(choice, vocab: int, dtype: torch.dtype, seed: int):
         return LlamaForCausalLM(config).eval()
 
 
-def _step(prepared: Prepared, ids: torch.Tensor) -> float:
-    return float(train_step(prepared.forward, [ids], prepared.optimizer, torch.device("cpu"), params=prepared.params).loss)
+def _step(prepared: Prepared, ids: torch.Tensor, grad_accum: int = 1) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches (PEFT swaps its columns in and out per micro-batch; ours
+    writes them once per optimizer step)."""
+    return float(train_step(prepared.forward, [ids] * grad_accum, prepared.optimizer, torch.device("cpu"),
+                            params=prepared.params, grad_accum=grad_accum).loss)
 
 
 def _saved_bytes(prepared: Prepared, ids: torch.Tensor) -> int:
@@ -94,14 +97,14 @@ def compare(args: argparse.Namespace, dtype_name: str, graph_mode: str) -> dict:
     first = {entry: _step(p, ids) for entry, p in built.items()}  # also compiles, under compile
     for _ in range(args.warmup):
         for p in built.values():
-            _step(p, ids)
+            _step(p, ids, args.grad_accum)
     times: dict[str, list[float]] = {entry: [] for entry in ENTRIES}
     cpu_times: dict[str, list[float]] = {entry: [] for entry in ENTRIES}
     for repeat in range(args.repeats):
         order = ENTRIES if repeat % 2 == 0 else ENTRIES[::-1]  # ABBA: neither always runs first
         for entry in order:
             start, cpu_start = time.perf_counter(), time.process_time()
-            _step(built[entry], ids)
+            _step(built[entry], ids, args.grad_accum)
             times[entry].append(time.perf_counter() - start)
             cpu_times[entry].append(time.process_time() - cpu_start)
     median = {entry: statistics.median(t) for entry, t in times.items()}
@@ -113,7 +116,7 @@ def compare(args: argparse.Namespace, dtype_name: str, graph_mode: str) -> dict:
         "step_cpu_times_s": cpu_times, "median_step_s": median, "median_step_cpu_s": cpu_median,
         "ratio_ours_over_peft": median["paca"] / median["peft-paca"], "paired_ratio_median": paired,
         "cpu_ratio_ours_over_peft": cpu_median["paca"] / cpu_median["peft-paca"],
-        "tokens_per_s": {entry: args.batch_size * args.seq_len / m for entry, m in median.items()},
+        "tokens_per_s": {entry: args.grad_accum * args.batch_size * args.seq_len / m for entry, m in median.items()},
     }
 
 
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-modules", default=None, help="as paca bench (default: the 7 LLaMA projections)")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--graph-modes", default="eager,compile")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (both)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -181,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         choice = parse_model(args.model)
         if choice.kind == "path" and not Path(args.model).expanduser().is_dir():
             raise PacaConfigError(f"--model {args.model!r} is neither a synthetic shape, 'default' nor a model folder.")
-        if min(args.seq_len, args.batch_size, args.rank, args.repeats) < 1 or args.warmup < 0:
-            raise PacaConfigError("--seq-len, --batch-size, --rank and --repeats must be >= 1, --warmup >= 0.")
+        if min(args.seq_len, args.batch_size, args.rank, args.repeats, args.grad_accum) < 1 or args.warmup < 0:
+            raise PacaConfigError("--seq-len, --batch-size, --rank, --grad-accum and --repeats must be >= 1, --warmup >= 0.")
     except PacaConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
