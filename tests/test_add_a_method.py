@@ -135,6 +135,7 @@ _RELOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # tests/test_architecture_plugins.py reloads a plug-in method in a fresh process in the fast tier
 def test_toy_method_reloads_in_a_fresh_process_to_the_same_logits(toy, tmp_path):
     """An outside method that follows the contract (declared tensors, random ones from ``layer.generator``) reloads
     exactly in another interpreter, whose ``hash()`` salt differs: its unsaved frozen projection is rebuilt the same."""

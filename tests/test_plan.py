@@ -687,6 +687,7 @@ def test_the_held_out_pass_is_planned_at_the_training_micro_batch_with_the_chunk
     assert all(op.phase != "evaluate" for op in trace.ops)  # the step's time is the training step's alone
 
 
+@pytest.mark.slow  # a full plan with searches of a 135M model; the fast tier runs plan --quantize end to end
 def test_plan_labels_layout_budget_context_and_versions(tmp_path):
     """What the table and plan.json say: memory per rank with the layout named (N replicas without --fsdp/--zero), a
     longest sequence that is the context marked as such, --memory-budget used for 'fits', library versions recorded."""
