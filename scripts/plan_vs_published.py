@@ -139,10 +139,12 @@ def published_precision(row: dict) -> float:
 def row_regime(row: dict) -> str:
     """The margin regime of a row's plan command (paca_core/plan/margin.py)."""
     from paca_core.plan.margin import regime
+    from paca_core.workloads.four_bit import four_bit_entries
 
     argv = row["plan"]
     methods = argv[argv.index("--methods") + 1] if "--methods" in argv else ""
-    four_bit = "--quantize" in argv or any(m.split("@")[0] in ("peft-qlora", "qpaca") for m in methods.split(","))
+    # Every 4-bit entry (peft-qlora-16bit too), as the planner's fit_margin reads it from the entry, not a name list.
+    four_bit = "--quantize" in argv or any(m.split("@")[0] in four_bit_entries() for m in methods.split(","))
     return regime(four_bit, "--gradient-checkpointing" in argv, "--fsdp" in argv or "--zero" in argv)
 
 
@@ -332,7 +334,7 @@ def result_for(row: dict, document: dict | None, tail: str, seconds: float, boun
         "published": published, "published_display": display(kind, published, pub.get("unit")),
         "published_figure": pub.get("figure"), "command": plan_command(row), "planner_seconds": round(seconds, 1),
         "unconfirmed": row.get("unconfirmed", []), "differences": row.get("differences", []),
-        "regime": row_regime(row), "contradictory": row.get("contradictory"),
+        "regime": row_regime(row), "contradictory": row.get("contradictory"), "recipe": row.get("recipe"),
     }
     if document is None:
         verdict = Verdict("not compared", None, f"the plan failed: {tail}")
