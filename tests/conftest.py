@@ -73,10 +73,34 @@ def cpu_auto_dtype_is_fp32(monkeypatch):
 PRIMITIVES = frozenset(Backend.__abstractmethods__)
 
 
+#: The most pytest-xdist workers the fast tier starts (each collects the suite and holds its own torch).
+MAX_TEST_WORKERS = 4
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): the whole fast tier (plain ``pytest``) on every usable core, up to
+    :data:`MAX_TEST_WORKERS`. Anything else runs in one process: named files or tests (starting workers costs more
+    than they save), ``-m slow`` (its tests start their own processes: torchrun ranks, bench workers) and the
+    accelerator tier ``paca doctor`` runs (one accelerator). ``-n 0`` runs the whole fast tier serially too."""
+    if config.getoption("file_or_dir") or (config.getoption("markexpr") or "").strip() != "not slow":
+        return 0
+    return min(_usable_cpus(), MAX_TEST_WORKERS)
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "primitives(*names): the Backend primitives a backend_and_device test exercises (default: all)"
     )
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # an xdist worker: its share of the cores, not all of them (workers x threads > cores thrashes)
+        torch.set_num_threads(max(1, _usable_cpus() // workers))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -41,3 +41,26 @@ def test_markers_are_strict():
 def test_this_run_sees_the_slow_marker(pytestconfig):
     assert any(line.split(":", 1)[0].strip() == "slow" for line in pytestconfig.getini("markers"))
 
+
+
+class _Options:
+    """The two options the worker count reads, as pytest's config answers them."""
+
+    def __init__(self, paths, markexpr):
+        self.values = {"file_or_dir": paths, "markexpr": markexpr}
+
+    def getoption(self, name):
+        return self.values[name]
+
+
+def test_only_the_whole_fast_tier_runs_on_several_workers(monkeypatch):
+    from . import conftest
+
+    assert "-n" in _addopts() and "auto" in _addopts() and "loadscope" in _addopts()  # module fixtures run once
+    monkeypatch.setattr(conftest, "_usable_cpus", lambda: 2)
+    assert conftest.pytest_xdist_auto_num_workers(_Options([], "not slow")) == 2  # plain `pytest` on CI's two cores
+    monkeypatch.setattr(conftest, "_usable_cpus", lambda: 64)
+    assert conftest.pytest_xdist_auto_num_workers(_Options([], "not slow")) == conftest.MAX_TEST_WORKERS
+    assert conftest.pytest_xdist_auto_num_workers(_Options([], "slow")) == 0  # torchrun ranks, bench workers
+    assert conftest.pytest_xdist_auto_num_workers(_Options([], "accelerator and not slow")) == 0  # one device
+    assert conftest.pytest_xdist_auto_num_workers(_Options(["tests/test_plan.py"], "not slow")) == 0
