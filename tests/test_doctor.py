@@ -142,3 +142,17 @@ def test_an_out_folder_holding_other_files_is_refused(tmp_path, caplog):
     line = refused_in_one_line(["doctor", "--dry-run", "--stages", "device", "--out", str(tmp_path)], caplog)
     assert "already holds files this tool did not write (mine.txt)" in line
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_the_doctors_worker_writes_the_jobs_result_with_the_reserved_peak(tmp_path):
+    """What a real run's bench stage starts (``python -m paca_core.doctor.worker JOB RESULT``), called in-process."""
+    from paca_core.doctor import worker
+
+    job = {"mode": "speed", "method": "paca", "rank": 2, "model": "tiny", "dtype": "fp32", "device": "cpu", "seq_len": 8,
+           "batch_size": 1, "steps": 1, "warmup_steps": 0, "lr": 1e-3, "options": {}}
+    job_path, result_path = tmp_path / "job.json", tmp_path / "result.json"
+    job_path.write_text(json.dumps(job))
+    assert worker.main([str(job_path), str(result_path)]) == 0
+    result = json.loads(result_path.read_text())
+    assert result["status"] == "ok" and result["median_step_s"] > 0 and "reserved_peak_bytes" in result
+    assert worker.main([str(job_path)]) == 2  # a usage line, no traceback

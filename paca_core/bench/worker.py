@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -249,16 +249,21 @@ def run_job(job: dict) -> dict:
         return {"status": "error", "reason": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-4000:]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def worker_main(argv: list[str] | None, run: Callable[[dict], dict], module: str) -> int:
+    """``python -m MODULE JOB.json RESULT.json``: read a job, run it with ``run``, write its result (any job's error is
+    in the result, so the exit status is 0 unless the arguments are wrong)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m paca_core.bench.worker JOB.json RESULT.json", file=sys.stderr)
+        print(f"usage: python -m {module} JOB.json RESULT.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     job = json.loads(Path(argv[0]).read_text())
-    result = run_job(job)
-    Path(argv[1]).write_text(json.dumps(result, default=str))
+    Path(argv[1]).write_text(json.dumps(run(job), default=str))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return worker_main(argv, run_job, "paca_core.bench.worker")
 
 
 if __name__ == "__main__":

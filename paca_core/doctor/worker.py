@@ -6,14 +6,9 @@ steps), which is read here, in the worker's process, right after the job.
 """
 from __future__ import annotations
 
-import json
-import logging
-import sys
-from pathlib import Path
-
 import devices
 
-from ..bench.worker import run_job
+from ..bench.worker import run_job, worker_main
 
 
 def run_job_with_reserved(job: dict) -> dict:
@@ -27,14 +22,7 @@ def run_job_with_reserved(job: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m paca_core.doctor.worker JOB.json RESULT.json", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    job = json.loads(Path(argv[0]).read_text())
-    Path(argv[1]).write_text(json.dumps(run_job_with_reserved(job), default=str))
-    return 0
+    return worker_main(argv, run_job_with_reserved, "paca_core.doctor.worker")
 
 
 if __name__ == "__main__":
