@@ -200,7 +200,7 @@ def no_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(assets, "load_model_and_tokenizer", refuse)
+    monkeypatch.setattr(assets, "load_model", refuse)  # load_model_and_tokenizer calls it too
 
 
 def refused_in_one_line(argv, caplog) -> str:

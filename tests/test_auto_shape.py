@@ -186,7 +186,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr("paca_core.files.assets.load_model_and_tokenizer", refuse)
+    monkeypatch.setattr("paca_core.files.assets.load_model", refuse)
 
 
 def test_paca_train_auto_with_nothing_that_fits_exits_2_before_loading(long_context_model, sample_text_file, tmp_path,

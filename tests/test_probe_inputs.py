@@ -262,6 +262,8 @@ CASES = [
     # --- resume: continue the folder named, and only when there is something to train ---------------------------------
     case("resume-nothing-to-do", train("--resume", "{run}", "--out", "{run}", "--steps", "1"), "already at step 1", "run"),
     case("resume-fewer-steps", train("--resume", "{run}", "--steps", "1"), "nothing to train; to train more, pass --steps above 1", "run"),
+    case("resume-epochs-done", train("--resume", "{run}", "--steps", "0", "--epochs", "0.01"),
+         "--epochs 0.01 is 1 step of this data", "run"),
     case("resume-missing", train("--resume", "{world}/nope", "--steps", "3"), "no such folder"),
     case("resume-user-folder", train("--resume", "{user}", "--steps", "3"), "is not a resumable checkpoint"),
     case("resume-with-overwrite", train("--resume", "{run}", "--overwrite", "--steps", "3"), "pass one of them", "run"),

@@ -115,13 +115,13 @@ def test_the_run_is_described_before_the_model_loads(tiny_model_dir, sample_text
     import paca_core.files.assets as assets
 
     printed_before_load = []
-    original = assets.load_model_and_tokenizer
+    original = assets.load_model
 
     def load(*args, **kwargs):
         printed_before_load.append(capsys.readouterr().out)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(assets, "load_model_and_tokenizer", load)
+    monkeypatch.setattr(assets, "load_model", load)
     assert main(_argv(tiny_model_dir, sample_text_file, tmp_path / "out", "--rank", "4", "--lr", "2e-3")) == 0
     text = printed_before_load[0]
     for expected in ("paca train: paca r=4", str(tiny_model_dir), "2 steps of 2 x 16 tokens", "lr 0.002", "cosine", "device    cpu",
@@ -176,3 +176,33 @@ def test_ctrl_c_while_importing_is_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["train"]) == 130
     assert "Interrupted." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("step, per_epoch, epochs", [(1, 24, 0.01), (24, 24, 1.0), (57, 12, 3.5), (228, 228, 1.0), (5, 1, 2.0)])
+def test_an_epochs_resume_with_nothing_left_names_epochs_that_train_more(step, per_epoch, epochs):
+    import math
+    import re
+
+    from paca_core.cli.train_preflight import check_resume_has_work_in_epochs
+    from paca_core.errors import PacaConfigError
+
+    args = types.SimpleNamespace(resume="runs/x", steps=0, epochs=epochs)
+    with pytest.raises(PacaConfigError) as refused:
+        check_resume_has_work_in_epochs(args, {"step": step}, per_epoch, 100)
+    message = str(refused.value)
+    assert "nothing to train" in message and "\n" not in message and f"--steps above {step}" in message
+    suggested = float(re.search(r"e\.g\. --epochs ([0-9.e+-]+)\)", message).group(1))
+    assert math.ceil(suggested * per_epoch) > step  # the example it gives does train more
+    args.epochs = suggested
+    check_resume_has_work_in_epochs(args, {"step": step}, per_epoch, 100)  # accepted
+    args.steps = step + 1  # --steps sets the length: the steps rule (before the data is read) applies instead
+    args.epochs = epochs
+    check_resume_has_work_in_epochs(args, {"step": step}, per_epoch, 100)
+
+
+def test_an_epochs_resume_with_steps_left_trains_them(tiny_model_dir, sample_text_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(_argv(tiny_model_dir, sample_text_file, out, "--steps", "1")) == 0
+    assert main(_argv(tiny_model_dir, sample_text_file, out, "--resume", str(out), "--steps", "0", "--epochs", "0.1")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] > 1, metrics.get("steps")

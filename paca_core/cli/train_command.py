@@ -172,13 +172,18 @@ def _load(run: _Run):
     """The weights, the data, the adapters and the Trainer (resumed when asked)."""
     from ..files import assets
     from ..files.outputs import RunFolder
-    from ..train.trainer import Trainer
+    from ..train.trainer import Trainer, steps_per_epoch
+    from .train_preflight import check_resume_has_work_in_epochs
 
     args, plan = run.args, run.plan
-    model, tokenizer = assets.load_model_and_tokenizer(run.model_path, dtype=run.dtype)
+    tokenizer = assets.load_tokenizer(run.model_path)  # the data is read and checked before the weights load
     train_data, eval_data = _load_data(args, plan, tokenizer)
     if run.shape is not None and "batch_size" in run.shape.chosen:
         plan.train_args.batch_size = args.batch_size = _batch_within_data(args.batch_size, len(train_data), run.world_size)
+    if plan.resume_dir is not None:
+        per_epoch = steps_per_epoch(plan.train_args, len(train_data), run.world_size)
+        check_resume_has_work_in_epochs(args, plan.resume_summary, per_epoch, len(train_data))
+    model = assets.load_model(run.model_path, dtype=run.dtype)
     paca_model = _prepare(args, model, plan, run.device, run.graph_mode)
     trainable, total = paca_model.parameter_counts()
     logger.info("Trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)

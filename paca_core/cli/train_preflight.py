@@ -206,6 +206,19 @@ def check_resume_has_work(args: argparse.Namespace, summary: dict[str, Any], dir
                               f"(e.g. --steps {2 * step}).")
 
 
+def check_resume_has_work_in_epochs(args: argparse.Namespace, summary: dict[str, Any], per_epoch: int, examples: int) -> None:
+    """The same rule when ``--epochs`` sets the length (``--steps 0``): the run's steps in all are known once the data
+    is read (``per_epoch`` optimizer steps per pass over its ``examples``), still before the weights load."""
+    step = summary.get("step")
+    total_steps = max(1, math.ceil(args.epochs * per_epoch))
+    if args.resume and not args.steps and isinstance(step, int) and step >= total_steps:
+        more = max(math.ceil(2 * step / per_epoch * 100) / 100, 2 * args.epochs)  # twice the steps trained so far
+        raise PacaConfigError(f"--resume {args.resume}: the checkpoint is already at step {step}, and --epochs {args.epochs:g} is "
+                              f"{total_steps} step{'' if total_steps == 1 else 's'} of this data ({examples} training examples, "
+                              f"{per_epoch} steps per epoch), so there is nothing to train; to train more, pass --epochs above "
+                              f"{step / per_epoch:.3g} (e.g. --epochs {more:g}) or --steps above {step}.")
+
+
 def resume_into_its_folder(args: argparse.Namespace, defaults: dict[str, Any], directory: Path) -> None:
     """``--resume runs/x`` without ``--out`` continues runs/x (the folder the user named), not the default --out."""
     if _given(args, defaults, "out"):

@@ -224,6 +224,12 @@ def load_model_and_tokenizer(
     Checks for config.json and weights first, so a wrong folder fails with a message that names
     what is missing rather than a transformers traceback about the hub.
     """
+    tokenizer = load_tokenizer(path)
+    return load_model(path, dtype), tokenizer
+
+
+def _checked_model_folder(path: str | os.PathLike[str]) -> Path:
+    """The folder, once it is a HF model folder with a readable config.json and a weights file (one line otherwise)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise AssetError(f"Model folder {str(folder)!r} does not exist: {_LOCAL_FOLDER_HINT}.")
@@ -236,23 +242,37 @@ def load_model_and_tokenizer(
     from .input_checks import read_model_config
 
     read_model_config(folder)  # a damaged config.json is named as such, not blamed on the tokenizer that reads it first
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return folder
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
+    """The model folder's tokenizer, with a pad token (EOS where it has none). Cheap next to the weights, so a command
+    can read and check its data with it before :func:`load_model` (``paca train`` does)."""
+    folder = _checked_model_folder(path)
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise AssetError(f"Model folder {str(folder)!r} has no usable tokenizer ({error}); save one there with tokenizer.save_pretrained().") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> "PreTrainedModel":
+    """The model folder's weights in ``dtype``; a corrupt or truncated weights file is named in one line."""
+    folder = _checked_model_folder(path)
+    from transformers import AutoModelForCausalLM
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
+        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
     except Exception as error:  # noqa: BLE001 - only a weights-file failure is re-worded; anything else propagates
         corrupt = _corrupt_weights_file(folder, error)
         if corrupt is None:
             raise
         raise AssetError(f"weights file {corrupt} is corrupt or truncated ({_first_line(error)}); restore it from the original "
                          "download or point --model at an intact copy.") from error
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 
 def _first_line(error: BaseException) -> str:

@@ -108,6 +108,25 @@ class TrainingArguments:
             raise ValueError("; ".join(problems) + ".")
 
 
+def steps_per_epoch(args: TrainingArguments, examples: int, world_size: int = 1) -> int:
+    """Optimizer steps in one pass over ``examples`` in whole global batches (at least one)."""
+    global_batch = args.batch_size * world_size
+    batches_per_epoch = examples // global_batch
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"The training split has {examples} examples, fewer than one global batch ({global_batch}); "
+            "use more data, a smaller --batch-size or a shorter --seq-len."
+        )
+    return max(1, batches_per_epoch // args.grad_accum)
+
+
+def planned_total_steps(args: TrainingArguments, examples: int, world_size: int = 1) -> int:
+    """The run's optimizer steps in all: ``max_steps``, or ``epochs`` passes over ``examples``
+    (``paca train`` asks before loading the weights, to refuse a resume with nothing left to train)."""
+    per_epoch = steps_per_epoch(args, examples, world_size)
+    return args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
+
+
 @dataclass
 class TrainerState:
     """Where training is; saved with every checkpoint so a resumed run continues exactly."""
@@ -177,13 +196,7 @@ class Trainer:
             self.network = _data_parallel(model, device) if self.world_size > 1 else model
         self.global_batch = args.batch_size * self.world_size
         self.batches_per_epoch = len(train_data) // self.global_batch
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"The training split has {len(train_data)} examples, fewer than one global batch ({self.global_batch}); "
-                "use more data, a smaller --batch-size or a shorter --seq-len."
-            )
-        steps_per_epoch = max(1, self.batches_per_epoch // args.grad_accum)
-        self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+        self.total_steps = planned_total_steps(args, len(train_data), self.world_size)
         params = model.trainable_parameters()
         if not params:
             raise ValueError("The model has no trainable parameters; prepare it with prepare_model first.")
