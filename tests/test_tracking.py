@@ -62,6 +62,43 @@ class RecordingTracker(Tracker):
         self.finished = failed
 
 
+@pytest.mark.parametrize("tracker, variable, value, expect", [
+    ("wandb", "WANDB_DIR", "{model}", "$WANDB_DIR {model} is the --model"),
+    ("wandb", "WANDB_DIR", "{model}/logs", "lies inside the --model"),
+    ("mlflow", "MLFLOW_TRACKING_URI", "file://{model}/mlruns", "$MLFLOW_TRACKING_URI {model}/mlruns lies inside the --model"),
+    ("mlflow", "MLFLOW_TRACKING_URI", "{model}/mlruns", "point $MLFLOW_TRACKING_URI elsewhere, or unset it"),
+    ("mlflow", "MLFLOW_TRACKING_URI", "sqlite:///{model}/mlflow.db", "$MLFLOW_TRACKING_URI {model}/mlflow.db lies inside"),
+])
+def test_a_tracker_folder_set_by_the_environment_is_never_inside_an_input(tracker, variable, value, expect, monkeypatch,
+                                                                         tiny_model_dir, sample_text_file, tmp_path, caplog,
+                                                                         no_load):
+    """``$WANDB_DIR`` and a local ``$MLFLOW_TRACKING_URI`` are written by the tracker's library: inside the model folder
+    they would add files to what the run reads. Refused in one line before any weights load; the model unchanged."""
+    pytest.importorskip(tracker)
+    from .conftest import refused_in_one_line
+
+    model = str(tiny_model_dir)
+    before = sorted(p.name for p in tiny_model_dir.rglob("*"))
+    monkeypatch.setenv(variable, value.format(model=model))
+    line = refused_in_one_line(_train_flags(tiny_model_dir, sample_text_file, tmp_path / "run", "--report-to", tracker), caplog)
+    assert expect.format(model=model) in line, line
+    assert sorted(p.name for p in tiny_model_dir.rglob("*")) == before and not (tmp_path / "run").exists()
+
+
+def test_a_tracker_folder_set_by_the_environment_elsewhere_or_a_server_is_accepted(monkeypatch, tmp_path):
+    from paca_core.cli.train_preflight import check_tracker_folders
+
+    args = type("Args", (), {"report_to": "wandb,mlflow"})()
+    inputs = {"--model": str(tmp_path / "model"), "--data": str(tmp_path / "data.txt")}
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-logs"))
+    for uri in ("http://127.0.0.1:5000", "databricks", f"file://{tmp_path}/mlruns", "sqlite:///:memory:"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        check_tracker_folders(args, inputs)  # nothing inside an input: no refusal
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(tmp_path / "data.txt"))
+    with pytest.raises(Exception, match="is the --data"):
+        check_tracker_folders(args, inputs)
+
+
 def test_the_loop_reports_each_window_and_evaluation_through_the_interface(tiny_model_dir, sample_text_file):
     from paca_core import PaCAConfig, prepare_model
     from paca_core.files.assets import load_model_and_tokenizer

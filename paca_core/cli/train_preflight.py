@@ -252,6 +252,28 @@ def check_logging_dir(args: argparse.Namespace, output: OutputTarget, resume_dir
                         inputs=inputs)
 
 
+def check_tracker_folders(args: argparse.Namespace, inputs: dict[str, Any]) -> None:
+    """A tracker folder set by the environment (``$WANDB_DIR``, a local ``$MLFLOW_TRACKING_URI``) is written by its
+    library, never under --out; it may not be or lie inside what the run reads (the model, the data, the adapter)."""
+    from ..files.outputs import resolved
+    from ..train.tracking import TRACKERS, parse_report_to
+
+    for name in parse_report_to(getattr(args, "report_to", "none")):
+        found = TRACKERS[name].environment_folder()
+        if found is None:
+            continue
+        variable, folder = found
+        real = resolved(Path(os.path.abspath(folder)), variable, str(folder))
+        for flag, value in inputs.items():
+            if value is None or str(value) in ("", "default"):
+                continue
+            source = resolved(Path(os.path.abspath(Path(value).expanduser())), flag, str(value))
+            if real == source or source in real.parents:
+                what = "is" if real == source else "lies inside"
+                raise PacaConfigError(f"{variable} {folder} {what} the {flag} {value}: {name} would write into what this run reads; "
+                                      f"point {variable} elsewhere, or unset it ({name} then writes under --out).")
+
+
 def check_resume_inputs(summary: dict[str, Any], data_path: Path, seq_len: Any) -> list[str]:
     """Warnings when a resumed run reads other data or another shape than the checkpoint recorded."""
     warnings = []
@@ -354,6 +376,8 @@ def preflight_train(args: argparse.Namespace) -> TrainPlan:
         raise PacaConfigError(f"--out {args.out} holds another run than --resume {args.resume}: resume into the checkpoint's own "
                               "run folder, or pass an empty --out.")
     logging_output = check_logging_dir(args, output, resume_dir)
+    check_tracker_folders(args, {"--model": model_input, "--data": None if args.data == "default" else data_path,
+                                 "--eval-data": eval_data_path, "--adapter": init_adapter, "--resume": resume_dir})
     if model_input is not None and os.path.isdir(os.path.expanduser(model_input)):
         fields = read_model_config(os.path.expanduser(model_input))  # damaged config.json: said here, not as the tokenizer's
         check_method_widths(configs, fields, model_input)

@@ -54,6 +54,12 @@ class Tracker(ABC):
         """The folder this backend writes into on this machine (None: it sends its data elsewhere)."""
         return None
 
+    @classmethod
+    def environment_folder(cls) -> tuple[str, Path] | None:
+        """Where an environment variable tells the backend's library to write on this machine instead of under --out
+        (``("$WANDB_DIR", path)``), so ``paca train`` can refuse one inside its inputs before the weights load."""
+        return None
+
     @abstractmethod
     def start(self, config: Mapping[str, Any]) -> None:
         """Open the run and record ``config`` (the run's resolved flags)."""
@@ -108,6 +114,11 @@ class WandbTracker(Tracker):
     def local_dir(self) -> Path | None:
         return None if os.environ.get("WANDB_DIR") else self.out_dir / "wandb"
 
+    @classmethod
+    def environment_folder(cls) -> tuple[str, Path] | None:
+        folder = os.environ.get("WANDB_DIR")
+        return ("$WANDB_DIR", Path(folder).expanduser()) if folder else None
+
     def start(self, config: Mapping[str, Any]) -> None:
         import wandb
 
@@ -136,6 +147,24 @@ class MLflowTracker(Tracker):
 
     def local_dir(self) -> Path | None:
         return None if os.environ.get("MLFLOW_TRACKING_URI") else self.out_dir / "mlruns"
+
+    @classmethod
+    def environment_folder(cls) -> tuple[str, Path] | None:
+        """A local store ``$MLFLOW_TRACKING_URI`` names: a ``file:`` URI or plain path (a folder), or ``sqlite:///`` (the
+        database file); a server's URI is not on this machine."""
+        from urllib.parse import unquote, urlparse
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        if not uri or uri in ("databricks", "databricks-uc", "uc"):  # MLflow's names for a remote workspace
+            return None
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # C:\\... on Windows: a drive, not a scheme
+            path = unquote(parsed.path) if parsed.scheme == "file" else uri
+        elif parsed.scheme == "sqlite" and parsed.path not in ("", "/", "/:memory:"):
+            path = unquote(parsed.path[1:])  # SQLAlchemy: sqlite:///relative.db, sqlite:////absolute.db
+        else:
+            return None
+        return ("$MLFLOW_TRACKING_URI", Path(path).expanduser())
 
     def tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.local_dir().resolve().as_uri()
