@@ -255,7 +255,7 @@ def check_logging_dir(args: argparse.Namespace, output: OutputTarget, resume_dir
 def check_tracker_folders(args: argparse.Namespace, inputs: dict[str, Any]) -> None:
     """A tracker folder set by the environment (``$WANDB_DIR``, a local ``$MLFLOW_TRACKING_URI``) is written by its
     library, never under --out; it may not be or lie inside what the run reads (the model, the data, the adapter)."""
-    from ..files.outputs import resolved
+    from ..files.outputs import input_holding, resolved
     from ..train.tracking import TRACKERS, parse_report_to
 
     for name in parse_report_to(getattr(args, "report_to", "none")):
@@ -264,14 +264,12 @@ def check_tracker_folders(args: argparse.Namespace, inputs: dict[str, Any]) -> N
             continue
         variable, folder = found
         real = resolved(Path(os.path.abspath(folder)), variable, str(folder))
-        for flag, value in inputs.items():
-            if value is None or str(value) in ("", "default"):
-                continue
-            source = resolved(Path(os.path.abspath(Path(value).expanduser())), flag, str(value))
-            if real == source or source in real.parents:
-                what = "is" if real == source else "lies inside"
-                raise PacaConfigError(f"{variable} {folder} {what} the {flag} {value}: {name} would write into what this run reads; "
-                                      f"point {variable} elsewhere, or unset it ({name} then writes under --out).")
+        holding = input_holding(real, inputs)
+        if holding is not None:
+            flag, value, source = holding
+            what = "is" if real == source else "lies inside"
+            raise PacaConfigError(f"{variable} {folder} {what} the {flag} {value}: {name} would write into what this run reads; "
+                                  f"point {variable} elsewhere, or unset it ({name} then writes under --out).")
 
 
 def check_resume_inputs(summary: dict[str, Any], data_path: Path, seq_len: Any) -> list[str]:

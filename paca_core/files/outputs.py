@@ -140,6 +140,18 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def input_holding(path: Path, inputs: Mapping[str, str | os.PathLike[str] | None]) -> tuple[str, str, Path] | None:
+    """The first of ``inputs`` (flag -> path, links resolved) that ``path`` (resolved) is or lies inside: ``(flag, the
+    path as given, the resolved input)``; None when it is none of them. Unset and ``default`` inputs are skipped."""
+    for name, value in inputs.items():
+        if value is None or str(value) in ("", "default"):
+            continue
+        source = resolved(Path(os.path.abspath(Path(value).expanduser())), name, str(value))
+        if _within(path, source):
+            return name, str(value), source
+    return None
+
+
 def check_output(
     out: str | os.PathLike[str],
     command: str,
@@ -167,14 +179,16 @@ def check_output(
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{flag} {shown} is a file, and this command writes a folder there; choose a new folder name for {flag}.")
     resume_path = resolved(Path(os.path.abspath(Path(resume).expanduser())), "--resume", str(resume)) if resume else None
+    holding = input_holding(real, inputs or {})
+    if holding is not None:
+        name, value, source = holding
+        what = "is" if real == source else "lies inside"
+        raise OutputPathError(f"{flag} {shown} {what} the {name} {value}: writing there would replace what this command reads; "
+                              f"choose another {flag}.")
     for name, value in (inputs or {}).items():
         if value is None or str(value) in ("", "default"):
             continue
         source = resolved(Path(os.path.abspath(Path(value).expanduser())), name, str(value))
-        if _within(real, source):
-            what = "is" if real == source else "lies inside"
-            raise OutputPathError(f"{flag} {shown} {what} the {name} {value}: writing there would replace what this command reads; "
-                                  f"choose another {flag}.")
         if _within(source, real) and not (resume_path is not None and _within(source, resume_path)):
             raise OutputPathError(f"{name} {value} lies inside {flag} {shown}, which this command writes; choose another {flag} "
                                   f"(or move {value} out of it).")
