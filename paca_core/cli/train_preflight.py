@@ -209,8 +209,10 @@ def check_resume_has_work(args: argparse.Namespace, summary: dict[str, Any], dir
 def check_resume_has_work_in_epochs(args: argparse.Namespace, summary: dict[str, Any], per_epoch: int, examples: int) -> None:
     """The same rule when ``--epochs`` sets the length (``--steps 0``): the run's steps in all are known once the data
     is read (``per_epoch`` optimizer steps per pass over its ``examples``), still before the weights load."""
+    from ..train.trainer import epochs_to_steps
+
     step = summary.get("step")
-    total_steps = max(1, math.ceil(args.epochs * per_epoch))
+    total_steps = epochs_to_steps(args.epochs, per_epoch)
     if args.resume and not args.steps and isinstance(step, int) and step >= total_steps:
         more = max(math.ceil(2 * step / per_epoch * 100) / 100, 2 * args.epochs)  # twice the steps trained so far
         raise PacaConfigError(f"--resume {args.resume}: the checkpoint is already at step {step}, and --epochs {args.epochs:g} is "

@@ -120,11 +120,16 @@ def steps_per_epoch(args: TrainingArguments, examples: int, world_size: int = 1)
     return max(1, batches_per_epoch // args.grad_accum)
 
 
+def epochs_to_steps(epochs: float, per_epoch: int) -> int:
+    """Optimizer steps in ``epochs`` passes of ``per_epoch`` steps (a started step counts; at least one)."""
+    return max(1, math.ceil(epochs * per_epoch))
+
+
 def planned_total_steps(args: TrainingArguments, examples: int, world_size: int = 1) -> int:
     """The run's optimizer steps in all: ``max_steps``, or ``epochs`` passes over ``examples``
     (``paca train`` asks before loading the weights, to refuse a resume with nothing left to train)."""
     per_epoch = steps_per_epoch(args, examples, world_size)
-    return args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
+    return args.max_steps or epochs_to_steps(args.epochs, per_epoch)
 
 
 @dataclass
